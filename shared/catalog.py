@@ -1,0 +1,132 @@
+"""The message catalog: which event kinds exist, their level, whether they are mailed,
+and the text and suggested action of the mail.
+
+Catalogs are TOML files of ``[[message]]`` tables, layered in order over the catalog
+shipped with clusteralert (later files win per key), so an operator's file only needs the
+entries it changes.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Final
+
+from shared.errors import ConfigError, Problem
+from shared.event import MODULE_RE
+from shared.levels import LEVELS, Level
+from shared.tables import Table
+
+__all__ = ["BUILTIN_NAME", "Catalog", "CatalogEntry", "load_catalog", "parse_catalog"]
+
+BUILTIN_NAME: Final = "builtin_catalog.toml"
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogEntry:
+    module: str
+    event_id: int
+    level: Level
+    mail: bool
+    text: str
+    action: str = ""
+    description: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}:{self.event_id}"
+
+
+class Catalog(Mapping[tuple[str, int], CatalogEntry]):
+    """Entries by ``(module, event_id)``."""
+
+    def __init__(self, entries: Iterable[CatalogEntry] = ()):
+        self._entries: dict[tuple[str, int], CatalogEntry] = {}
+        for entry in entries:
+            self._entries[(entry.module, entry.event_id)] = entry
+
+    def __getitem__(self, key: tuple[str, int]) -> CatalogEntry:
+        return self._entries[key]
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, module: str, event_id: int) -> CatalogEntry | None:
+        return self._entries.get((module, event_id))
+
+    def layered(self, over: Catalog) -> Catalog:
+        """This catalog with ``over``'s entries replacing or adding to it."""
+        return Catalog([*self._entries.values(), *over._entries.values()])
+
+
+def parse_catalog(data: object, source: str, problems: list[Problem]) -> Catalog:
+    """Read ``[[message]]`` tables. Bad entries are reported (with their index) and left
+    out; the rest of the file still loads."""
+    root = Table(data, "", problems)
+    entries: list[CatalogEntry] = []
+    seen: dict[tuple[str, int], int] = {}
+    for table in root.tables("message"):
+        table.path = f"{source}: {table.path}"
+        before = len(problems)
+        module = table.text("module")
+        event_id = table.integer("event_id", low=0)
+        level = table.choice("level", LEVELS)
+        entry_mail = table.flag("mail", False)
+        text = table.text("text")
+        action = table.text("action", "")
+        description = table.text("description", "")
+        table.finish()
+        if isinstance(module, str) and not MODULE_RE.fullmatch(module):
+            table.error("module", f"{module!r:.40} must match [a-z0-9_-]{{1,32}}")
+        if len(problems) > before:
+            continue
+        key = (module, event_id)
+        if key in seen:
+            table.error("", f"{module}:{event_id} is already defined by message[{seen[key]}]")
+            continue
+        seen[key] = len(entries)
+        entries.append(CatalogEntry(module, event_id, level, entry_mail, text, action, description))
+    root.finish()
+    return Catalog(entries)
+
+
+def _read_file(path: Path, problems: list[Problem]) -> Catalog:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        problems.append(Problem(str(path), f"cannot read catalog: {exc.strerror}"))
+        return Catalog()
+    except tomllib.TOMLDecodeError as exc:
+        problems.append(Problem(str(path), f"not valid TOML: {exc}"))
+        return Catalog()
+    return parse_catalog(data, str(path), problems)
+
+
+def builtin_catalog(problems: list[Problem]) -> Catalog:
+    text = resources.files("shared").joinpath(BUILTIN_NAME).read_text(encoding="utf-8")
+    return parse_catalog(tomllib.loads(text), BUILTIN_NAME, problems)
+
+
+def load_catalog_checked(paths: Iterable[Path]) -> tuple[Catalog, list[Problem]]:
+    """The shipped catalog with each file layered over it, and every problem found."""
+    problems: list[Problem] = []
+    catalog = builtin_catalog(problems)
+    for path in paths:
+        catalog = catalog.layered(_read_file(path, problems))
+    return catalog, problems
+
+
+def load_catalog(paths: Iterable[Path]) -> Catalog:
+    """Like :func:`load_catalog_checked`, but raises :class:`ConfigError` on any error, so
+    a worker never starts with half a catalog."""
+    catalog, problems = load_catalog_checked(paths)
+    if any(p.severity == "error" for p in problems):
+        raise ConfigError(problems)
+    return catalog

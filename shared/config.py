@@ -1,0 +1,416 @@
+"""The one TOML config file shared by producer and worker, loaded into frozen dataclasses.
+
+Each program asks only for the sections it uses (``sections=``): a cluster node running
+the producer has no SMTP password file, and must not fail over one. Every problem found is
+collected with its path before :class:`ConfigError` is raised. Secrets are read from files
+into :class:`Secret`, so no repr of a config shows them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Literal
+from urllib.parse import quote, unquote, urlsplit
+
+from shared.errors import ClusteralertError, ConfigError, Problem
+from shared.levels import LEVELS, Level
+from shared.secret import Secret, read_secret_file
+from shared.tables import Table
+
+__all__ = [
+    "CHARSETS",
+    "DEFAULT_CONFIG_PATH",
+    "SECTIONS",
+    "BrokerConfig",
+    "BrokerUrl",
+    "CatalogConfig",
+    "Config",
+    "FilterConfig",
+    "MailConfig",
+    "MetricsConfig",
+    "ProducerConfig",
+    "SmtpRelay",
+    "WorkerConfig",
+    "load_config",
+    "resolve_config_path",
+]
+
+DEFAULT_CONFIG_PATH: Final = Path("/etc/clusteralert/clusteralert.toml")
+CONFIG_ENV: Final = "CLUSTERALERT_CONFIG"
+SECTIONS: Final = ("broker", "producer", "mail", "smtp", "filter", "catalog", "metrics", "worker")
+CHARSETS: Final = (
+    "utf-8",
+    "iso-2022-jp",
+    "shift_jis",
+    "euc-jp",
+    "iso-8859-1",
+    "us-ascii",
+    "gb2312",
+)
+Security = Literal["starttls", "smtps", "none"]
+SECURITIES: Final[tuple[Security, ...]] = ("starttls", "smtps", "none")
+UnknownPolicy = Literal["info", "warning", "error", "never"]
+DEFAULT_SPOOL_DIR: Final = Path("/var/lib/clusteralert/spool")
+DEFAULT_SENDER: Final = "clusteralert@localhost"
+DEFAULT_SUBJECT: Final = "[{level}] {cluster} {node}: {message}"
+
+# Deliberately strict: addresses come from the operator's config, and anything exotic
+# (display names, CR/LF, several addresses in one string) is more likely a mistake.
+_ADDRESS_RE: Final = re.compile(r"[^@\s<>,;:\"()\[\]\\]+@[A-Za-z0-9.-]+")
+_KEY_PATTERN_RE: Final = re.compile(r"[a-z0-9_*?-]+:[0-9*?]+")
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerUrl:
+    scheme: Literal["amqp", "amqps"]
+    host: str
+    port: int
+    vhost: str
+    username: str
+    password: Secret | None = field(default=None, compare=False)
+
+    def __str__(self) -> str:
+        """The URL without the password, for logs."""
+        return f"{self.scheme}://{self.username}@{self.host}:{self.port}/{quote(self.vhost, '')}"
+
+    def with_secret(self) -> str:
+        """The full URL, password included, for the client library only."""
+        userinfo = quote(self.username, "")
+        if self.password is not None:
+            userinfo += ":" + quote(self.password.reveal(), "")
+        return f"{self.scheme}://{userinfo}@{self.host}:{self.port}/{quote(self.vhost, '')}"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    urls: tuple[BrokerUrl, ...] = (
+        BrokerUrl("amqp", "localhost", 5672, "/", "guest", Secret("guest")),
+    )
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    heartbeat: int = 30
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProducerConfig:
+    spool_dir: Path = DEFAULT_SPOOL_DIR
+    cluster: str = "cluster"
+    node: str = ""  # empty: the host name at the time of the event
+
+
+@dataclass(frozen=True, slots=True)
+class MailConfig:
+    sender: str = DEFAULT_SENDER
+    to: tuple[str, ...] = ()
+    subject: str = DEFAULT_SUBJECT
+    charset: str = "utf-8"
+
+    @property
+    def domain(self) -> str:
+        return self.sender.rpartition("@")[2]
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpRelay:
+    host: str
+    port: int
+    security: Security = "starttls"
+    username: str | None = None
+    password: Secret | None = field(default=None, compare=False)
+    ca_file: Path | None = None
+    timeout: float = 30.0
+    max_connections: int = 4
+
+    @property
+    def label(self) -> str:
+        """Metric label and log name of this relay."""
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class FilterConfig:
+    min_level: Level = "info"
+    enable: tuple[str, ...] = ()
+    disable: tuple[str, ...] = ()
+    unknown: UnknownPolicy = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogConfig:
+    paths: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    port: int = 9464
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    prefetch: int = 32
+    shutdown_grace: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path | None = None
+    broker: BrokerConfig = BrokerConfig()
+    producer: ProducerConfig = ProducerConfig()
+    mail: MailConfig = MailConfig()
+    smtp: tuple[SmtpRelay, ...] = ()
+    filter: FilterConfig = FilterConfig()
+    catalog: CatalogConfig = CatalogConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    worker: WorkerConfig = WorkerConfig()
+    warnings: tuple[Problem, ...] = ()
+
+
+def resolve_config_path(cli_value: str | None) -> tuple[Path | None, bool]:
+    """Where the config comes from: ``--config``, then ``$CLUSTERALERT_CONFIG``, then the
+    default path. Returns the path and whether the user named it explicitly (a missing
+    explicit file is an error, a missing default file means built-in defaults)."""
+    if cli_value:
+        return Path(cli_value), True
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env), True
+    return DEFAULT_CONFIG_PATH, False
+
+
+def load_config(cli_value: str | None = None, *, sections: Collection[str] = SECTIONS) -> Config:
+    """Load and validate the config for the named sections. Raises :class:`ConfigError`
+    carrying every problem; warnings are returned in ``Config.warnings``."""
+    path, explicit = resolve_config_path(cli_value)
+    assert path is not None
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError([Problem(str(path), "config file not found")]) from None
+        data = {}
+        path = None
+    except OSError as exc:
+        raise ConfigError([Problem(str(path), f"cannot read: {exc.strerror}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem(str(path), f"not valid TOML: {exc}")]) from None
+    base = path.parent if path else Path.cwd()
+    return parse_config(data, sections=sections, path=path, base=base)
+
+
+def parse_config(
+    data: dict[str, object],
+    *,
+    sections: Collection[str] = SECTIONS,
+    path: Path | None = None,
+    base: Path | None = None,
+) -> Config:
+    """Validate already-parsed TOML. Relative file paths are taken from ``base`` (the
+    config file's directory), so a config works wherever it is started from."""
+    problems: list[Problem] = []
+    root = Table(data, "", problems)
+    reader = _Reader(base or Path.cwd())
+    parts: dict[str, object] = {}
+    if "broker" in sections:
+        parts["broker"] = reader.broker(root.table("broker"))
+    if "producer" in sections:
+        parts["producer"] = reader.producer(root.table("producer"))
+    if "mail" in sections:
+        parts["mail"] = reader.mail(root.table("mail"))
+    if "smtp" in sections:
+        parts["smtp"] = tuple(reader.smtp(t) for t in root.tables("smtp"))
+        if not parts["smtp"]:
+            problems.append(Problem("smtp", "at least one [[smtp]] relay is required"))
+    if "filter" in sections:
+        parts["filter"] = reader.filter(root.table("filter"))
+    if "catalog" in sections:
+        parts["catalog"] = reader.catalog(root.table("catalog"))
+    if "metrics" in sections:
+        metrics = root.table("metrics")
+        parts["metrics"] = MetricsConfig(port=metrics.integer("port", 9464, low=0, high=65535))
+        metrics.finish()
+    if "worker" in sections:
+        worker = root.table("worker")
+        parts["worker"] = WorkerConfig(
+            prefetch=worker.integer("prefetch", 32, low=1, high=10000),
+            shutdown_grace=worker.number("shutdown_grace", 30.0, low=0, high=3600),
+        )
+        worker.finish()
+    root.skip(*SECTIONS)
+    root.finish()
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        raise ConfigError(errors + [p for p in problems if p.severity == "warning"])
+    warnings = tuple(p for p in problems if p.severity == "warning")
+    return Config(path=path, warnings=warnings, **parts)  # type: ignore[arg-type]
+
+
+class _Reader:
+    def __init__(self, base: Path):
+        self.base = base
+
+    def _path(self, table: Table, key: str) -> Path | None:
+        value = table.text(key, "")
+        if not value:
+            return None
+        path = Path(value)
+        return path if path.is_absolute() else self.base / path
+
+    def _secret(self, table: Table, key: str) -> Secret | None:
+        path = self._path(table, key)
+        if path is None:
+            return None
+        try:
+            return read_secret_file(path)
+        except ClusteralertError as exc:
+            table.error(key, str(exc))
+            return None
+
+    def broker(self, t: Table) -> BrokerConfig:
+        password = self._secret(t, "password_file")
+        raw_urls = t.str_list("urls", None)
+        urls: list[BrokerUrl] = []
+        if raw_urls is None:
+            urls = list(BrokerConfig().urls)
+        elif not raw_urls:
+            t.error("urls", "at least one broker URL is required")
+        for i, raw in enumerate(raw_urls or ()):
+            url = _parse_broker_url(raw, f"{t.where('urls')}[{i}]", t.problems)
+            if url is not None:
+                if password is not None:
+                    url = BrokerUrl(
+                        url.scheme, url.host, url.port, url.vhost, url.username, password
+                    )
+                urls.append(url)
+        config = BrokerConfig(
+            urls=tuple(urls),
+            ca_file=self._path(t, "ca_file"),
+            cert_file=self._path(t, "cert_file"),
+            key_file=self._path(t, "key_file"),
+            heartbeat=t.integer("heartbeat", 30, low=0, high=3600),
+            connect_timeout=t.number("connect_timeout", 10.0, low=0.1, high=300),
+        )
+        if (config.cert_file is None) != (config.key_file is None):
+            t.error("cert_file", "cert_file and key_file must be given together")
+        t.finish()
+        return config
+
+    def producer(self, t: Table) -> ProducerConfig:
+        spool = self._path(t, "spool_dir") or DEFAULT_SPOOL_DIR
+        config = ProducerConfig(
+            spool_dir=spool,
+            cluster=t.text("cluster", "cluster"),
+            node=t.text("node", ""),
+        )
+        t.finish()
+        return config
+
+    def mail(self, t: Table) -> MailConfig:
+        sender = t.text("from", DEFAULT_SENDER)
+        if not _ADDRESS_RE.fullmatch(sender):
+            t.error("from", f"not a plain e-mail address: {sender!r:.80}")
+        to = t.str_list("to", (), allow_single=True)
+        if not to:
+            t.error("to", "at least one recipient is required")
+        for i, address in enumerate(to):
+            if not _ADDRESS_RE.fullmatch(address):
+                t.error(f"to[{i}]", f"not a plain e-mail address: {address!r:.80}")
+        subject = t.text("subject", DEFAULT_SUBJECT)
+        if "\n" in subject or "\r" in subject:
+            t.error("subject", "must be one line")
+        config = MailConfig(
+            sender=sender,
+            to=to,
+            subject=subject,
+            charset=t.choice("charset", CHARSETS, "utf-8"),
+        )
+        t.finish()
+        return config
+
+    def smtp(self, t: Table) -> SmtpRelay:
+        security = t.choice("security", SECURITIES, "starttls")
+        default_port = 465 if security == "smtps" else 587 if security == "starttls" else 25
+        username = t.text("username", None)
+        password = self._secret(t, "password_file")
+        if t.has("password"):
+            t.skip("password")
+            t.error("password", "put the password in a file and name it in password_file")
+        elif username and not t.has("password_file"):
+            t.error("password_file", "username is set, so password_file is required")
+        if security == "none":
+            t.warn("security", "plaintext SMTP chosen: mail and any password travel unencrypted")
+        relay = SmtpRelay(
+            host=t.text("host"),
+            port=t.integer("port", default_port, low=1, high=65535),
+            security=security,
+            username=username,
+            password=password,
+            ca_file=self._path(t, "ca_file"),
+            timeout=t.number("timeout", 30.0, low=0.1, high=600),
+            max_connections=t.integer("max_connections", 4, low=1, high=100),
+        )
+        t.finish()
+        return relay
+
+    def filter(self, t: Table) -> FilterConfig:
+        enable = t.str_list("enable", ())
+        disable = t.str_list("disable", ())
+        for key, patterns in (("enable", enable), ("disable", disable)):
+            for i, pattern in enumerate(patterns):
+                if not _KEY_PATTERN_RE.fullmatch(pattern):
+                    t.error(
+                        f"{key}[{i}]",
+                        f"expected module:event_id (wildcards allowed), got {pattern!r:.60}",
+                    )
+        for both in sorted(set(enable) & set(disable)):
+            t.error("enable", f"{both!r} is in both enable and disable")
+        config = FilterConfig(
+            min_level=t.choice("min_level", LEVELS, "info"),
+            enable=enable,
+            disable=disable,
+            unknown=t.choice("unknown", (*LEVELS, "never"), "error"),
+        )
+        t.finish()
+        return config
+
+    def catalog(self, t: Table) -> CatalogConfig:
+        raw = t.str_list("path", (), allow_single=True)
+        paths = tuple(p if p.is_absolute() else self.base / p for p in (Path(r) for r in raw if r))
+        t.finish()
+        return CatalogConfig(paths=paths)
+
+
+def _parse_broker_url(raw: str, where: str, problems: list[Problem]) -> BrokerUrl | None:
+    def bad(message: str) -> None:
+        # Never echo the raw URL: it may hold a password.
+        problems.append(Problem(where, message))
+
+    try:
+        parts = urlsplit(raw)
+        port = parts.port
+    except ValueError as exc:
+        bad(f"not a valid URL ({exc})")
+        return None
+    if parts.scheme not in ("amqp", "amqps"):
+        bad(f"scheme must be amqp or amqps, got {parts.scheme!r:.20}")
+        return None
+    if not parts.hostname:
+        bad("no host name")
+        return None
+    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    password = Secret(unquote(parts.password)) if parts.password is not None else None
+    return BrokerUrl(
+        scheme="amqps" if parts.scheme == "amqps" else "amqp",
+        host=parts.hostname,
+        port=port or (5671 if parts.scheme == "amqps" else 5672),
+        vhost=vhost,
+        username=unquote(parts.username) if parts.username else "guest",
+        password=password,
+    )

@@ -1,0 +1,127 @@
+"""Error classes shared by producer and worker.
+
+Delivery failures are classified where they happen (the SMTP step, the reply code, the
+exception type) into one of three classes, and the class alone decides what happens next:
+transient failures are retried, TLS refusals and permanent failures are dead-lettered.
+Every delivery error carries a ``reason`` from the fixed set below, which becomes a metric
+label, so it must never hold free text.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+__all__ = [
+    "FAILURE_REASONS",
+    "TLS_CAUSES",
+    "ClusteralertError",
+    "ConfigError",
+    "DeliveryError",
+    "InvalidEvent",
+    "PermanentError",
+    "Problem",
+    "SpoolError",
+    "TlsRefusedError",
+    "TransientError",
+]
+
+Reason = Literal[
+    "connect",
+    "timeout",
+    "disconnected",
+    "rejected_4xx",
+    "rejected_5xx",
+    "auth",
+    "tls_refused",
+    "invalid_event",
+    "render",
+]
+TlsCause = Literal["not_offered", "rejected", "handshake", "verify"]
+
+FAILURE_REASONS: Final[tuple[Reason, ...]] = (
+    "connect",
+    "timeout",
+    "disconnected",
+    "rejected_4xx",
+    "rejected_5xx",
+    "auth",
+    "tls_refused",
+    "invalid_event",
+    "render",
+)
+TLS_CAUSES: Final[tuple[TlsCause, ...]] = ("not_offered", "rejected", "handshake", "verify")
+
+
+class ClusteralertError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class Problem:
+    """One finding about config or catalog: where it is, what is wrong, and how bad."""
+
+    __slots__ = ("message", "path", "severity")
+
+    def __init__(self, path: str, message: str, severity: Literal["error", "warning"] = "error"):
+        self.path = path
+        self.message = message
+        self.severity = severity
+
+    def __str__(self) -> str:
+        prefix = "warning: " if self.severity == "warning" else ""
+        return f"{prefix}{self.path}: {self.message}" if self.path else f"{prefix}{self.message}"
+
+    def __repr__(self) -> str:
+        return f"Problem({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Problem) and str(self) == str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+
+class ConfigError(ClusteralertError):
+    """Config or catalog could not be used. ``problems`` lists every error found, not just
+    the first, so that one ``check-config`` run shows everything to fix."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        first = str(problems[0]) if problems else "invalid configuration"
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        super().__init__(first + more)
+
+
+class InvalidEvent(ClusteralertError):
+    """An event that is structurally unusable (not JSON, missing or wrongly typed field,
+    too large). Dirty but well-formed content is cleaned instead of refused."""
+
+    reason: Final = "invalid_event"
+
+
+class SpoolError(ClusteralertError):
+    """The producer could not make an event durable (disk full, permissions)."""
+
+
+class DeliveryError(ClusteralertError):
+    """A failed attempt to hand a mail to a relay. Subclasses decide what happens next."""
+
+    def __init__(self, reason: Reason, detail: str):
+        self.reason: Reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+class TransientError(DeliveryError):
+    """Worth retrying: refused or reset connections, timeouts, 4xx replies, disconnects."""
+
+
+class PermanentError(DeliveryError):
+    """Retrying cannot help: 5xx replies, authentication failures, unrenderable events."""
+
+
+class TlsRefusedError(DeliveryError):
+    """The relay could not give us a verified TLS session. Never retried in plaintext."""
+
+    def __init__(self, cause: TlsCause, detail: str):
+        self.cause: TlsCause = cause
+        super().__init__("tls_refused", f"{cause}: {detail}")

@@ -1,0 +1,290 @@
+"""The cluster event and its JSON wire codec (DESIGN.md, "The event on the wire").
+
+Two kinds of bad input are treated differently on purpose:
+
+* Structural faults (not JSON, a missing or wrongly typed field, a module name outside
+  ``[a-z0-9_-]{1,32}``, more than 64 KiB) make the event unusable; they raise
+  :class:`InvalidEvent` with a one-line reason.
+* Dirty content (control characters, bad UTF-8, over-long values) is cleaned: control
+  characters are shown escaped, invalid bytes become U+FFFD and long values are cut with a
+  visible marker. Refusing an alert over a stray newline would lose it, and cleaning here
+  means nothing from an event can reach a mail header raw.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from shared.errors import InvalidEvent
+from shared.levels import LEVELS, Level
+
+__all__ = [
+    "MAX_EVENT_BYTES",
+    "MAX_PARAMS",
+    "SCHEMA_VERSION",
+    "Event",
+    "clean_text",
+    "decode_event",
+    "encode_event",
+    "new_event",
+    "routing_key",
+]
+
+SCHEMA_VERSION: Final = 1
+MAX_EVENT_BYTES: Final = 64 * 1024
+MAX_PARAMS: Final = 64
+MAX_NAME_CHARS: Final = 255  # cluster, node
+MAX_PARAM_BYTES: Final = 4 * 1024
+MAX_TEXT_BYTES: Final = 16 * 1024
+MAX_SOURCE_CHARS: Final = 32
+
+MODULE_RE: Final = re.compile(r"[a-z0-9_-]{1,32}")
+# Params are referenced from catalog texts as {name}, so keys must be placeholder-safe.
+PARAM_KEY_RE: Final = re.compile(r"[A-Za-z0-9_]{1,64}")
+
+# C0, DEL, C1, and the Unicode line/paragraph separators some mail clients honour.
+# Lone surrogates (from "\udc80"-style JSON escapes) cannot be encoded at all downstream.
+_CONTROL_RE: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_SURROGATE_RE: Final = re.compile("[\ud800-\udfff]")
+_NAMED_ESCAPES: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    char = match.group()
+    named = _NAMED_ESCAPES.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def _truncate_bytes(text: str, limit: int) -> str:
+    """Cut ``text`` so its UTF-8 form, marker included, fits ``limit`` bytes."""
+    encoded = text.encode("utf-8")
+    if len(encoded) <= limit:
+        return text
+    marker = f" [truncated, {len(encoded)} bytes]"
+    keep = encoded[: max(0, limit - len(marker))].decode("utf-8", errors="ignore")
+    return keep + marker
+
+
+def clean_text(value: str, max_bytes: int) -> str:
+    """Make an untrusted string safe to show anywhere: no control characters (escaped
+    visibly), no lone surrogates, and at most ``max_bytes`` of UTF-8."""
+    value = _SURROGATE_RE.sub("\ufffd", value)
+    value = _CONTROL_RE.sub(_escape_control, value)
+    return _truncate_bytes(value, max_bytes)
+
+
+def _clean_name(value: str, max_chars: int) -> str:
+    """Like :func:`clean_text`, but limited in characters, as the schema counts them."""
+    value = clean_text(value, max_chars * 4 + 64)
+    if len(value) <= max_chars:
+        return value
+    marker = "[truncated]"
+    return value[: max_chars - len(marker)] + marker
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One cluster event. Instances are always clean: build them with :func:`new_event` or
+    :func:`decode_event`, which enforce the wire rules."""
+
+    id: str
+    time: datetime
+    cluster: str
+    node: str
+    module: str
+    event_id: int
+    source: str
+    level: Level | None = None
+    params: Mapping[str, str] = field(default_factory=dict)
+    text: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The catalog and filter key, ``module:event_id``."""
+        return f"{self.module}:{self.event_id}"
+
+
+def routing_key(event: Event) -> str:
+    """``{module}.{event_id}.{node}``. Dots in the node would add topic words, so they
+    become underscores; AMQP caps routing keys at 255 bytes."""
+    key = f"{event.module}.{event.event_id}.{event.node.replace('.', '_')}"
+    return key.encode("utf-8")[:255].decode("utf-8", errors="ignore")
+
+
+def _format_time(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _parse_time(value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidEvent(f"time: not an RFC 3339 timestamp: {value[:40]!r}") from None
+    if parsed.tzinfo is None:
+        raise InvalidEvent(f"time: timestamp has no UTC offset: {value[:40]!r}")
+    return parsed.astimezone(UTC)
+
+
+def _as_level(value: object, where: str) -> Level | None:
+    if value is None:
+        return None
+    if value not in LEVELS:
+        raise InvalidEvent(f"{where}: expected one of {', '.join(LEVELS)}, got {value!r:.40}")
+    return value
+
+
+def _check_params(params: Mapping[str, object]) -> dict[str, str]:
+    if len(params) > MAX_PARAMS:
+        raise InvalidEvent(f"params: {len(params)} keys, at most {MAX_PARAMS} allowed")
+    cleaned: dict[str, str] = {}
+    for key, value in params.items():
+        if not isinstance(key, str) or not PARAM_KEY_RE.fullmatch(key):
+            raise InvalidEvent(
+                f"params: key {str(key)[:40]!r} must be 1-64 letters, digits or underscores"
+            )
+        if not isinstance(value, str):
+            raise InvalidEvent(f"params.{key}: expected a string, got {type(value).__name__}")
+        cleaned[key] = clean_text(value, MAX_PARAM_BYTES)
+    return cleaned
+
+
+def _fit(event: Event) -> Event:
+    """Shrink the largest params until the encoded event fits the wire limit. Per-field
+    limits alone allow 64 params of 4 KiB, far over 64 KiB, and cutting the biggest values
+    keeps every key (and so every placeholder) present."""
+    params = dict(event.params)
+    while len(_encode_unchecked(event, params)) > MAX_EVENT_BYTES and params:
+        biggest = max(params, key=lambda k: len(params[k].encode("utf-8")))
+        size = len(params[biggest].encode("utf-8"))
+        if size <= 64:
+            break
+        params[biggest] = _truncate_bytes(params[biggest], size // 2)
+    fitted = Event(**{**_fields(event), "params": params})
+    if len(_encode_unchecked(fitted, params)) > MAX_EVENT_BYTES:
+        raise InvalidEvent(f"event is larger than {MAX_EVENT_BYTES} bytes even after truncation")
+    return fitted
+
+
+def _fields(event: Event) -> dict[str, Any]:
+    return {name: getattr(event, name) for name in Event.__slots__}
+
+
+def new_event(
+    *,
+    module: str,
+    event_id: int,
+    cluster: str,
+    node: str,
+    source: str,
+    level: str | None = None,
+    params: Mapping[str, object] | None = None,
+    text: str | None = None,
+    time: datetime | None = None,
+    id: str | None = None,
+) -> Event:
+    """Build a clean event from local input (CLI arguments, an alert agent's environment).
+    Raises :class:`InvalidEvent` for structural faults, cleans everything else."""
+    if not MODULE_RE.fullmatch(module):
+        raise InvalidEvent(f"module: {module[:40]!r} must match [a-z0-9_-]{{1,32}}")
+    if isinstance(event_id, bool) or not isinstance(event_id, int) or event_id < 0:
+        raise InvalidEvent(f"event_id: expected an integer >= 0, got {event_id!r:.40}")
+    event = Event(
+        id=str(uuid.UUID(id)) if id else str(uuid.uuid4()),
+        time=(time or datetime.now(UTC)).astimezone(UTC),
+        cluster=_clean_name(cluster, MAX_NAME_CHARS),
+        node=_clean_name(node, MAX_NAME_CHARS),
+        module=module,
+        event_id=event_id,
+        source=_clean_name(source, MAX_SOURCE_CHARS),
+        level=_as_level(level, "level"),
+        params=_check_params(params or {}),
+        text=None if text is None else clean_text(text, MAX_TEXT_BYTES),
+    )
+    return _fit(event)
+
+
+def _encode_unchecked(event: Event, params: Mapping[str, str]) -> bytes:
+    doc: dict[str, object] = {
+        "v": SCHEMA_VERSION,
+        "id": event.id,
+        "time": _format_time(event.time),
+        "cluster": event.cluster,
+        "node": event.node,
+        "module": event.module,
+        "event_id": event.event_id,
+        "params": dict(params),
+        "source": event.source,
+    }
+    if event.level is not None:
+        doc["level"] = event.level
+    if event.text is not None:
+        doc["text"] = event.text
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def encode_event(event: Event) -> bytes:
+    """The wire form: compact JSON in UTF-8."""
+    return _encode_unchecked(event, event.params)
+
+
+def _require(doc: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    if name not in doc:
+        raise InvalidEvent(f"{name}: missing")
+    value = doc[name]
+    # bool is an int subclass; JSON true is never a valid event_id or version.
+    if isinstance(value, bool) or not isinstance(value, kind):
+        expected = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise InvalidEvent(f"{name}: expected {expected}, got {type(value).__name__}")
+    return value
+
+
+def _optional_str(doc: Mapping[str, Any], name: str) -> str | None:
+    if doc.get(name) is None:
+        return None
+    return str(_require(doc, name, str))
+
+
+def decode_event(raw: bytes) -> Event:
+    """Parse and clean a wire event. Raises :class:`InvalidEvent` with a one-line reason."""
+    if len(raw) > MAX_EVENT_BYTES:
+        raise InvalidEvent(f"event is {len(raw)} bytes, at most {MAX_EVENT_BYTES} allowed")
+    # Invalid UTF-8 is dirt, not structure: replace it and let cleaning make it visible.
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        doc = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidEvent(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidEvent(f"expected a JSON object, got {type(doc).__name__}")
+    version = _require(doc, "v", int)
+    if version != SCHEMA_VERSION:
+        raise InvalidEvent(f"v: unsupported schema version {version}")
+    event_uuid = _require(doc, "id", str)
+    try:
+        event_uuid = str(uuid.UUID(event_uuid))
+    except ValueError:
+        raise InvalidEvent(f"id: not a UUID: {event_uuid[:40]!r}") from None
+    params = doc.get("params", {})
+    if not isinstance(params, dict):
+        raise InvalidEvent(f"params: expected object, got {type(params).__name__}")
+    return new_event(
+        id=event_uuid,
+        time=_parse_time(_require(doc, "time", str)),
+        cluster=_require(doc, "cluster", str),
+        node=_require(doc, "node", str),
+        module=_require(doc, "module", str),
+        event_id=_require(doc, "event_id", int),
+        source=_require(doc, "source", str),
+        level=_optional_str(doc, "level"),
+        params=params,
+        text=_optional_str(doc, "text"),
+    )

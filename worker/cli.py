@@ -1,0 +1,136 @@
+"""``clusteralert-worker``: consume events and deliver mail; validate config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from shared.catalog import load_catalog, load_catalog_checked
+from shared.config import Config, load_config
+from shared.errors import ClusteralertError, ConfigError, Problem
+from shared.logs import setup_logging
+
+__all__ = ["main"]
+
+PROG = "clusteralert-worker"
+WORKER_SECTIONS = ("broker", "mail", "smtp", "filter", "catalog", "metrics", "worker")
+
+log = logging.getLogger(PROG)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Deliver cluster events as mail.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="consume events and send mail until stopped")
+    run.add_argument(
+        "--config",
+        help="config file (default: $CLUSTERALERT_CONFIG, "
+        "then /etc/clusteralert/clusteralert.toml)",
+    )
+    run.add_argument("--metrics-port", type=int, help="override [metrics] port; 0 disables")
+    run.add_argument("-v", "--verbose", action="store_true")
+    check = sub.add_parser("check-config", help="validate config and catalog")
+    check.add_argument("--config", help="config file")
+    return parser
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    problems: list[Problem] = []
+    try:
+        config = load_config(args.config, sections=WORKER_SECTIONS)
+        problems.extend(config.warnings)
+        _, catalog_problems = load_catalog_checked(config.catalog.paths)
+        problems.extend(catalog_problems)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    for problem in problems:
+        print(problem)
+    errors = sum(1 for p in problems if p.severity == "error")
+    warnings = len(problems) - errors
+    print(f"{errors} error(s), {warnings} warning(s)", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Imported here so that check-config works without the worker extra's heavy imports.
+    from prometheus_client import start_http_server
+
+    from worker.consume import Consumer, TopologyMismatch
+    from worker.metrics import Metrics
+    from worker.pipeline import Pipeline
+    from worker.render import Renderer
+    from worker.send import Sender
+
+    setup_logging(args.verbose)
+    config: Config = load_config(args.config, sections=WORKER_SECTIONS)
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    catalog = load_catalog(config.catalog.paths)
+    metrics = Metrics(relay.label for relay in config.smtp)
+    port = config.metrics.port if args.metrics_port is None else args.metrics_port
+    if port:
+        start_http_server(port, registry=metrics.registry)
+        log.info("metrics on :%d/metrics", port)
+
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, name="smtp-loop", daemon=True)
+    loop_thread.start()
+    sender = Sender(config.smtp, metrics)
+    pipeline = Pipeline(catalog, config.filter, Renderer(config.mail), sender, metrics)
+    consumer = Consumer(
+        config.broker,
+        pipeline,
+        metrics,
+        loop,
+        prefetch=config.worker.prefetch,
+        shutdown_grace=config.worker.shutdown_grace,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s; shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info(
+        "catalog has %d entries; %d relay(s): %s",
+        len(catalog),
+        len(config.smtp),
+        ", ".join(f"{r.label} ({r.security})" for r in config.smtp),
+    )
+    try:
+        consumer.run(stop)
+    except TopologyMismatch as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        asyncio.run_coroutine_threadsafe(sender.close(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join(timeout=5)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "check-config":
+            return _check_config(args)
+        return _run(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{PROG}: {problem}", file=sys.stderr)
+        return 1
+    except ClusteralertError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

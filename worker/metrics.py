@@ -1,0 +1,82 @@
+"""Prometheus metrics of the worker (DESIGN.md, "Metrics").
+
+Everything lives in an injectable registry, so tests build a fresh one. Every label value
+is created at zero up front, so dashboards and alert rules see 0 rather than no series.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from shared.errors import FAILURE_REASONS, TLS_CAUSES
+from shared.filter import FILTER_REASONS
+
+__all__ = ["Metrics"]
+
+_SEND_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_EVENT_TO_MAIL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+
+class Metrics:
+    def __init__(self, relays: Iterable[str], registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.consumed = Counter(
+            "clusteralert_events_consumed", "Messages taken from the work queue", registry=r
+        )
+        self.filtered = Counter(
+            "clusteralert_events_filtered", "Events acked without mail", ["reason"], registry=r
+        )
+        self.sent = Counter(
+            "clusteralert_mails_sent", "Mails a relay accepted", ["relay"], registry=r
+        )
+        self.failed = Counter(
+            "clusteralert_mails_failed",
+            "Failed delivery attempts (each attempt that got no 250)",
+            ["reason"],
+            registry=r,
+        )
+        self.tls_refused = Counter(
+            "clusteralert_tls_refused", "Refusals to continue without TLS", ["cause"], registry=r
+        )
+        self.retries = Counter("clusteralert_retries", "Retries scheduled", ["stage"], registry=r)
+        self.dead_lettered = Counter(
+            "clusteralert_dead_lettered",
+            "Alerts given up and moved to the DLQ",
+            ["reason"],
+            registry=r,
+        )
+        self.recipients_refused = Counter(
+            "clusteralert_recipients_refused", "RCPT refusals inside accepted mails", registry=r
+        )
+        self.in_flight = Gauge("clusteralert_in_flight", "Messages being delivered", registry=r)
+        self.broker_connected = Gauge(
+            "clusteralert_broker_connected", "1 when connected to RabbitMQ", registry=r
+        )
+        self.send_duration = Histogram(
+            "clusteralert_send_duration_seconds",
+            "One SMTP transaction",
+            ["relay"],
+            buckets=_SEND_BUCKETS,
+            registry=r,
+        )
+        self.event_to_mail = Histogram(
+            "clusteralert_event_to_mail_seconds",
+            "Event time to relay acceptance",
+            buckets=_EVENT_TO_MAIL_BUCKETS,
+            registry=r,
+        )
+        for filter_reason in FILTER_REASONS:
+            self.filtered.labels(filter_reason)
+        for reason in FAILURE_REASONS:
+            self.failed.labels(reason)
+            self.dead_lettered.labels(reason)
+        for cause in TLS_CAUSES:
+            self.tls_refused.labels(cause)
+        for stage in ("inprocess", "delayed"):
+            self.retries.labels(stage)
+        for relay in relays:
+            self.sent.labels(relay)
+            self.send_duration.labels(relay)

@@ -1,0 +1,135 @@
+"""One SMTP relay: a small pool of reused connections, and the TLS policy.
+
+Connections are opened lazily up to ``max_connections`` and kept for the next mail, since
+a TCP and TLS handshake per mail costs more than the mail itself. A relay may close an
+idle connection at any time; a reused connection that turns out dead is replaced once,
+without counting as a failure.
+
+TLS is never opportunistic: aiosmtplib's default (``start_tls=None``) upgrades only when
+the server offers STARTTLS and otherwise sends in plaintext. We connect with
+``start_tls=False`` and upgrade ourselves, refusing to continue when STARTTLS is not
+offered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+
+import aiosmtplib
+
+from shared.config import SmtpRelay
+from shared.errors import DeliveryError, TlsRefusedError, TransientError
+from shared.tls import client_context
+from worker.classify import classify_auth, classify_connect, classify_starttls, classify_transaction
+from worker.render import Mail
+
+__all__ = ["Relay"]
+
+log = logging.getLogger(__name__)
+
+
+class Relay:
+    def __init__(self, config: SmtpRelay):
+        self.config = config
+        self.label = config.label
+        self._tls: ssl.SSLContext | None = (
+            None if config.security == "none" else client_context(config.ca_file)
+        )
+        self._idle: list[aiosmtplib.SMTP] = []
+        self._slots: asyncio.Semaphore | None = None
+
+    async def send(self, mail: Mail) -> dict[str, str]:
+        """Deliver ``mail``; returns the recipients the relay refused while accepting the
+        mail for others. Raises a :class:`DeliveryError` subclass otherwise."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.config.max_connections)
+        async with self._slots:
+            client = self._take_idle()
+            if client is not None:
+                try:
+                    refused = await self._transact(client, mail)
+                except TransientError as exc:
+                    if exc.reason not in ("disconnected", "connect"):
+                        raise
+                    # The relay closed a connection we held idle: not a failure yet.
+                    log.debug(
+                        "relay %s dropped a reused connection (%s); reconnecting",
+                        self.label,
+                        exc.detail,
+                    )
+                else:
+                    self._idle.append(client)
+                    return refused
+            client = await self._open()
+            refused = await self._transact(client, mail)
+            self._idle.append(client)
+            return refused
+
+    def _take_idle(self) -> aiosmtplib.SMTP | None:
+        while self._idle:
+            client = self._idle.pop()
+            if client.is_connected:
+                return client
+        return None
+
+    async def _open(self) -> aiosmtplib.SMTP:
+        cfg = self.config
+        smtps = cfg.security == "smtps"
+        client = aiosmtplib.SMTP(
+            hostname=cfg.host,
+            port=cfg.port,
+            timeout=cfg.timeout,
+            use_tls=smtps,
+            start_tls=False,
+            tls_context=self._tls if smtps else None,
+        )
+        try:
+            try:
+                await client.connect()
+            except Exception as exc:
+                raise classify_connect(exc) from None
+            if cfg.security == "starttls":
+                await self._starttls(client)
+            if cfg.username is not None and cfg.password is not None:
+                try:
+                    await client.login(cfg.username, cfg.password.reveal())
+                except Exception as exc:
+                    raise classify_auth(exc) from None
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    async def _starttls(self, client: aiosmtplib.SMTP) -> None:
+        assert self._tls is not None
+        try:
+            await client.ehlo()
+        except Exception as exc:
+            raise classify_connect(exc) from None
+        # aiosmtplib raises a bare SMTPException when STARTTLS is missing; decide from the
+        # EHLO extensions instead of matching its message.
+        if not client.supports_extension("starttls"):
+            raise TlsRefusedError("not_offered", f"{self.label} does not offer STARTTLS")
+        try:
+            await client.starttls(tls_context=self._tls)
+        except Exception as exc:
+            raise classify_starttls(exc) from None
+
+    async def _transact(self, client: aiosmtplib.SMTP, mail: Mail) -> dict[str, str]:
+        try:
+            refused, _ = await client.sendmail(mail.sender, list(mail.recipients), mail.data)
+        except Exception as exc:
+            client.close()
+            error: DeliveryError = classify_transaction(exc)
+            raise error from None
+        return {rcpt: f"{resp.code} {resp.message}" for rcpt, resp in refused.items()}
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for client in idle:
+            try:
+                await asyncio.wait_for(client.quit(), timeout=2)
+            except Exception:
+                client.close()

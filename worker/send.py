@@ -1,0 +1,95 @@
+"""Send stage: try every relay in ``[[smtp]]`` order until one accepts, and classify the
+failure only when all of them failed. Transient failures are retried in-process with
+tenacity (exponential backoff with jitter, a few seconds in all)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from shared.config import SmtpRelay
+from shared.errors import DeliveryError, TlsRefusedError, TransientError
+from worker.classify import combine_attempts
+from worker.metrics import Metrics
+from worker.relay import Relay
+from worker.render import Mail
+
+__all__ = ["Sender"]
+
+log = logging.getLogger(__name__)
+
+
+class Sender:
+    def __init__(
+        self,
+        relays: Sequence[SmtpRelay],
+        metrics: Metrics,
+        *,
+        retry_budget: float = 5.0,
+        max_attempts: int = 4,
+    ):
+        self.relays = [Relay(r) for r in relays]
+        self.metrics = metrics
+        self.retry_budget = retry_budget
+        self.max_attempts = max_attempts
+
+    async def send(self, mail: Mail) -> str:
+        """Deliver ``mail`` and return the label of the relay that took it, or raise the
+        classified :class:`DeliveryError` once retries are used up."""
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(TransientError),
+            stop=stop_after_attempt(self.max_attempts) | stop_after_delay(self.retry_budget),
+            wait=wait_exponential_jitter(initial=0.2, max=2.0, jitter=0.3),
+            before_sleep=self._before_retry,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self._attempt(mail)
+        raise AssertionError("tenacity returned without a result")  # pragma: no cover
+
+    def _before_retry(self, state: RetryCallState) -> None:
+        self.metrics.retries.labels("inprocess").inc()
+        error = state.outcome.exception() if state.outcome else None
+        log.info("retrying in-process after %s", error)
+
+    async def _attempt(self, mail: Mail) -> str:
+        errors: list[DeliveryError] = []
+        for relay in self.relays:
+            started = time.monotonic()
+            try:
+                refused = await relay.send(mail)
+            except DeliveryError as exc:
+                errors.append(exc)
+                if isinstance(exc, TlsRefusedError):
+                    self.metrics.tls_refused.labels(exc.cause).inc()
+                log.warning("event %s: relay %s failed: %s", mail.event_id, relay.label, exc)
+                continue
+            self.metrics.send_duration.labels(relay.label).observe(time.monotonic() - started)
+            self.metrics.sent.labels(relay.label).inc()
+            if refused:
+                self.metrics.recipients_refused.inc(len(refused))
+                log.warning(
+                    "event %s: relay %s refused some recipients: %s",
+                    mail.event_id,
+                    relay.label,
+                    "; ".join(f"{k} ({v})" for k, v in refused.items()),
+                )
+            return relay.label
+        failure = combine_attempts(errors)
+        self.metrics.failed.labels(failure.reason).inc()
+        raise failure
+
+    async def close(self) -> None:
+        for relay in self.relays:
+            await relay.close()
