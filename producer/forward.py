@@ -81,15 +81,22 @@ def connection_parameters(config: BrokerConfig) -> list[Any]:
 
 class Forwarder:
     def __init__(
-        self, spool: Spool, broker: BrokerConfig, should_stop: Callable[[], bool] = lambda: False
+        self,
+        spool: Spool,
+        broker: BrokerConfig,
+        should_stop: Callable[[], bool] = lambda: False,
+        *,
+        max_backoff: float = _MAX_BACKOFF,
     ):
         self.spool = spool
         self.broker = broker
         self.should_stop = should_stop
         self.published = 0
+        self.held_back = 0  # times the spool head could not be published yet
         self._connection: Any = None
         self._channel: Any = None
         self._backoff = _MIN_BACKOFF
+        self._max_backoff = max_backoff
 
     def run(self) -> None:
         """Forward until ``should_stop`` says so, surviving broker outages."""
@@ -105,6 +112,7 @@ class Forwarder:
                         self._backoff = _MIN_BACKOFF
                         retry_at = 0.0
                     except _Blocked as exc:
+                        self.held_back += 1
                         retry_at = self._schedule_retry(str(exc))
                     except _CONNECTION_ERRORS as exc:
                         self._drop_connection()
@@ -119,7 +127,7 @@ class Forwarder:
     def _schedule_retry(self, why: str) -> float:
         delay = self._backoff * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not crypto
         log.warning("%s; retrying in %.1fs", why, delay)
-        self._backoff = min(self._backoff * 2, _MAX_BACKOFF)
+        self._backoff = min(self._backoff * 2, self._max_backoff)
         return time.monotonic() + delay
 
     def _ensure_channel(self) -> None:

@@ -143,6 +143,7 @@ def _as_level(value: object, where: str) -> Level | None:
 
 
 def _check_params(params: Mapping[str, object]) -> dict[str, str]:
+    """Validate keys and types; escape values but do not cut them yet (see :func:`_fit`)."""
     if len(params) > MAX_PARAMS:
         raise InvalidEvent(f"params: {len(params)} keys, at most {MAX_PARAMS} allowed")
     cleaned: dict[str, str] = {}
@@ -153,25 +154,28 @@ def _check_params(params: Mapping[str, object]) -> dict[str, str]:
             )
         if not isinstance(value, str):
             raise InvalidEvent(f"params.{key}: expected a string, got {type(value).__name__}")
-        cleaned[key] = clean_text(value, MAX_PARAM_BYTES)
+        cleaned[key] = clean_text(value, len(value.encode("utf-8", "surrogatepass")) * 4 + 64)
     return cleaned
 
 
-def _fit(event: Event) -> Event:
-    """Shrink the largest params until the encoded event fits the wire limit. Per-field
-    limits alone allow 64 params of 4 KiB, far over 64 KiB, and cutting the biggest values
-    keeps every key (and so every placeholder) present."""
-    params = dict(event.params)
-    while len(_encode_unchecked(event, params)) > MAX_EVENT_BYTES and params:
-        biggest = max(params, key=lambda k: len(params[k].encode("utf-8")))
-        size = len(params[biggest].encode("utf-8"))
-        if size <= 64:
-            break
-        params[biggest] = _truncate_bytes(params[biggest], size // 2)
-    fitted = Event(**{**_fields(event), "params": params})
-    if len(_encode_unchecked(fitted, params)) > MAX_EVENT_BYTES:
-        raise InvalidEvent(f"event is larger than {MAX_EVENT_BYTES} bytes even after truncation")
-    return fitted
+def _fit(event: Event, params: Mapping[str, str]) -> Event:
+    """Cut param values to their 4 KiB limit, then halve the limit of the largest until
+    the encoded event fits the wire limit. Per-value limits alone allow 64 x 4 KiB, far
+    over 64 KiB; cutting the biggest values keeps every key, so every placeholder still
+    has its (shortened) value. Markers give the original size."""
+    limits = dict.fromkeys(params, MAX_PARAM_BYTES)
+
+    def cut() -> dict[str, str]:
+        return {k: _truncate_bytes(v, limits[k]) for k, v in params.items()}
+
+    fitted = cut()
+    while len(_encode_unchecked(event, fitted)) > MAX_EVENT_BYTES:
+        biggest = max(fitted, key=lambda k: len(fitted[k].encode("utf-8")), default=None)
+        if biggest is None or limits[biggest] <= 128:
+            raise InvalidEvent(f"event is larger than {MAX_EVENT_BYTES} bytes after truncation")
+        limits[biggest] = min(limits[biggest], len(fitted[biggest].encode("utf-8"))) // 2
+        fitted = cut()
+    return Event(**{**_fields(event), "params": fitted})
 
 
 def _fields(event: Event) -> dict[str, Any]:
@@ -206,10 +210,9 @@ def new_event(
         event_id=event_id,
         source=_clean_name(source, MAX_SOURCE_CHARS),
         level=_as_level(level, "level"),
-        params=_check_params(params or {}),
         text=None if text is None else clean_text(text, MAX_TEXT_BYTES),
     )
-    return _fit(event)
+    return _fit(event, _check_params(params or {}))
 
 
 def _encode_unchecked(event: Event, params: Mapping[str, str]) -> bytes:

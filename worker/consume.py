@@ -99,7 +99,6 @@ class Consumer:
             connection = kombu_connection(self.broker)
             try:
                 connection.connect()
-                self.metrics.broker_connected.set(1)
                 log.info("connected to broker %s", connection.as_uri())
                 backoff = _MIN_BACKOFF
                 self._consume(connection, stop)
@@ -133,6 +132,8 @@ class Consumer:
             auto_declare=False,
         )
         consumer.consume()
+        # Only now is the worker useful: topology declared and deliveries flowing.
+        self.metrics.broker_connected.set(1)
         log.info("consuming %s with prefetch %d", WORK_QUEUE, self.prefetch)
         while not stop.is_set():
             self._drain(connection)

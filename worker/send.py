@@ -49,7 +49,7 @@ class Sender:
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(TransientError),
             stop=stop_after_attempt(self.max_attempts) | stop_after_delay(self.retry_budget),
-            wait=wait_exponential_jitter(initial=0.2, max=2.0, jitter=0.3),
+            wait=wait_exponential_jitter(multiplier=0.2, max=2.0, jitter=0.3),
             before_sleep=self._before_retry,
             reraise=True,
         )

@@ -1,0 +1,133 @@
+"""A real SMTP server for tests: aiosmtpd on its own event loop thread, on a free port,
+with STARTTLS, implicit TLS (SMTPS) or plaintext, optional AUTH, and a record of what it
+received and whether it came over TLS.
+
+aiosmtpd's ``Controller`` cannot bind port 0 (its readiness check connects to the
+configured port), so the server is started with ``loop.create_server`` instead, the way
+aiosmtplib's own tests do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from typing import Any, Literal
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+    tls: bool
+    auth_login: str | None
+
+    def parsed(self) -> EmailMessage:
+        message = message_from_bytes(self.data, policy=policy.default)
+        assert isinstance(message, EmailMessage)
+        return message
+
+
+@dataclass
+class _Handler:
+    received: list[Received] = field(default_factory=list)
+    condition: threading.Condition = field(default_factory=threading.Condition)
+    connections: int = 0
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        auth = session.auth_data
+        # session.ssl covers STARTTLS; implicit TLS shows only on the transport.
+        transport = server.transport
+        implicit_tls = transport is not None and transport.get_extra_info("ssl_object")
+        record = Received(
+            mail_from=str(envelope.mail_from),
+            rcpt_tos=list(envelope.rcpt_tos),
+            data=bytes(envelope.original_content or b""),
+            tls=session.ssl is not None or bool(implicit_tls),
+            auth_login=auth.login.decode() if isinstance(auth, LoginPassword) else None,
+        )
+        with self.condition:
+            self.received.append(record)
+            self.condition.notify_all()
+        return "250 OK"
+
+
+class SmtpServer:
+    def __init__(
+        self,
+        mode: Literal["starttls", "smtps", "plain"],
+        tls_context: ssl.SSLContext | None,
+        credentials: tuple[str, str] | None = None,
+    ):
+        self.mode = mode
+        self.tls_context = tls_context
+        self.credentials = credentials
+        self.handler = _Handler()
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.AbstractServer | None = None
+
+    @property
+    def received(self) -> list[Received]:
+        with self.handler.condition:
+            return list(self.handler.received)
+
+    def wait_for(self, predicate: Callable[[list[Received]], bool], timeout: float) -> bool:
+        """Block until ``predicate(received)`` holds or ``timeout`` passes."""
+        with self.handler.condition:
+            return self.handler.condition.wait_for(
+                lambda: predicate(self.handler.received), timeout
+            )
+
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        ok = (
+            isinstance(data, LoginPassword)
+            and self.credentials is not None
+            and (data.login.decode(), data.password.decode()) == self.credentials
+        )
+        return AuthResult(success=ok, handled=False, auth_data=data if ok else None)
+
+    def _protocol(self) -> SMTP:
+        self.handler.connections += 1
+        starttls = self.mode == "starttls"
+        return SMTP(
+            self.handler,
+            hostname="relay.test",
+            # aiosmtpd offers STARTTLS exactly when it has a context for it.
+            tls_context=self.tls_context if starttls else None,
+            require_starttls=starttls and self.tls_context is not None,
+            authenticator=self._authenticate if self.credentials else None,
+            auth_required=self.credentials is not None,
+            auth_require_tls=self.mode != "plain",
+        )
+
+    def start(self) -> SmtpServer:
+        self._thread.start()
+        ssl_arg = self.tls_context if self.mode == "smtps" else None
+
+        async def serve() -> asyncio.AbstractServer:
+            return await self._loop.create_server(self._protocol, "127.0.0.1", 0, ssl=ssl_arg)
+
+        self._server = asyncio.run_coroutine_threadsafe(serve(), self._loop).result(10)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        async def shutdown() -> None:
+            assert self._server is not None
+            self._server.close()
+            # Do not wait for clients: a worker may hold pooled connections open.
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)

@@ -1,0 +1,154 @@
+"""Config loading: every problem reported with its path, secrets never shown."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from shared.config import load_config, parse_config
+from shared.errors import ConfigError
+
+
+def problems(text: str, tmp_path: Path, **kwargs: object) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(tomllib.loads(text), base=tmp_path, **kwargs)  # type: ignore[arg-type]
+    return [str(p) for p in info.value.problems]
+
+
+MINIMAL = """
+[mail]
+from = "cluster@example.com"
+to = ["ops@example.com"]
+[[smtp]]
+host = "smtp.example.com"
+"""
+
+
+def test_minimal_config_gets_defaults(tmp_path: Path) -> None:
+    config = parse_config(tomllib.loads(MINIMAL), base=tmp_path)
+    relay = config.smtp[0]
+    assert (relay.port, relay.security, relay.max_connections) == (587, "starttls", 4)
+    assert config.filter.unknown == "error"
+    assert config.mail.domain == "example.com"
+    assert config.metrics.port == 9464
+
+
+def test_bad_values_are_reported_with_their_path(tmp_path: Path) -> None:
+    found = problems(
+        MINIMAL
+        + """
+security = "tls"
+port = "25"
+colour = "blue"
+[filter]
+min_level = "debug"
+enable = ["rm:*", "pm:1"]
+disable = ["pm:1", "not a key"]
+[metrics]
+port = 70000
+[worker]
+prefetch = true
+""",
+        tmp_path,
+    )
+    assert "smtp[0].security: expected one of starttls, smtps, none, got 'tls'" in found
+    assert "smtp[0].port: expected an integer, got string '25'" in found
+    assert "smtp[0].colour: unknown key" in found
+    assert "filter.min_level: expected one of info, warning, error, got 'debug'" in found
+    assert "filter.enable: 'pm:1' is in both enable and disable" in found
+    assert any(p.startswith("filter.disable[1]: expected module:event_id") for p in found)
+    assert "metrics.port: must be at most 65535, got 70000" in found
+    assert "worker.prefetch: expected an integer, got a boolean" in found
+
+
+def test_unknown_section_and_missing_relay(tmp_path: Path) -> None:
+    found = problems('[mail]\nfrom = "a@b.c"\nto = "x@y.z"\n[smpt]\nhost = "x"\n', tmp_path)
+    assert "smpt: unknown key" in found
+    assert "smtp: at least one [[smtp]] relay is required" in found
+
+
+def test_header_injection_through_addresses_is_refused(tmp_path: Path) -> None:
+    found = problems(
+        '[mail]\nfrom = "a@b.c\\r\\nBcc: x@evil"\nto = ["ok@x.y", "Ops <o@x.y>"]\n'
+        '[[smtp]]\nhost = "h"\n',
+        tmp_path,
+    )
+    assert any(p.startswith("mail.from: not a plain e-mail address") for p in found)
+    assert any(p.startswith("mail.to[1]: not a plain e-mail address") for p in found)
+
+
+def test_secrets_come_from_files_and_stay_hidden(tmp_path: Path) -> None:
+    (tmp_path / "smtp_pw").write_text("s3cret-smtp\n")
+    (tmp_path / "amqp_pw").write_text("s3cret-amqp\r\n")
+    config = parse_config(
+        tomllib.loads(
+            MINIMAL
+            + 'username = "alert"\npassword_file = "smtp_pw"\n'
+            + '[broker]\nurls = ["amqp://worker:inline-pw@rabbit:5672/%2F"]\n'
+            + 'password_file = "amqp_pw"\n'
+        ),
+        base=tmp_path,
+    )
+    relay = config.smtp[0]
+    assert relay.password is not None and relay.password.reveal() == "s3cret-smtp"
+    url = config.broker.urls[0]
+    assert url.password is not None and url.password.reveal() == "s3cret-amqp"
+    assert url.vhost == "/"
+    shown = repr(config) + str(config) + str(url)
+    for secret in ("s3cret-smtp", "s3cret-amqp", "inline-pw"):
+        assert secret not in shown
+    assert url.with_secret() == "amqp://worker:s3cret-amqp@rabbit:5672/%2F"
+
+
+def test_inline_smtp_password_and_missing_secret_file(tmp_path: Path) -> None:
+    found = problems(
+        MINIMAL + 'username = "u"\npassword = "hunter2"\n'
+        '[[smtp]]\nhost = "h2"\nusername = "u"\npassword_file = "missing"\n',
+        tmp_path,
+    )
+    assert "smtp[0].password: put the password in a file and name it in password_file" in found
+    assert any(p.startswith("smtp[1].password_file: cannot read") for p in found)
+    assert not any("hunter2" in p for p in found)
+
+
+def test_broker_url_errors_do_not_echo_the_url(tmp_path: Path) -> None:
+    found = problems('[broker]\nurls = ["http://u:topsecret@h/"]\n', tmp_path, sections=("broker",))
+    assert found == ["broker.urls[0]: scheme must be amqp or amqps, got 'http'"]
+
+
+def test_plaintext_smtp_is_a_warning(tmp_path: Path) -> None:
+    config = parse_config(tomllib.loads(MINIMAL + 'security = "none"\n'), base=tmp_path)
+    assert [str(w) for w in config.warnings] == [
+        "warning: smtp[0].security: plaintext SMTP chosen: mail and any password travel unencrypted"
+    ]
+    assert config.smtp[0].port == 25
+
+
+def test_producer_reads_only_its_sections(tmp_path: Path) -> None:
+    # A node has no SMTP password file; the producer must not trip over the worker's part.
+    text = MINIMAL + 'username = "u"\npassword_file = "/nonexistent"\n[producer]\ncluster="c9"\n'
+    config = parse_config(tomllib.loads(text), base=tmp_path, sections=("producer",))
+    assert config.producer.cluster == "c9"
+
+
+def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[producer]\ncluster = "from-env"\nspool_dir = "spool"\n')
+    monkeypatch.setenv("CLUSTERALERT_CONFIG", str(path))
+    config = load_config(None, sections=("producer",))
+    assert config.producer.cluster == "from-env"
+    assert config.producer.spool_dir == tmp_path / "spool"
+    monkeypatch.setenv("CLUSTERALERT_CONFIG", str(tmp_path / "missing.toml"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(None)
+
+
+def test_invalid_toml_is_one_problem(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[mail\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert len(info.value.problems) == 1
+    assert "not valid TOML" in str(info.value.problems[0])

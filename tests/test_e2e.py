@@ -1,0 +1,192 @@
+"""End to end with real processes started as the README says: ``clusteralert-producer
+run``, ``clusteralert-worker run``, events emitted with the CLI, a real RabbitMQ and a
+real STARTTLS relay with AUTH. Exactly the reported events must arrive, over TLS."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BIN, Certs, Process, amqp_url, free_port, scrape, wait_metric
+from tests.smtpserver import SmtpServer
+
+pytestmark = pytest.mark.integration
+
+# (module, event_id, extra args, reported?) -- with [filter] min_level = "warning",
+# disable = ["group:2"], and the shipped catalog.
+EVENTS: list[tuple[str, int, list[str], bool]] = [
+    *[("node", 1, ["--param", f"server=srv{i}"], True) for i in range(3)],
+    ("node", 1, ["--param", "server=ノード1", "--node", "東京-1"], True),
+    *[("group", 1, ["--param", "group=g1", "from_server=a", "to_server=b"], True)] * 3,
+    *[("monitor", 1, ["--param", "monitor=httpw", "detail=timeout"], True)] * 2,
+    ("monitor", 1, ["--param", "monitor=x\r\nBcc: victim@example.com", "detail=y"], True),
+    *[("heartbeat", 2, ["--param", "interface=eth1", "server=b"], False)] * 2,  # catalog
+    *[("group", 2, ["--param", "group=g1", "to_server=b"], False)] * 2,  # disabled
+    *[("node", 2, ["--param", "server=srv1"], False)] * 2,  # min_level
+    *[("custom", 7, ["--level", "info", "--text", "routine"], False)] * 2,  # unknown
+    *[("monitor", 2, ["--param", "monitor=httpw"], False)] * 2,  # catalog
+]
+
+
+def write_config(tmp_path: Path, vhost: str, relay: SmtpServer, certs: Certs) -> Path:
+    (tmp_path / "smtp_password").write_text("relay-secret\n")
+    (tmp_path / "amqp_password").write_text("guest\n")
+    config = tmp_path / "clusteralert.toml"
+    config.write_text(f"""
+[broker]
+urls = ["{amqp_url(vhost, password=False)}"]
+password_file = "amqp_password"
+
+[producer]
+spool_dir = "spool"
+cluster = "prod-cluster"
+
+[mail]
+from = "cluster@example.com"
+to = ["ops@example.com", "oncall@example.com"]
+charset = "iso-2022-jp"
+
+[[smtp]]
+host = "127.0.0.1"
+port = {relay.port}
+security = "starttls"
+username = "alert"
+password_file = "smtp_password"
+ca_file = "{certs.ca_file}"
+
+[filter]
+min_level = "warning"
+disable = ["group:2"]
+""")
+    return config
+
+
+def test_emitted_events_arrive_as_tls_mail_exactly_when_reported(
+    tmp_path: Path,
+    vhost: str,
+    certs: Certs,
+    smtp_server: Callable[..., SmtpServer],
+    processes: Callable[..., Process],
+) -> None:
+    relay = smtp_server("starttls", credentials=("alert", "relay-secret"))
+    config = write_config(tmp_path, vhost, relay, certs)
+    port = free_port()
+    worker = processes(
+        "clusteralert-worker", "run", "--config", str(config), "--metrics-port", str(port)
+    )
+    producer = processes("clusteralert-producer", "run", "--config", str(config))
+    wait_metric(port, "clusteralert_broker_connected", lambda v: v == 1, 30)
+
+    reported: set[str] = set()
+    for module, event_id, extra, mailed in EVENTS:
+        result = subprocess.run(
+            [
+                str(BIN / "clusteralert-producer"),
+                "emit",
+                "--config",
+                str(config),
+                "--module",
+                module,
+                "--event-id",
+                str(event_id),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        if mailed:
+            reported.add(result.stdout.strip())
+    assert len(reported) == 10
+
+    arrived = relay.wait_for(lambda got: len(got) >= len(reported), timeout=60)
+    assert arrived, f"{len(relay.received)} mails\n{worker.output()}\n{producer.output()}"
+    wait_metric(port, "clusteralert_events_consumed_total", lambda v: v == len(EVENTS), 30)
+    metrics = scrape(port)
+    filtered = {
+        r: metrics[f'clusteralert_events_filtered_total{{reason="{r}"}}']
+        for r in ("catalog", "disabled", "min_level", "unknown")
+    }
+    assert filtered == {"catalog": 4, "disabled": 2, "min_level": 2, "unknown": 2}
+
+    mails = relay.received
+    assert len(mails) == len(reported)  # nothing filtered slipped through
+    got_ids = set()
+    for received in mails:
+        assert received.tls and received.auth_login == "alert"
+        assert sorted(received.rcpt_tos) == ["oncall@example.com", "ops@example.com"]
+        message = received.parsed()
+        assert message["Bcc"] is None
+        assert message.get_content_charset() == "iso-2022-jp"
+        event_id = message["Message-ID"].strip("<>").split("@")[0]
+        assert event_id in message.get_content()
+        got_ids.add(event_id)
+    assert got_ids == reported
+    subjects = [m.parsed()["Subject"] for m in mails]
+    assert "[error] prod-cluster 東京-1: Server ノード1 is down." in subjects
+
+    relay_label = f"127.0.0.1:{relay.port}"
+    assert metrics[f'clusteralert_mails_sent_total{{relay="{relay_label}"}}'] == len(reported)
+    assert metrics['clusteralert_tls_refused_total{cause="not_offered"}'] == 0
+    # Secrets stay out of logs and metrics.
+    exposition = "\n".join(metrics)
+    for process in (worker, producer):
+        assert process.stop() == 0
+        assert "relay-secret" not in process.output()
+    assert "relay-secret" not in exposition
+    assert not list((tmp_path / "spool").glob("*.json"))
+
+
+def test_relay_without_starttls_gets_nothing_and_the_event_is_dead_lettered(
+    tmp_path: Path,
+    vhost: str,
+    certs: Certs,
+    smtp_server: Callable[..., SmtpServer],
+    processes: Callable[..., Process],
+) -> None:
+    import pika
+
+    relay = smtp_server("starttls", context=None)  # offers no STARTTLS, would take plaintext
+    config = write_config(tmp_path, vhost, relay, certs)
+    config.write_text(
+        config.read_text()
+        .replace('username = "alert"\n', "")
+        .replace('password_file = "smtp_password"\n', "")
+    )
+    port = free_port()
+    processes("clusteralert-worker", "run", "--config", str(config), "--metrics-port", str(port))
+    processes("clusteralert-producer", "run", "--config", str(config))
+    wait_metric(port, "clusteralert_broker_connected", lambda v: v == 1, 30)
+    result = subprocess.run(
+        [
+            str(BIN / "clusteralert-producer"),
+            "emit",
+            "--config",
+            str(config),
+            "--module",
+            "node",
+            "--event-id",
+            "1",
+            "--param",
+            "server=db1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    event_id = result.stdout.strip()
+    wait_metric(port, 'clusteralert_tls_refused_total{cause="not_offered"}', lambda v: v >= 1, 30)
+    wait_metric(
+        port, 'clusteralert_dead_lettered_total{reason="tls_refused"}', lambda v: v == 1, 30
+    )
+    assert relay.received == []
+    with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
+        channel = connection.channel()
+        method, properties, body = channel.basic_get("clusteralert.dead", auto_ack=True)
+    assert method is not None, "the refused alert must wait in the DLQ, not vanish"
+    assert properties.message_id == event_id

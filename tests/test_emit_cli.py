@@ -1,0 +1,91 @@
+"""``clusteralert-producer emit`` as users run it: a real process, a real spool."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from tests.conftest import BIN
+
+
+def emit(tmp_path: Path, *args: str, spool: Path | None = None) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "producer.toml"
+    spool = spool or tmp_path / "spool"
+    config.write_text(f'[producer]\nspool_dir = "{spool}"\ncluster = "prod"\n')
+    return subprocess.run(
+        [str(BIN / "clusteralert-producer"), "emit", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_emit_spools_a_durable_event_and_prints_its_id(tmp_path: Path) -> None:
+    result = emit(
+        tmp_path,
+        "--module",
+        "rm",
+        "--event-id",
+        "9",
+        "--level",
+        "error",
+        "--node",
+        "n1",
+        "--param",
+        "monitor=httpw",
+        "detail=a=b",
+        "--param",
+        "x=line1\nline2",
+    )
+    assert result.returncode == 0, result.stderr
+    event_id = result.stdout.strip()
+    uuid.UUID(event_id)
+    [spooled] = (tmp_path / "spool").glob("*.json")
+    assert spooled.name.endswith(f"-{event_id}.json")
+    doc = json.loads(spooled.read_bytes())
+    assert doc["id"] == event_id and doc["cluster"] == "prod" and doc["node"] == "n1"
+    assert doc["params"] == {"monitor": "httpw", "detail": "a=b", "x": "line1\\nline2"}
+    assert doc["source"] == "cli"
+    assert not list((tmp_path / "spool").glob(".tmp-*"))
+
+
+def test_emit_rejects_bad_input_with_one_line(tmp_path: Path) -> None:
+    for args, reason in [
+        (("--module", "Bad Module", "--event-id", "1"), "module: 'Bad Module' must match"),
+        (("--module", "rm", "--event-id", "1", "--param", "novalue"), "expected KEY=VALUE"),
+        (("--module", "rm", "--event-id", "-3"), "event_id: expected an integer >= 0"),
+    ]:
+        result = emit(tmp_path, *args)
+        assert result.returncode == 1, args
+        assert result.stdout == ""
+        assert result.stderr.count("\n") == 1 and reason in result.stderr, result.stderr
+    assert not list((tmp_path / "spool").glob("*.json"))
+
+
+def test_emit_reports_an_unwritable_spool(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = emit(tmp_path, "--module", "rm", "--event-id", "1", spool=blocker / "spool")
+    assert result.returncode == 1
+    assert result.stderr.startswith("clusteralert-producer: cannot create spool")
+    assert result.stderr.count("\n") == 1
+
+
+def test_emit_does_not_import_broker_clients(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[producer]\nspool_dir = "{tmp_path / "spool"}"\n')
+    code = (
+        "import sys\n"
+        "from producer.cli import main\n"
+        f"rc = main(['emit', '--config', {str(config)!r}, '--module', 'rm', '--event-id', '1'])\n"
+        "heavy = sorted(m for m in ('pika', 'kombu', 'aiosmtplib', 'prometheus_client', "
+        "'tenacity', 'asyncio', 'ssl') if m in sys.modules)\n"
+        "print(rc, heavy)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
+    )
+    assert result.stdout.splitlines()[-1] == "0 []", result.stdout + result.stderr

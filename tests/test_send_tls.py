@@ -1,0 +1,188 @@
+"""The sender against real TLS SMTP servers (aiosmtpd + trustme): mail goes out only over
+verified TLS unless plaintext was chosen, and refusals are counted."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trustme
+
+from shared.config import MailConfig, SmtpRelay
+from shared.errors import PermanentError, TlsRefusedError, TransientError
+from shared.event import new_event
+from shared.filter import Decision
+from shared.secret import Secret
+from tests.conftest import Certs, free_port
+from tests.smtpserver import SmtpServer
+from worker.classify import combine_attempts
+from worker.metrics import Metrics
+from worker.render import Mail, Renderer
+
+pytestmark = pytest.mark.integration
+
+ServerFactory = Callable[..., SmtpServer]
+
+
+def make_mail() -> Mail:
+    event = new_event(
+        module="rm", event_id=9, cluster="c", node="n", source="t", level="error", text="boom"
+    )
+    config = MailConfig(sender="cluster@example.com", to=("ops@example.com",))
+    return Renderer(config).render(event, Decision(True, "error", None, None, "test"))
+
+
+def relay(server: SmtpServer | None, certs: Certs, **overrides: object) -> SmtpRelay:
+    fields: dict[str, object] = {
+        "host": "127.0.0.1",
+        "port": server.port if server else free_port(),
+        "security": "starttls",
+        "ca_file": certs.ca_file,
+        "timeout": 5.0,
+    }
+    fields.update(overrides)
+    return SmtpRelay(**fields)  # type: ignore[arg-type]
+
+
+def send(*relays: SmtpRelay, mail: Mail | None = None) -> tuple[Metrics, str | BaseException]:
+    from worker.send import Sender
+
+    metrics = Metrics([r.label for r in relays])
+    sender = Sender(relays, metrics, retry_budget=0.5, max_attempts=2)
+
+    async def go() -> str | BaseException:
+        try:
+            return await sender.send(mail or make_mail())
+        except Exception as exc:
+            return exc
+        finally:
+            await sender.close()
+
+    return metrics, asyncio.run(go())
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float:
+    sample = metrics.registry.get_sample_value(name, labels)
+    assert sample is not None, name
+    return sample
+
+
+def test_starttls_with_auth_delivers(
+    smtp_server: ServerFactory, certs: Certs, tmp_path: Path
+) -> None:
+    server = smtp_server("starttls", credentials=("alert", "pw-123"))
+    config = relay(server, certs, username="alert", password=Secret("pw-123"))
+    mail = make_mail()
+    metrics, result = send(config, mail=mail)
+    assert result == config.label
+    [received] = server.received
+    assert received.tls and received.auth_login == "alert"
+    assert received.rcpt_tos == ["ops@example.com"]
+    assert received.parsed()["Message-ID"] == f"<{mail.event_id}@example.com>"
+    assert value(metrics, "clusteralert_mails_sent_total", relay=config.label) == 1
+
+
+def test_smtps_delivers(smtp_server: ServerFactory, certs: Certs) -> None:
+    server = smtp_server("smtps")
+    config = relay(server, certs, security="smtps")
+    metrics, result = send(config)
+    assert result == config.label
+    assert [r.tls for r in server.received] == [True]
+
+
+def test_connections_are_reused_across_mails(smtp_server: ServerFactory, certs: Certs) -> None:
+    from worker.send import Sender
+
+    server = smtp_server("starttls")
+    config = relay(server, certs, max_connections=2)
+    sender = Sender([config], Metrics([config.label]))
+
+    async def go() -> None:
+        await asyncio.gather(*(sender.send(make_mail()) for _ in range(20)))
+        await sender.close()
+
+    asyncio.run(go())
+    assert len(server.received) == 20
+    assert server.handler.connections <= 2
+
+
+def test_no_starttls_offered_means_no_mail(smtp_server: ServerFactory, certs: Certs) -> None:
+    # The server speaks plain SMTP and would accept the mail without TLS.
+    server = smtp_server("starttls", context=None)
+    metrics, result = send(relay(server, certs))
+    assert isinstance(result, TlsRefusedError)
+    assert result.cause == "not_offered"
+    assert server.received == []
+    assert value(metrics, "clusteralert_tls_refused_total", cause="not_offered") == 1
+    assert value(metrics, "clusteralert_mails_failed_total", reason="tls_refused") == 1
+
+
+def test_untrusted_certificate_means_no_mail(smtp_server: ServerFactory, certs: Certs) -> None:
+    stranger = trustme.CA()
+    server = smtp_server("starttls", context=certs.server_context(ca=stranger))
+    metrics, result = send(relay(server, certs))
+    assert isinstance(result, TlsRefusedError) and result.cause == "verify"
+    assert server.received == []
+    assert value(metrics, "clusteralert_tls_refused_total", cause="verify") == 1
+
+
+def test_certificate_for_another_host_means_no_mail(
+    smtp_server: ServerFactory, certs: Certs
+) -> None:
+    for mode in ("starttls", "smtps"):
+        server = smtp_server(mode, context=certs.server_context("other.example"))
+        metrics, result = send(relay(server, certs, security=mode))
+        assert isinstance(result, TlsRefusedError) and result.cause == "verify", mode
+        assert server.received == []
+
+
+def test_system_trust_store_does_not_trust_a_private_ca(
+    smtp_server: ServerFactory, certs: Certs
+) -> None:
+    server = smtp_server("smtps")
+    _, result = send(relay(server, certs, security="smtps", ca_file=None))
+    assert isinstance(result, TlsRefusedError) and result.cause == "verify"
+
+
+def test_plaintext_only_when_chosen(smtp_server: ServerFactory, certs: Certs) -> None:
+    server = smtp_server("plain", context=None)
+    _, result = send(relay(server, certs, security="none"))
+    assert result == f"127.0.0.1:{server.port}"
+    assert [r.tls for r in server.received] == [False]
+
+
+def test_wrong_password_is_permanent_and_never_shown(
+    smtp_server: ServerFactory, certs: Certs
+) -> None:
+    server = smtp_server("starttls", credentials=("alert", "right"))
+    metrics, result = send(relay(server, certs, username="alert", password=Secret("wrong-pw")))
+    assert isinstance(result, PermanentError) and result.reason == "auth"
+    assert "wrong-pw" not in str(result)
+    assert server.received == []
+
+
+def test_failover_to_the_second_relay(smtp_server: ServerFactory, certs: Certs) -> None:
+    server = smtp_server("starttls")
+    down = relay(None, certs)
+    up = relay(server, certs)
+    metrics, result = send(down, up)
+    assert result == up.label
+    assert len(server.received) == 1
+    assert value(metrics, "clusteralert_mails_sent_total", relay=up.label) == 1
+
+
+def test_all_relays_down_is_transient(certs: Certs) -> None:
+    metrics, result = send(relay(None, certs))
+    assert isinstance(result, TransientError) and result.reason == "connect"
+    assert value(metrics, "clusteralert_retries_total", stage="inprocess") >= 1
+
+
+def test_attempt_classification_after_all_relays() -> None:
+    tls = TlsRefusedError("not_offered", "x")
+    transient = TransientError("timeout", "x")
+    permanent = PermanentError("rejected_5xx", "x")
+    assert combine_attempts([tls, transient, permanent]) is transient
+    assert combine_attempts([tls, TlsRefusedError("verify", "y")]) is tls
+    assert combine_attempts([tls, permanent]) is permanent
