@@ -190,3 +190,36 @@ def test_relay_without_starttls_gets_nothing_and_the_event_is_dead_lettered(
         method, properties, body = channel.basic_get("clusteralert.dead", auto_ack=True)
     assert method is not None, "the refused alert must wait in the DLQ, not vanish"
     assert properties.message_id == event_id
+
+
+def test_a_malformed_event_is_dead_lettered_and_the_worker_goes_on(
+    tmp_path: Path,
+    vhost: str,
+    certs: Certs,
+    smtp_server: Callable[..., SmtpServer],
+    processes: Callable[..., Process],
+) -> None:
+    import pika
+
+    relay = smtp_server("starttls", credentials=("alert", "relay-secret"))
+    config = write_config(tmp_path, vhost, relay, certs)
+    port = free_port()
+    processes("clusteralert-worker", "run", "--config", str(config), "--metrics-port", str(port))
+    wait_metric(port, "clusteralert_broker_connected", lambda v: v == 1, 30)
+    good = (
+        b'{"v":1,"id":"6f1c7f4e-4b7e-4a8e-9d55-0f4c3bfe2a10","time":"2026-11-26T03:00:00Z",'
+        b'"cluster":"c","node":"n","module":"node","event_id":1,"params":{"server":"db1"},'
+        b'"source":"test"}'
+    )
+    with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for body in (b"{not json", b'{"v":1,"id":"x"}', good):
+            channel.basic_publish("clusteralert.events", "node.1.n", body, mandatory=True)
+    assert relay.wait_for(lambda got: len(got) == 1, timeout=30)
+    wait_metric(port, 'clusteralert_dead_lettered_total{reason="invalid_event"}',
+                lambda v: v == 2, 30)
+    assert "6f1c7f4e-4b7e-4a8e-9d55-0f4c3bfe2a10" in relay.received[0].parsed()["Message-ID"]
+    with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
+        dead = connection.channel().queue_declare("clusteralert.dead", passive=True)
+    assert dead.method.message_count == 2

@@ -1,0 +1,64 @@
+"""``clusteralert-worker check-config``: every problem printed, exit code by severity."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from tests.conftest import BIN
+
+
+def check(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "clusteralert-worker"), "check-config", "--config",
+                           str(config)], capture_output=True, text=True, timeout=30)
+
+
+GOOD = """
+[mail]
+from = "cluster@example.com"
+to = ["ops@example.com"]
+[[smtp]]
+host = "smtp.example.com"
+"""
+
+
+def test_valid_config_exits_zero(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(GOOD)
+    result = check(config)
+    assert result.returncode == 0, result.stdout
+    assert result.stdout == ""
+    assert "0 error(s), 0 warning(s)" in result.stderr
+
+
+def test_warnings_alone_exit_zero(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(GOOD + 'security = "none"\n')
+    result = check(config)
+    assert result.returncode == 0
+    assert result.stdout.startswith("warning: smtp[0].security: plaintext SMTP chosen")
+
+
+def test_every_problem_in_config_and_catalog_is_printed(tmp_path: Path) -> None:
+    catalog = tmp_path / "site.toml"
+    catalog.write_text('[[message]]\nmodule = "rm"\nevent_id = 1\nlevel = "loud"\ntext = "x"\n')
+    config = tmp_path / "c.toml"
+    config.write_text(GOOD + f'security = "tls"\n[filter]\nmin_level = "debug"\n'
+                             f'[catalog]\npath = "{catalog}"\n')
+    result = check(config)
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert "smtp[0].security: expected one of starttls, smtps, none, got 'tls'" in lines
+    assert "filter.min_level: expected one of info, warning, error, got 'debug'" in lines
+    assert "2 error(s)" in result.stderr
+    # The catalog is checked too once the config itself is valid.
+    config.write_text(GOOD + f'[catalog]\npath = "{catalog}"\n')
+    result = check(config)
+    assert result.returncode == 1
+    assert result.stdout.startswith(f"{catalog}: message[0].level: expected one of")
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    result = check(tmp_path / "nope.toml")
+    assert result.returncode == 1
+    assert "config file not found" in result.stdout
