@@ -172,3 +172,18 @@ def wait_metric(port: int, name: str, predicate: Callable[[float], bool], timeou
     result = wait_until(lambda: probe() is not None, timeout, f"{name} on :{port}")
     assert result
     return scrape(port)[name]
+
+
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # CI has RabbitMQ and every dependency, so a skip can only hide a failure.
+    if _skipped and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print(f"\nskipped tests fail the run: {', '.join(_skipped)}")

@@ -9,8 +9,12 @@ from tests.conftest import BIN
 
 
 def check(config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "clusteralert-worker"), "check-config", "--config",
-                           str(config)], capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [str(BIN / "clusteralert-worker"), "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 GOOD = """
@@ -43,8 +47,9 @@ def test_every_problem_in_config_and_catalog_is_printed(tmp_path: Path) -> None:
     catalog = tmp_path / "site.toml"
     catalog.write_text('[[message]]\nmodule = "rm"\nevent_id = 1\nlevel = "loud"\ntext = "x"\n')
     config = tmp_path / "c.toml"
-    config.write_text(GOOD + f'security = "tls"\n[filter]\nmin_level = "debug"\n'
-                             f'[catalog]\npath = "{catalog}"\n')
+    config.write_text(
+        GOOD + f'security = "tls"\n[filter]\nmin_level = "debug"\n[catalog]\npath = "{catalog}"\n'
+    )
     result = check(config)
     assert result.returncode == 1
     lines = result.stdout.splitlines()

@@ -217,8 +217,9 @@ def test_a_malformed_event_is_dead_lettered_and_the_worker_goes_on(
         for body in (b"{not json", b'{"v":1,"id":"x"}', good):
             channel.basic_publish("clusteralert.events", "node.1.n", body, mandatory=True)
     assert relay.wait_for(lambda got: len(got) == 1, timeout=30)
-    wait_metric(port, 'clusteralert_dead_lettered_total{reason="invalid_event"}',
-                lambda v: v == 2, 30)
+    wait_metric(
+        port, 'clusteralert_dead_lettered_total{reason="invalid_event"}', lambda v: v == 2, 30
+    )
     assert "6f1c7f4e-4b7e-4a8e-9d55-0f4c3bfe2a10" in relay.received[0].parsed()["Message-ID"]
     with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
         dead = connection.channel().queue_declare("clusteralert.dead", passive=True)

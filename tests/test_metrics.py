@@ -21,9 +21,14 @@ def test_every_label_value_starts_at_zero() -> None:
         assert get("clusteralert_send_duration_seconds_count", {"relay": relay}) == 0
     for stage in ("inprocess", "delayed"):
         assert get("clusteralert_retries_total", {"stage": stage}) == 0
-    for name in ("clusteralert_events_consumed_total", "clusteralert_replayed_total",
-                 "clusteralert_recipients_refused_total", "clusteralert_in_flight",
-                 "clusteralert_broker_connected", "clusteralert_event_to_mail_seconds_count"):
+    for name in (
+        "clusteralert_events_consumed_total",
+        "clusteralert_replayed_total",
+        "clusteralert_recipients_refused_total",
+        "clusteralert_in_flight",
+        "clusteralert_broker_connected",
+        "clusteralert_event_to_mail_seconds_count",
+    ):
         assert get(name) == 0, name
 
 

@@ -48,9 +48,7 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.replayed = Counter(
-            "clusteralert_replayed", "DLQ messages re-published", registry=r
-        )
+        self.replayed = Counter("clusteralert_replayed", "DLQ messages re-published", registry=r)
         self.recipients_refused = Counter(
             "clusteralert_recipients_refused", "RCPT refusals inside accepted mails", registry=r
         )
