@@ -7,14 +7,14 @@ what spooling needs; pika is loaded by ``run`` alone.
 from __future__ import annotations
 
 import argparse
-import signal
 import socket
 import sys
+import threading
 from collections.abc import Sequence
-from types import FrameType
 
+from shared.cli import on_stop_signal, report_errors
 from shared.config import load_config
-from shared.errors import ClusteralertError, ConfigError
+from shared.errors import ClusteralertError
 from shared.event import new_event
 
 __all__ = ["main"]
@@ -90,31 +90,16 @@ def _run(args: argparse.Namespace) -> int:
 
     setup_logging(args.verbose)
     config = load_config(args.config, sections=("producer", "broker"))
-    stop = False
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    Forwarder(Spool(config.producer.spool_dir), config.broker, lambda: stop).run()
+    stop = threading.Event()
+    on_stop_signal(lambda name: stop.set())
+    Forwarder(Spool(config.producer.spool_dir), config.broker, stop.is_set).run()
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "emit":
-            return _emit(args)
-        return _run(args)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"{PROG}: {problem}", file=sys.stderr)
-        return 1
-    except ClusteralertError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
+    command = _emit if args.command == "emit" else _run
+    return report_errors(PROG, lambda: command(args))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ label, so it must never hold free text.
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 __all__ = [
     "FAILURE_REASONS",
@@ -38,18 +38,8 @@ Reason = Literal[
 ]
 TlsCause = Literal["not_offered", "rejected", "handshake", "verify"]
 
-FAILURE_REASONS: Final[tuple[Reason, ...]] = (
-    "connect",
-    "timeout",
-    "disconnected",
-    "rejected_4xx",
-    "rejected_5xx",
-    "auth",
-    "tls_refused",
-    "invalid_event",
-    "render",
-)
-TLS_CAUSES: Final[tuple[TlsCause, ...]] = ("not_offered", "rejected", "handshake", "verify")
+FAILURE_REASONS: Final[tuple[Reason, ...]] = get_args(Reason)
+TLS_CAUSES: Final[tuple[TlsCause, ...]] = get_args(TlsCause)
 
 
 class ClusteralertError(Exception):

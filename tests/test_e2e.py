@@ -64,6 +64,27 @@ disable = ["group:2"]
     return config
 
 
+def start_worker(processes: Callable[..., Process], config: Path) -> tuple[Process, int]:
+    """``clusteralert-worker run`` as the README says, ready once it is consuming."""
+    port = free_port()
+    worker = processes(
+        "clusteralert-worker", "run", "--config", str(config), "--metrics-port", str(port)
+    )
+    wait_metric(port, "clusteralert_broker_connected", lambda v: v == 1, 30)
+    return worker, port
+
+
+def emit(config: Path, *args: str) -> str:
+    result = subprocess.run(
+        [str(BIN / "clusteralert-producer"), "emit", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
 def test_emitted_events_arrive_as_tls_mail_exactly_when_reported(
     tmp_path: Path,
     vhost: str,
@@ -73,34 +94,14 @@ def test_emitted_events_arrive_as_tls_mail_exactly_when_reported(
 ) -> None:
     relay = smtp_server("starttls", credentials=("alert", "relay-secret"))
     config = write_config(tmp_path, vhost, relay, certs)
-    port = free_port()
-    worker = processes(
-        "clusteralert-worker", "run", "--config", str(config), "--metrics-port", str(port)
-    )
+    worker, port = start_worker(processes, config)
     producer = processes("clusteralert-producer", "run", "--config", str(config))
-    wait_metric(port, "clusteralert_broker_connected", lambda v: v == 1, 30)
 
     reported: set[str] = set()
     for module, event_id, extra, mailed in EVENTS:
-        result = subprocess.run(
-            [
-                str(BIN / "clusteralert-producer"),
-                "emit",
-                "--config",
-                str(config),
-                "--module",
-                module,
-                "--event-id",
-                str(event_id),
-                *extra,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert result.returncode == 0, result.stderr
+        event_uuid = emit(config, "--module", module, "--event-id", str(event_id), *extra)
         if mailed:
-            reported.add(result.stdout.strip())
+            reported.add(event_uuid)
     assert len(reported) == 10
 
     arrived = relay.wait_for(lambda got: len(got) >= len(reported), timeout=60)
@@ -157,29 +158,9 @@ def test_relay_without_starttls_gets_nothing_and_the_event_is_dead_lettered(
         .replace('username = "alert"\n', "")
         .replace('password_file = "smtp_password"\n', "")
     )
-    port = free_port()
-    processes("clusteralert-worker", "run", "--config", str(config), "--metrics-port", str(port))
+    _, port = start_worker(processes, config)
     processes("clusteralert-producer", "run", "--config", str(config))
-    wait_metric(port, "clusteralert_broker_connected", lambda v: v == 1, 30)
-    result = subprocess.run(
-        [
-            str(BIN / "clusteralert-producer"),
-            "emit",
-            "--config",
-            str(config),
-            "--module",
-            "node",
-            "--event-id",
-            "1",
-            "--param",
-            "server=db1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    event_id = result.stdout.strip()
+    event_id = emit(config, "--module", "node", "--event-id", "1", "--param", "server=db1")
     wait_metric(port, 'clusteralert_tls_refused_total{cause="not_offered"}', lambda v: v >= 1, 30)
     wait_metric(
         port, 'clusteralert_dead_lettered_total{reason="tls_refused"}', lambda v: v == 1, 30
@@ -203,9 +184,7 @@ def test_a_malformed_event_is_dead_lettered_and_the_worker_goes_on(
 
     relay = smtp_server("starttls", credentials=("alert", "relay-secret"))
     config = write_config(tmp_path, vhost, relay, certs)
-    port = free_port()
-    processes("clusteralert-worker", "run", "--config", str(config), "--metrics-port", str(port))
-    wait_metric(port, "clusteralert_broker_connected", lambda v: v == 1, 30)
+    _, port = start_worker(processes, config)
     good = (
         b'{"v":1,"id":"6f1c7f4e-4b7e-4a8e-9d55-0f4c3bfe2a10","time":"2026-11-26T03:00:00Z",'
         b'"cluster":"c","node":"n","module":"node","event_id":1,"params":{"server":"db1"},'

@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 import threading
 from collections.abc import Sequence
-from types import FrameType
 
 from shared.catalog import load_catalog, load_catalog_checked
+from shared.cli import on_stop_signal, report_errors
 from shared.config import Config, load_config
-from shared.errors import ClusteralertError, ConfigError, Problem
+from shared.errors import ConfigError, Problem
 from shared.logs import setup_logging
 
 __all__ = ["main"]
@@ -61,7 +60,7 @@ def _run(args: argparse.Namespace) -> int:
     # Imported here so that check-config works without the worker extra's heavy imports.
     from prometheus_client import start_http_server
 
-    from worker.consume import Consumer, TopologyMismatch
+    from worker.consume import Consumer
     from worker.metrics import Metrics
     from worker.pipeline import Pipeline
     from worker.render import Renderer
@@ -93,12 +92,11 @@ def _run(args: argparse.Namespace) -> int:
     )
     stop = threading.Event()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("received %s; shutting down", signal.Signals(signum).name)
+    def on_stop(name: str) -> None:
+        log.info("received %s; shutting down", name)
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    on_stop_signal(on_stop)
     log.info(
         "catalog has %d entries; %d relay(s): %s",
         len(catalog),
@@ -107,9 +105,6 @@ def _run(args: argparse.Namespace) -> int:
     )
     try:
         consumer.run(stop)
-    except TopologyMismatch as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
     finally:
         asyncio.run_coroutine_threadsafe(sender.close(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
@@ -119,17 +114,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "check-config":
-            return _check_config(args)
-        return _run(args)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"{PROG}: {problem}", file=sys.stderr)
-        return 1
-    except ClusteralertError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
+    command = _check_config if args.command == "check-config" else _run
+    return report_errors(PROG, lambda: command(args))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from kombu import Connection, Queue
 from kombu import Consumer as KombuConsumer
 
 from shared.config import BrokerConfig
+from shared.errors import ClusteralertError
 from shared.topology import WORK_QUEUE
 from worker.declare import declare_topology
 from worker.metrics import Metrics
@@ -41,7 +42,7 @@ _MIN_BACKOFF = 0.5
 _MAX_BACKOFF = 30.0
 
 
-class TopologyMismatch(Exception):
+class TopologyMismatch(ClusteralertError):
     """The broker has our names with other arguments; retrying will not fix it."""
 
 

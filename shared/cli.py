@@ -1,0 +1,36 @@
+"""What both command-line programs share: one-line error reporting and stop signals."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable
+from types import FrameType
+
+from shared.errors import ClusteralertError, ConfigError
+
+__all__ = ["on_stop_signal", "report_errors"]
+
+
+def report_errors(prog: str, command: Callable[[], int]) -> int:
+    """Run ``command``; turn our errors into one line each on stderr and exit code 1.
+    A config error prints every problem found, so one run shows everything to fix."""
+    try:
+        return command()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{prog}: {problem}", file=sys.stderr)
+        return 1
+    except ClusteralertError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+
+
+def on_stop_signal(callback: Callable[[str], None]) -> None:
+    """Call ``callback(signal name)`` on SIGTERM and SIGINT instead of dying mid-publish."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        callback(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
