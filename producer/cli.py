@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="forward the spool to RabbitMQ until stopped")
     run.add_argument("--config", help="config file")
     run.add_argument("-v", "--verbose", action="store_true")
+    run.add_argument("--log-format", choices=("text", "json"), default="text")
     return parser
 
 
@@ -88,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     from producer.spool import Spool
     from shared.logs import setup_logging
 
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, args.log_format)
     config = load_config(args.config, sections=("producer", "broker"))
     stop = threading.Event()
     on_stop_signal(lambda name: stop.set())

@@ -36,6 +36,7 @@ __all__ = [
     "ProducerConfig",
     "SmtpRelay",
     "WorkerConfig",
+    "config_secrets",
     "load_config",
     "resolve_config_path",
 ]
@@ -156,6 +157,9 @@ class MetricsConfig:
 class WorkerConfig:
     prefetch: int = 32
     shutdown_grace: float = 30.0
+    # How long transient failures are retried through the retry ladder before the alert
+    # is dead-lettered, counted from its first failure.
+    retry_window: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +174,13 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     worker: WorkerConfig = WorkerConfig()
     warnings: tuple[Problem, ...] = ()
+
+
+def config_secrets(config: Config) -> list[Secret]:
+    """Every secret the config holds, for scrubbing text that leaves the process."""
+    secrets = [url.password for url in config.broker.urls]
+    secrets += [relay.password for relay in config.smtp]
+    return [s for s in secrets if s is not None]
 
 
 def resolve_config_path(cli_value: str | None) -> tuple[Path | None, bool]:
@@ -241,6 +252,7 @@ def parse_config(
         parts["worker"] = WorkerConfig(
             prefetch=worker.integer("prefetch", 32, low=1, high=10000),
             shutdown_grace=worker.number("shutdown_grace", 30.0, low=0, high=3600),
+            retry_window=worker.number("retry_window", 3600.0, low=0, high=7 * 86400),
         )
         worker.finish()
     root.skip(*SECTIONS)

@@ -1,17 +1,40 @@
-"""Log setup shared by the command-line programs: one line per record, on stderr."""
+"""Log setup shared by the command-line programs: one line per record, on stderr, as
+text or (``--log-format json``) as one JSON object per line for log shippers."""
 
 from __future__ import annotations
 
+import json
 import logging
+from datetime import UTC, datetime
+from typing import Literal
 
-__all__ = ["setup_logging"]
+__all__ = ["JsonFormatter", "setup_logging"]
+
+LogFormat = Literal["text", "json"]
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False)
+
+
+def setup_logging(verbose: bool = False, fmt: LogFormat = "text") -> None:
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
     # pika and amqp log every reconnect attempt at length; our own lines say what matters.
     for noisy in ("pika", "amqp", "kombu"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)

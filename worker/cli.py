@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import socket
 import sys
 import threading
 from collections.abc import Sequence
+from datetime import timedelta
 
 from shared.catalog import load_catalog, load_catalog_checked
 from shared.cli import on_stop_signal, report_errors
-from shared.config import Config, load_config
+from shared.config import Config, config_secrets, load_config
 from shared.errors import ConfigError, Problem
 from shared.logs import setup_logging
+from worker.dlq_cli import add_dlq_parser
 
 __all__ = ["main"]
 
@@ -34,8 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--metrics-port", type=int, help="override [metrics] port; 0 disables")
     run.add_argument("-v", "--verbose", action="store_true")
+    run.add_argument("--log-format", choices=("text", "json"), default="text")
     check = sub.add_parser("check-config", help="validate config and catalog")
     check.add_argument("--config", help="config file")
+    add_dlq_parser(sub)
     return parser
 
 
@@ -56,6 +61,12 @@ def _check_config(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def _dlq(args: argparse.Namespace) -> int:
+    from worker.dlq_cli import run_dlq
+
+    return run_dlq(args)
+
+
 def _run(args: argparse.Namespace) -> int:
     # Imported here so that check-config works without the worker extra's heavy imports.
     from prometheus_client import start_http_server
@@ -64,9 +75,10 @@ def _run(args: argparse.Namespace) -> int:
     from worker.metrics import Metrics
     from worker.pipeline import Pipeline
     from worker.render import Renderer
+    from worker.scrub import Scrubber
     from worker.send import Sender
 
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, args.log_format)
     config: Config = load_config(args.config, sections=WORKER_SECTIONS)
     for warning in config.warnings:
         log.warning("%s", warning)
@@ -81,7 +93,16 @@ def _run(args: argparse.Namespace) -> int:
     loop_thread = threading.Thread(target=loop.run_forever, name="smtp-loop", daemon=True)
     loop_thread.start()
     sender = Sender(config.smtp, metrics)
-    pipeline = Pipeline(catalog, config.filter, Renderer(config.mail), sender, metrics)
+    pipeline = Pipeline(
+        catalog,
+        config.filter,
+        Renderer(config.mail),
+        sender,
+        metrics,
+        retry_window=timedelta(seconds=config.worker.retry_window),
+        worker_name=socket.gethostname(),
+        scrub=Scrubber(config_secrets(config)),
+    )
     consumer = Consumer(
         config.broker,
         pipeline,
@@ -114,8 +135,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    command = _check_config if args.command == "check-config" else _run
-    return report_errors(PROG, lambda: command(args))
+    commands = {"run": _run, "check-config": _check_config, "dlq": _dlq}
+    return report_errors(PROG, lambda: commands[args.command](args))
 
 
 if __name__ == "__main__":

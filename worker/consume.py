@@ -30,6 +30,7 @@ from shared.topology import WORK_QUEUE
 from worker.declare import declare_topology
 from worker.metrics import Metrics
 from worker.pipeline import Outcome, Pipeline
+from worker.settle import SettleError, Settler
 
 __all__ = ["Consumer", "kombu_connection"]
 
@@ -90,6 +91,7 @@ class Consumer:
         self.shutdown_grace = shutdown_grace
         self._done: queue.SimpleQueue[Future[Outcome]] = queue.SimpleQueue()
         self._in_flight: dict[Future[Outcome], Any] = {}
+        self._settler: Settler | None = None
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, reconnecting with backoff when the broker goes
@@ -103,7 +105,12 @@ class Consumer:
                 log.info("connected to broker %s", connection.as_uri())
                 backoff = _MIN_BACKOFF
                 self._consume(connection, stop)
-            except (*connection.connection_errors, *connection.channel_errors, OSError) as exc:
+            except (
+                *connection.connection_errors,
+                *connection.channel_errors,
+                OSError,
+                SettleError,
+            ) as exc:
                 if _is_precondition_failed(exc):
                     raise TopologyMismatch(
                         f"broker has {WORK_QUEUE} or a related name with other arguments: {exc}"
@@ -124,6 +131,7 @@ class Consumer:
     def _consume(self, connection: Connection, stop: threading.Event) -> None:
         channel = connection.channel()
         declare_topology(channel)
+        self._settler = Settler(connection)
         channel.basic_qos(prefetch_size=0, prefetch_count=self.prefetch, a_global=False)
         consumer = KombuConsumer(
             channel,
@@ -163,7 +171,10 @@ class Consumer:
 
     def _on_message(self, message: Any) -> None:
         self.metrics.consumed.inc()
-        future = asyncio.run_coroutine_threadsafe(self.pipeline.handle(message.body), self.loop)
+        headers = dict(message.headers or {})
+        future = asyncio.run_coroutine_threadsafe(
+            self.pipeline.handle(message.body, headers), self.loop
+        )
         self._in_flight[future] = message
         future.add_done_callback(self._done.put)
 
@@ -179,14 +190,16 @@ class Consumer:
             try:
                 outcome = future.result()
             except Exception:
+                # Unacked it would hold a prefetch slot; requeued it could loop. The
+                # broker's delivery limit backs this up for what crashes the process.
                 log.exception("unexpected error handling a message; dead-lettering it")
-                outcome = Outcome("dead_letter", "render", "unexpected worker error")
-            if outcome.action == "ack":
-                message.ack()
-            else:
-                # The work queue dead-letters rejected messages to clusteralert.dead,
-                # at least once (x-dead-letter-strategy).
-                message.reject(requeue=False)
+                outcome = Outcome("dead_letter", "render", headers=message.headers)
+            assert self._settler is not None
+            self._settler.settle(message, outcome)
+            if outcome.action == "retry":
+                self.metrics.retries.labels("delayed").inc()
+            elif outcome.action == "dead_letter":
+                self.metrics.dead_lettered.labels(outcome.reason or "render").inc()
 
 
 def _is_precondition_failed(exc: BaseException) -> bool:

@@ -1,21 +1,33 @@
 """The worker's stages chained for one message: decode > filter > render > send. The
-result is an :class:`Outcome` that the consumer settles on the broker's thread."""
+result is an :class:`Outcome` that the settle stage carries out on the broker's thread.
+
+Every outcome is logged as one line with the event id, its module:event key, the attempt
+and the latency, so an operator can follow one alert through the logs.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from shared.catalog import Catalog
 from shared.config import FilterConfig
 from shared.errors import DeliveryError, InvalidEvent, PermanentError
-from shared.event import decode_event
+from shared.event import Event, decode_event
 from shared.filter import decide
 from worker.metrics import Metrics
 from worker.render import Renderer
+from worker.retry_policy import (
+    HEADER_REPLAYED,
+    DeadLetter,
+    RetryState,
+    decide_failure,
+    failure_headers,
+)
 from worker.send import Sender
 
 __all__ = ["Outcome", "Pipeline"]
@@ -25,12 +37,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What to do with the broker message. ``ack`` after a relay accepted the mail or the
-    event was filtered out; ``dead_letter`` when delivery is given up, with the reason."""
+    """What to do with the broker message: ``ack`` after a relay accepted the mail or the
+    event was filtered out; ``retry`` on the ladder rung ``rung``; ``dead_letter`` when
+    delivery is given up. ``headers`` are the message's headers for its next queue."""
 
-    action: Literal["ack", "dead_letter"]
+    action: Literal["ack", "retry", "dead_letter"]
     reason: str | None = None
-    detail: str = ""
+    rung: str | None = None
+    headers: Mapping[str, object] | None = None
 
 
 class Pipeline:
@@ -41,27 +55,37 @@ class Pipeline:
         renderer: Renderer,
         sender: Sender,
         metrics: Metrics,
+        *,
+        retry_window: timedelta = timedelta(hours=1),
+        worker_name: str = "",
+        scrub: Callable[[str], str] = lambda text: text,
     ):
         self.catalog = catalog
         self.filters = filters
         self.renderer = renderer
         self.sender = sender
         self.metrics = metrics
+        self.retry_window = retry_window
+        self.worker_name = worker_name
+        self.scrub = scrub
 
-    async def handle(self, body: bytes) -> Outcome:
+    async def handle(self, body: bytes, headers: Mapping[str, object] | None = None) -> Outcome:
         self.metrics.in_flight.inc()
         try:
-            return await self._handle(body)
+            return await self._handle(body, headers or {})
         finally:
             self.metrics.in_flight.dec()
 
-    async def _handle(self, body: bytes) -> Outcome:
+    async def _handle(self, body: bytes, headers: Mapping[str, object]) -> Outcome:
         started = time.monotonic()
+        state = RetryState.from_headers(headers)
+        if HEADER_REPLAYED in headers and state.attempts == 0:
+            self.metrics.replayed.inc()
         try:
             event = decode_event(body)
         except InvalidEvent as exc:
             self.metrics.failed.labels("invalid_event").inc()
-            return self._give_up(PermanentError("invalid_event", str(exc)), "?")
+            return self._fail(PermanentError("invalid_event", str(exc)), None, state, headers)
 
         decision = decide(event, self.catalog, self.filters)
         if not decision.mail:
@@ -77,26 +101,58 @@ class Pipeline:
         except Exception as exc:
             log.exception("event %s %s could not be rendered", event.id, event.key)
             self.metrics.failed.labels("render").inc()
-            return self._give_up(PermanentError("render", f"{type(exc).__name__}: {exc}"), event.id)
+            error = PermanentError("render", f"{type(exc).__name__}: {exc}")
+            return self._fail(error, event, state, headers)
 
         try:
             relay = await self.sender.send(mail)
         except DeliveryError as exc:
-            return self._give_up(exc, event.id)
+            return self._fail(exc, event, state, headers)
         latency = (datetime.now(UTC) - event.time).total_seconds()
         self.metrics.event_to_mail.observe(max(latency, 0.0))
         log.info(
-            "sent event %s %s level %s from %s via %s in %.3fs",
+            "sent event %s %s level %s from %s via %s, attempt %d, in %.3fs "
+            "(%.3fs after the event)",
             event.id,
             event.key,
             decision.level,
             event.node,
             relay,
+            state.attempts + 1,
             time.monotonic() - started,
+            latency,
         )
         return Outcome("ack")
 
-    def _give_up(self, error: DeliveryError, event_id: str) -> Outcome:
-        self.metrics.dead_lettered.labels(error.reason).inc()
-        log.error("dead-lettering event %s: %s", event_id, error)
-        return Outcome("dead_letter", error.reason, error.detail)
+    def _fail(
+        self,
+        error: DeliveryError,
+        event: Event | None,
+        state: RetryState,
+        headers: Mapping[str, object],
+    ) -> Outcome:
+        now = datetime.now(UTC)
+        step = decide_failure(error, state, now, self.retry_window)
+        detail = self.scrub(error.detail)
+        updated = failure_headers(
+            headers, error, state=state, now=now, worker=self.worker_name, detail=detail
+        )
+        what = f"event {event.id} {event.key}" if event else "undecodable event"
+        if isinstance(step, DeadLetter):
+            log.error(
+                "dead-lettering %s after %d attempt(s): %s: %s",
+                what,
+                state.attempts + 1,
+                error.reason,
+                detail,
+            )
+            return Outcome("dead_letter", step.reason, headers=updated)
+        log.warning(
+            "retry scheduled for %s in %s (attempt %d failed: %s: %s)",
+            what,
+            step.rung,
+            state.attempts + 1,
+            error.reason,
+            detail,
+        )
+        return Outcome("retry", error.reason, step.rung, updated)

@@ -1,0 +1,125 @@
+"""What happens to a message whose delivery failed: retry later, or give up.
+
+A small pure function over the failure and the message's retry headers, so the whole
+policy can be read, and tested, in one place. Transient failures climb the ladder of
+retry queues (fixed TTLs, see :mod:`shared.topology`) until the retry window since the
+first failure is used up; everything else is dead-lettered at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+from shared.errors import DeliveryError, TransientError
+from shared.topology import RETRY_DELAYS
+
+__all__ = [
+    "HEADER_ATTEMPTS",
+    "HEADER_CAUSE",
+    "HEADER_FIRST_FAILURE",
+    "HEADER_LAST_ERROR",
+    "HEADER_LAST_FAILURE",
+    "HEADER_REASON",
+    "HEADER_REPLAYED",
+    "HEADER_WORKER",
+    "DeadLetter",
+    "Retry",
+    "RetryState",
+    "decide_failure",
+    "failure_headers",
+]
+
+_PREFIX: Final = "x-clusteralert-"
+HEADER_ATTEMPTS: Final = _PREFIX + "attempts"
+HEADER_FIRST_FAILURE: Final = _PREFIX + "first-failure"
+HEADER_LAST_FAILURE: Final = _PREFIX + "last-failure"
+HEADER_REASON: Final = _PREFIX + "reason"
+HEADER_CAUSE: Final = _PREFIX + "tls-cause"
+HEADER_LAST_ERROR: Final = _PREFIX + "last-error"
+HEADER_WORKER: Final = _PREFIX + "worker"
+HEADER_REPLAYED: Final = _PREFIX + "replayed"
+_BROKER_HEADERS: Final = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryState:
+    """What the message's headers say about earlier failed rounds."""
+
+    attempts: int = 0
+    first_failure: datetime | None = None
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, object] | None) -> RetryState:
+        headers = headers or {}
+        attempts = headers.get(HEADER_ATTEMPTS, 0)
+        first = headers.get(HEADER_FIRST_FAILURE)
+        first_failure = None
+        if isinstance(first, str):
+            try:
+                first_failure = datetime.fromisoformat(first).astimezone(UTC)
+            except ValueError:
+                first_failure = None
+        # Headers are broker data: a garbled one must not stop the retry logic.
+        good_attempts = attempts if isinstance(attempts, int) and attempts >= 0 else 0
+        return cls(good_attempts, first_failure)
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    rung: str  # routing key on clusteralert.retry, e.g. "30s"
+    delay: timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    reason: str
+
+
+def decide_failure(
+    error: DeliveryError, state: RetryState, now: datetime, window: timedelta
+) -> Retry | DeadLetter:
+    """Retry a transient failure on the next rung while the window since the first
+    failure lasts; dead-letter anything else, and anything past the window."""
+    if not isinstance(error, TransientError):
+        return DeadLetter(error.reason)
+    first = state.first_failure or now
+    if now - first >= window:
+        return DeadLetter(error.reason)
+    # attempts counts earlier failed rounds; this failure is round attempts + 1.
+    suffix, ttl_ms = RETRY_DELAYS[min(state.attempts, len(RETRY_DELAYS) - 1)]
+    return Retry(suffix, timedelta(milliseconds=ttl_ms))
+
+
+def failure_headers(
+    headers: Mapping[str, object] | None,
+    error: DeliveryError,
+    *,
+    state: RetryState,
+    now: datetime,
+    worker: str,
+    detail: str,
+) -> dict[str, object]:
+    """The message's headers updated with this failure, for the retry queue or the DLQ.
+    ``detail`` is the error text with secrets already scrubbed."""
+    # The broker's own bookkeeping (x-death, x-first-death-*, x-delivery-count) would grow
+    # with every round trip through the ladder; our headers carry what matters.
+    updated = {k: v for k, v in (headers or {}).items() if not k.startswith(_BROKER_HEADERS)}
+    updated.update(
+        {
+            HEADER_ATTEMPTS: state.attempts + 1,
+            HEADER_FIRST_FAILURE: (state.first_failure or now).isoformat(),
+            HEADER_LAST_FAILURE: now.isoformat(),
+            HEADER_REASON: error.reason,
+            HEADER_LAST_ERROR: detail[:500],
+            HEADER_WORKER: worker,
+        }
+    )
+    cause = getattr(error, "cause", None)
+    if cause:
+        updated[HEADER_CAUSE] = cause
+    else:
+        updated.pop(HEADER_CAUSE, None)
+    return updated
