@@ -128,6 +128,8 @@ class SmtpRelay:
     ca_file: Path | None = None
     timeout: float = 30.0
     max_connections: int = 4
+    # After 3 failures in a row the relay is skipped this long, unless no relay is left.
+    cooldown: float = 30.0
 
     @property
     def label(self) -> str:
@@ -367,6 +369,7 @@ class _Reader:
             ca_file=self._path(t, "ca_file"),
             timeout=t.number("timeout", 30.0, low=0.1, high=600),
             max_connections=t.integer("max_connections", 4, low=1, high=100),
+            cooldown=t.number("cooldown", 30.0, low=0, high=3600),
         )
         t.finish()
         return relay

@@ -40,8 +40,28 @@ class _Handler:
     received: list[Received] = field(default_factory=list)
     condition: threading.Condition = field(default_factory=threading.Condition)
     connections: int = 0
+    # Fault injection: replies used (and consumed) for the next DATA commands instead of
+    # accepting, a delay before each DATA reply, and per-recipient RCPT replies.
+    data_replies: list[str] = field(default_factory=list)
+    data_delay: float = 0.0
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    data_commands: int = 0
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        reply = self.rcpt_replies.get(address)
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.data_commands += 1
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
+        if self.data_replies:
+            return self.data_replies.pop(0)
         auth = session.auth_data
         # session.ssl covers STARTTLS; implicit TLS shows only on the transport.
         transport = server.transport
@@ -74,6 +94,7 @@ class SmtpServer:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.AbstractServer | None = None
+        self._protocols: list[SMTP] = []
 
     @property
     def received(self) -> list[Received]:
@@ -100,7 +121,7 @@ class SmtpServer:
     def _protocol(self) -> SMTP:
         self.handler.connections += 1
         starttls = self.mode == "starttls"
-        return SMTP(
+        protocol = SMTP(
             self.handler,
             hostname="relay.test",
             # aiosmtpd offers STARTTLS exactly when it has a context for it.
@@ -110,17 +131,41 @@ class SmtpServer:
             auth_required=self.credentials is not None,
             auth_require_tls=self.mode != "plain",
         )
+        self._protocols.append(protocol)
+        return protocol
 
     def start(self) -> SmtpServer:
         self._thread.start()
+        self._listen()
+        return self
+
+    def _listen(self) -> None:
         ssl_arg = self.tls_context if self.mode == "smtps" else None
 
         async def serve() -> asyncio.AbstractServer:
-            return await self._loop.create_server(self._protocol, "127.0.0.1", 0, ssl=ssl_arg)
+            return await self._loop.create_server(
+                self._protocol, "127.0.0.1", self.port, ssl=ssl_arg, reuse_address=True
+            )
 
         self._server = asyncio.run_coroutine_threadsafe(serve(), self._loop).result(10)
         self.port = self._server.sockets[0].getsockname()[1]
-        return self
+
+    def go_down(self) -> None:
+        """Stop listening and drop every open connection: the relay is gone."""
+
+        async def down() -> None:
+            assert self._server is not None
+            self._server.close()
+            for protocol in self._protocols:
+                if protocol.transport is not None:
+                    protocol.transport.abort()
+            self._protocols.clear()
+
+        asyncio.run_coroutine_threadsafe(down(), self._loop).result(10)
+
+    def come_back(self) -> None:
+        """Listen again on the same port."""
+        self._listen()
 
     def stop(self) -> None:
         async def shutdown() -> None:

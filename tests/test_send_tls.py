@@ -4,6 +4,7 @@ verified TLS unless plaintext was chosen, and refusals are counted."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,11 +27,11 @@ pytestmark = pytest.mark.integration
 ServerFactory = Callable[..., SmtpServer]
 
 
-def make_mail() -> Mail:
+def make_mail(to: tuple[str, ...] = ("ops@example.com",)) -> Mail:
     event = new_event(
         module="rm", event_id=9, cluster="c", node="n", source="t", level="error", text="boom"
     )
-    config = MailConfig(sender="cluster@example.com", to=("ops@example.com",))
+    config = MailConfig(sender="cluster@example.com", to=to)
     return Renderer(config).render(event, Decision(True, "error", None, None, "test"))
 
 
@@ -46,11 +47,18 @@ def relay(server: SmtpServer | None, certs: Certs, **overrides: object) -> SmtpR
     return SmtpRelay(**fields)  # type: ignore[arg-type]
 
 
-def send(*relays: SmtpRelay, mail: Mail | None = None) -> tuple[Metrics, str | BaseException]:
+def send_with(
+    *relays: SmtpRelay,
+    mail: Mail | None = None,
+    retry_budget: float = 0.5,
+    max_attempts: int = 2,
+) -> tuple[Metrics, str | BaseException]:
+    """Send one mail through a fresh sender; returns its metrics and the relay label or
+    the exception."""
     from worker.send import Sender
 
     metrics = Metrics([r.label for r in relays])
-    sender = Sender(relays, metrics, retry_budget=0.5, max_attempts=2)
+    sender = Sender(relays, metrics, retry_budget=retry_budget, max_attempts=max_attempts)
 
     async def go() -> str | BaseException:
         try:
@@ -61,6 +69,10 @@ def send(*relays: SmtpRelay, mail: Mail | None = None) -> tuple[Metrics, str | B
             await sender.close()
 
     return metrics, asyncio.run(go())
+
+
+def send(*relays: SmtpRelay, mail: Mail | None = None) -> tuple[Metrics, str | BaseException]:
+    return send_with(*relays, mail=mail)
 
 
 def value(metrics: Metrics, name: str, **labels: str) -> float:
@@ -186,3 +198,86 @@ def test_attempt_classification_after_all_relays() -> None:
     assert combine_attempts([tls, transient, permanent]) is transient
     assert combine_attempts([tls, TlsRefusedError("verify", "y")]) is tls
     assert combine_attempts([tls, permanent]) is permanent
+
+
+def test_451_twice_then_accepted_is_delivered_with_retries_counted(
+    smtp_server: ServerFactory, certs: Certs
+) -> None:
+    server = smtp_server("starttls")
+    server.handler.data_replies = ["451 4.3.0 try later", "451 4.3.0 try later"]
+    config = relay(server, certs)
+    metrics, result = send_with(config, retry_budget=10, max_attempts=4)
+    assert result == config.label
+    assert len(server.received) == 1
+    assert server.handler.data_commands == 3
+    assert value(metrics, "clusteralert_retries_total", stage="inprocess") == 2
+    assert value(metrics, "clusteralert_mails_failed_total", reason="rejected_4xx") == 2
+    assert value(metrics, "clusteralert_mails_sent_total", relay=config.label) == 1
+
+
+def test_550_is_permanent_and_not_retried(smtp_server: ServerFactory, certs: Certs) -> None:
+    server = smtp_server("starttls")
+    server.handler.data_replies = ["550 5.7.1 rejected by policy"]
+    metrics, result = send_with(relay(server, certs), retry_budget=10, max_attempts=4)
+    assert isinstance(result, PermanentError) and result.reason == "rejected_5xx"
+    assert server.handler.data_commands == 1
+    assert value(metrics, "clusteralert_retries_total", stage="inprocess") == 0
+
+
+def test_some_recipients_refused_still_counts_as_sent(
+    smtp_server: ServerFactory, certs: Certs
+) -> None:
+    server = smtp_server("starttls")
+    server.handler.rcpt_replies = {"gone@example.com": "550 5.1.1 no such user"}
+    mail = make_mail(to=("ops@example.com", "gone@example.com"))
+    metrics, result = send_with(relay(server, certs), mail=mail)
+    assert result == f"127.0.0.1:{server.port}"
+    [received] = server.received
+    assert received.rcpt_tos == ["ops@example.com"]
+    assert value(metrics, "clusteralert_recipients_refused_total") == 1
+    assert value(metrics, "clusteralert_retries_total", stage="inprocess") == 0
+
+
+def test_a_dropped_idle_connection_is_reopened_without_a_failure(
+    smtp_server: ServerFactory, certs: Certs
+) -> None:
+    from worker.send import Sender
+
+    server = smtp_server("starttls")
+    config = relay(server, certs, max_connections=1)
+    metrics = Metrics([config.label])
+    sender = Sender([config], metrics)
+
+    async def go() -> None:
+        await sender.send(make_mail())
+        # The relay closes the idle connection (as relays do after a timeout), then
+        # listens again before the next mail.
+        server.go_down()
+        server.come_back()
+        await sender.send(make_mail())
+        await sender.close()
+
+    asyncio.run(go())
+    assert len(server.received) == 2
+    for reason in ("connect", "disconnected"):
+        assert value(metrics, "clusteralert_mails_failed_total", reason=reason) == 0
+    assert value(metrics, "clusteralert_retries_total", stage="inprocess") == 0
+
+
+def test_a_failing_relay_sits_out_its_cooldown(smtp_server: ServerFactory, certs: Certs) -> None:
+    from worker.send import Sender
+
+    backup = smtp_server("starttls")
+    dead = relay(None, certs, cooldown=60.0)
+    metrics = Metrics([dead.label])
+    sender = Sender([dead, relay(backup, certs)], metrics)
+
+    async def go() -> None:
+        for _ in range(6):
+            await sender.send(make_mail())
+        await sender.close()
+
+    asyncio.run(go())
+    assert len(backup.received) == 6
+    # Three failures start the cool-down; the next three mails skip the dead relay.
+    assert sender.relays[0].cooling_down(time.monotonic())

@@ -39,6 +39,24 @@ class Relay:
         )
         self._idle: list[aiosmtplib.SMTP] = []
         self._slots: asyncio.Semaphore | None = None
+        self._failures = 0
+        self._cooldown_until = 0.0
+
+    def cooling_down(self, now: float) -> bool:
+        return now < self._cooldown_until
+
+    def note_failure(self, now: float, threshold: int = 3) -> bool:
+        """Count a failure; True when this one starts a cool-down."""
+        self._failures += 1
+        if self._failures >= threshold and self.config.cooldown > 0:
+            self._failures = 0
+            self._cooldown_until = now + self.config.cooldown
+            return True
+        return False
+
+    def note_success(self) -> None:
+        self._failures = 0
+        self._cooldown_until = 0.0
 
     async def send(self, mail: Mail) -> dict[str, str]:
         """Deliver ``mail``; returns the recipients the relay refused while accepting the

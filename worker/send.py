@@ -26,6 +26,8 @@ from worker.render import Mail
 
 __all__ = ["Sender"]
 
+COOLDOWN_AFTER = 3  # consecutive failures before a relay sits out its cool-down
+
 log = logging.getLogger(__name__)
 
 
@@ -65,7 +67,11 @@ class Sender:
 
     async def _attempt(self, mail: Mail) -> str:
         errors: list[DeliveryError] = []
-        for relay in self.relays:
+        now = time.monotonic()
+        # A relay that keeps failing sits out its cool-down, but when every relay is
+        # cooling down they are all tried: skipping them all would only delay the alert.
+        relays = [r for r in self.relays if not r.cooling_down(now)] or self.relays
+        for relay in relays:
             started = time.monotonic()
             try:
                 refused = await relay.send(mail)
@@ -74,7 +80,15 @@ class Sender:
                 if isinstance(exc, TlsRefusedError):
                     self.metrics.tls_refused.labels(exc.cause).inc()
                 log.warning("event %s: relay %s failed: %s", mail.event_id, relay.label, exc)
+                if relay.note_failure(time.monotonic(), COOLDOWN_AFTER):
+                    log.warning(
+                        "relay %s failed %d times in a row; skipping it for %.0fs",
+                        relay.label,
+                        COOLDOWN_AFTER,
+                        relay.config.cooldown,
+                    )
                 continue
+            relay.note_success()
             self.metrics.send_duration.labels(relay.label).observe(time.monotonic() - started)
             self.metrics.sent.labels(relay.label).inc()
             if refused:
