@@ -4,13 +4,13 @@ real STARTTLS relay with AUTH. Exactly the reported events must arrive, over TLS
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, Certs, Process, amqp_url, free_port, scrape, wait_metric
+from tests.conftest import Certs, Process, amqp_url, scrape, wait_metric
+from tests.pipeline import SMTP_PASSWORD, emit, start_worker, write_config
 from tests.smtpserver import SmtpServer
 
 pytestmark = pytest.mark.integration
@@ -31,58 +31,11 @@ EVENTS: list[tuple[str, int, list[str], bool]] = [
 ]
 
 
-def write_config(tmp_path: Path, vhost: str, relay: SmtpServer, certs: Certs) -> Path:
-    (tmp_path / "smtp_password").write_text("relay-secret\n")
-    (tmp_path / "amqp_password").write_text("guest\n")
-    config = tmp_path / "clusteralert.toml"
-    config.write_text(f"""
-[broker]
-urls = ["{amqp_url(vhost, password=False)}"]
-password_file = "amqp_password"
-
-[producer]
-spool_dir = "spool"
-cluster = "prod-cluster"
-
-[mail]
-from = "cluster@example.com"
-to = ["ops@example.com", "oncall@example.com"]
-charset = "iso-2022-jp"
-
-[[smtp]]
-host = "127.0.0.1"
-port = {relay.port}
-security = "starttls"
-username = "alert"
-password_file = "smtp_password"
-ca_file = "{certs.ca_file}"
-
+FILTERS = """
 [filter]
 min_level = "warning"
 disable = ["group:2"]
-""")
-    return config
-
-
-def start_worker(processes: Callable[..., Process], config: Path) -> tuple[Process, int]:
-    """``clusteralert-worker run`` as the README says, ready once it is consuming."""
-    port = free_port()
-    worker = processes(
-        "clusteralert-worker", "run", "--config", str(config), "--metrics-port", str(port)
-    )
-    wait_metric(port, "clusteralert_broker_connected", lambda v: v == 1, 30)
-    return worker, port
-
-
-def emit(config: Path, *args: str) -> str:
-    result = subprocess.run(
-        [str(BIN / "clusteralert-producer"), "emit", "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+"""
 
 
 def test_emitted_events_arrive_as_tls_mail_exactly_when_reported(
@@ -92,8 +45,8 @@ def test_emitted_events_arrive_as_tls_mail_exactly_when_reported(
     smtp_server: Callable[..., SmtpServer],
     processes: Callable[..., Process],
 ) -> None:
-    relay = smtp_server("starttls", credentials=("alert", "relay-secret"))
-    config = write_config(tmp_path, vhost, relay, certs)
+    relay = smtp_server("starttls", credentials=("alert", SMTP_PASSWORD))
+    config = write_config(tmp_path, vhost, [relay], certs, extra=FILTERS, charset="iso-2022-jp")
     worker, port = start_worker(processes, config)
     producer = processes("clusteralert-producer", "run", "--config", str(config))
 
@@ -137,40 +90,9 @@ def test_emitted_events_arrive_as_tls_mail_exactly_when_reported(
     exposition = "\n".join(metrics)
     for process in (worker, producer):
         assert process.stop() == 0
-        assert "relay-secret" not in process.output()
-    assert "relay-secret" not in exposition
+        assert SMTP_PASSWORD not in process.output()
+    assert SMTP_PASSWORD not in exposition
     assert not list((tmp_path / "spool").glob("*.json"))
-
-
-def test_relay_without_starttls_gets_nothing_and_the_event_is_dead_lettered(
-    tmp_path: Path,
-    vhost: str,
-    certs: Certs,
-    smtp_server: Callable[..., SmtpServer],
-    processes: Callable[..., Process],
-) -> None:
-    import pika
-
-    relay = smtp_server("starttls", context=None)  # offers no STARTTLS, would take plaintext
-    config = write_config(tmp_path, vhost, relay, certs)
-    config.write_text(
-        config.read_text()
-        .replace('username = "alert"\n', "")
-        .replace('password_file = "smtp_password"\n', "")
-    )
-    _, port = start_worker(processes, config)
-    processes("clusteralert-producer", "run", "--config", str(config))
-    event_id = emit(config, "--module", "node", "--event-id", "1", "--param", "server=db1")
-    wait_metric(port, 'clusteralert_tls_refused_total{cause="not_offered"}', lambda v: v >= 1, 30)
-    wait_metric(
-        port, 'clusteralert_dead_lettered_total{reason="tls_refused"}', lambda v: v == 1, 30
-    )
-    assert relay.received == []
-    with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
-        channel = connection.channel()
-        method, properties, body = channel.basic_get("clusteralert.dead", auto_ack=True)
-    assert method is not None, "the refused alert must wait in the DLQ, not vanish"
-    assert properties.message_id == event_id
 
 
 def test_a_malformed_event_is_dead_lettered_and_the_worker_goes_on(
@@ -182,8 +104,8 @@ def test_a_malformed_event_is_dead_lettered_and_the_worker_goes_on(
 ) -> None:
     import pika
 
-    relay = smtp_server("starttls", credentials=("alert", "relay-secret"))
-    config = write_config(tmp_path, vhost, relay, certs)
+    relay = smtp_server("starttls", credentials=("alert", SMTP_PASSWORD))
+    config = write_config(tmp_path, vhost, [relay], certs, extra=FILTERS, charset="iso-2022-jp")
     _, port = start_worker(processes, config)
     good = (
         b'{"v":1,"id":"6f1c7f4e-4b7e-4a8e-9d55-0f4c3bfe2a10","time":"2026-11-26T03:00:00Z",'
