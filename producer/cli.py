@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
-import threading
 from collections.abc import Sequence
 
 from shared.cli import on_stop_signal, report_errors
@@ -91,9 +90,9 @@ def _run(args: argparse.Namespace) -> int:
 
     setup_logging(args.verbose, args.log_format)
     config = load_config(args.config, sections=("producer", "broker"))
-    stop = threading.Event()
-    on_stop_signal(lambda name: stop.set())
-    Forwarder(Spool(config.producer.spool_dir), config.broker, stop.is_set).run()
+    forwarder = Forwarder(Spool(config.producer.spool_dir), config.broker)
+    on_stop_signal(lambda name: forwarder.stop())
+    forwarder.run()
     return 0
 
 

@@ -13,8 +13,8 @@ import logging
 import random
 import socket
 import ssl
+import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ import pika.exceptions
 from producer.spool import Spool
 from producer.watch import SpoolWatcher
 from shared.config import BrokerConfig
-from shared.errors import InvalidEvent
 from shared.event import decode_event, routing_key
 from shared.tls import client_context
 from shared.topology import EVENTS_EXCHANGE
@@ -84,31 +83,38 @@ class Forwarder:
         self,
         spool: Spool,
         broker: BrokerConfig,
-        should_stop: Callable[[], bool] = lambda: False,
         *,
         max_backoff: float = _MAX_BACKOFF,
+        tick: float = _TICK,
     ):
         self.spool = spool
         self.broker = broker
-        self.should_stop = should_stop
+        self._stop = threading.Event()
+        self._watcher: SpoolWatcher | None = None
         self.published = 0
         self.held_back = 0  # times the spool head could not be published yet
+        self.passes = 0  # complete passes over the spool
         self._connection: Any = None
         self._channel: Any = None
         self._backoff = _MIN_BACKOFF
         self._max_backoff = max_backoff
+        self._tick = tick
 
     def run(self) -> None:
-        """Forward until ``should_stop`` says so, surviving broker outages."""
+        """Forward until :meth:`stop`, surviving broker outages."""
         self.spool.ensure()
-        watcher = SpoolWatcher(self.spool.directory)
+        watcher = self._watcher = SpoolWatcher(self.spool.directory)
+        if self._stop.is_set():
+            watcher.close()
+            return
         retry_at = 0.0
         try:
-            while not self.should_stop():
+            while not self._stop.is_set():
                 if time.monotonic() >= retry_at:
                     try:
                         self._ensure_channel()
                         self._forward_pending()
+                        self.passes += 1
                         self._backoff = _MIN_BACKOFF
                         retry_at = 0.0
                     except _Blocked as exc:
@@ -118,11 +124,17 @@ class Forwarder:
                         self._drop_connection()
                         retry_at = self._schedule_retry(f"broker unreachable: {_describe(exc)}")
                 # Idle ticks rescan the spool too, which also covers missed notifications.
-                watcher.wait(_TICK)
+                watcher.wait(self._tick)
                 self._service_heartbeats()
         finally:
             watcher.close()
             self._drop_connection()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return soon; safe from a signal handler or another thread."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.wake()
 
     def _schedule_retry(self, why: str) -> float:
         delay = self._backoff * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not crypto
@@ -161,7 +173,7 @@ class Forwarder:
 
     def _forward_pending(self) -> None:
         for path in self.spool.pending():
-            if self.should_stop():
+            if self._stop.is_set():
                 return
             self._forward_one(path)
 
@@ -170,13 +182,14 @@ class Forwarder:
             body = path.read_bytes()
         except FileNotFoundError:
             return  # another forwarder instance already sent it
+        except OSError as exc:
+            # e.g. a file written by another user with no read permission for us: keep it
+            # and keep going with backoff rather than crash-looping on the oldest file.
+            raise _Blocked(f"cannot read spool file {path.name}: {exc.strerror}") from None
         try:
             event = decode_event(body)
-        except InvalidEvent as exc:
-            target = self.spool.reject(path)
-            log.error(
-                "spool file %s is not a valid event (%s); moved to %s", path.name, exc, target
-            )
+        except Exception as exc:
+            self._set_aside(path, exc)
             return
         properties = pika.BasicProperties(
             content_type="application/json",
@@ -201,9 +214,28 @@ class Forwarder:
                 f"broker closed the channel ({exc.reply_code} {exc.reply_text}); "
                 f"event {event.id} kept in spool"
             ) from None
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            # Published but not removable: it will be sent again (a duplicate with the same
+            # Message-ID), which beats stopping the node's alerts.
+            raise _Blocked(f"cannot remove forwarded {path.name}: {exc.strerror}") from None
         self.published += 1
         log.info("forwarded event %s %s from %s", event.id, event.key, path.name)
+
+    def _set_aside(self, path: Path, error: BaseException) -> None:
+        try:
+            target = self.spool.reject(path)
+        except OSError as exc:
+            raise _Blocked(
+                f"cannot set aside invalid spool file {path.name}: {exc.strerror}"
+            ) from None
+        log.error(
+            "spool file %s is not a valid event (%s); moved to %s",
+            path.name,
+            _describe(error),
+            target,
+        )
 
 
 def _describe(exc: BaseException) -> str:

@@ -7,6 +7,7 @@ so once in the log, rather than failing.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -29,6 +30,9 @@ _FALLBACK_POLL: Final = 0.2
 class SpoolWatcher:
     def __init__(self, directory: Path):
         self._fd = -1
+        # A self-pipe, so that a stop request (even from a signal handler) ends a wait
+        # at once instead of after the idle tick.
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
             fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
@@ -45,24 +49,40 @@ class SpoolWatcher:
                 "inotify unavailable (%s); polling the spool every %.1fs", exc, _FALLBACK_POLL
             )
 
+    @property
+    def uses_inotify(self) -> bool:
+        return self._fd >= 0
+
     def wait(self, timeout: float) -> bool:
-        """Block until the spool changes or ``timeout`` passes. True if it changed (a
-        poll fallback always says it may have)."""
+        """Block until the spool changes, :meth:`wake` is called, or ``timeout`` passes.
+        True if it may have changed (the poll fallback always says so)."""
         if self._fd < 0:
-            select.select([], [], [], min(timeout, _FALLBACK_POLL))
+            ready, _, _ = select.select([self._wake_r], [], [], min(timeout, _FALLBACK_POLL))
+            _drain(self._wake_r)
             return True
-        ready, _, _ = select.select([self._fd], [], [], timeout)
-        if not ready:
+        ready, _, _ = select.select([self._fd, self._wake_r], [], [], timeout)
+        _drain(self._wake_r)
+        if self._fd not in ready:
             return False
-        # Drain the event records; the forwarder rescans the directory anyway.
-        try:
-            while os.read(self._fd, 65536):
-                pass
-        except BlockingIOError:
-            pass
+        # The records themselves do not matter: the forwarder rescans the directory.
+        _drain(self._fd)
         return True
 
+    def wake(self) -> None:
+        """End the current or next :meth:`wait` early. Safe in a signal handler."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"x")
+
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        for fd in (self._fd, self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._wake_r = self._wake_w = -1
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 65536):
+            pass
+    except BlockingIOError:
+        pass

@@ -62,7 +62,8 @@ DEFAULT_SUBJECT: Final = "[{level}] {cluster} {node}: {message}"
 
 # Deliberately strict: addresses come from the operator's config, and anything exotic
 # (display names, CR/LF, several addresses in one string) is more likely a mistake.
-_ADDRESS_RE: Final = re.compile(r"[^@\s<>,;:\"()\[\]\\]+@[A-Za-z0-9.-]+")
+# Printable ASCII only: the mail head is ASCII, and SMTPUTF8 is not supported.
+_ADDRESS_RE: Final = re.compile(r"[!#-'*+\-/-9=?A-Z^-~]+@[A-Za-z0-9.-]+")
 _KEY_PATTERN_RE: Final = re.compile(r"[a-z0-9_*?-]+:[0-9*?]+")
 
 
@@ -410,8 +411,9 @@ def _parse_broker_url(raw: str, where: str, problems: list[Problem]) -> BrokerUr
     try:
         parts = urlsplit(raw)
         port = parts.port
-    except ValueError as exc:
-        bad(f"not a valid URL ({exc})")
+    except ValueError:
+        # The parser's message can quote part of the password; never show it.
+        bad("not a valid URL (percent-encode special characters in the password)")
         return None
     if parts.scheme not in ("amqp", "amqps"):
         bad(f"scheme must be amqp or amqps, got {parts.scheme!r:.20}")

@@ -43,6 +43,7 @@ MAX_NAME_CHARS: Final = 255  # cluster, node
 MAX_PARAM_BYTES: Final = 4 * 1024
 MAX_TEXT_BYTES: Final = 16 * 1024
 MAX_SOURCE_CHARS: Final = 32
+MAX_EVENT_ID: Final = 2**63 - 1  # an AMQP/JSON-safe integer, and a short header
 
 MODULE_RE: Final = re.compile(r"[a-z0-9_-]{1,32}")
 # Params are referenced from catalog texts as {name}, so keys must be placeholder-safe.
@@ -127,19 +128,38 @@ def _format_time(value: datetime) -> str:
 def _parse_time(value: str) -> datetime:
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError:
+        if parsed.tzinfo is None:
+            raise InvalidEvent(f"time: timestamp has no UTC offset: {value[:40]!r}")
+        # Near datetime's limits the conversion overflows: still only a bad timestamp.
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise InvalidEvent(f"time: not an RFC 3339 timestamp: {value[:40]!r}") from None
-    if parsed.tzinfo is None:
-        raise InvalidEvent(f"time: timestamp has no UTC offset: {value[:40]!r}")
-    return parsed.astimezone(UTC)
 
 
-def _as_level(value: object, where: str) -> Level | None:
-    if value is None:
+# Levels other sources use, mapped onto ours. Anything else is dropped rather than
+# refused: the level is optional and the catalog's level wins anyway.
+_LEVEL_ALIASES: Final = {
+    "warn": "warning",
+    "notice": "info",
+    "debug": "info",
+    "err": "error",
+    "crit": "error",
+    "critical": "error",
+    "alert": "error",
+    "emerg": "error",
+    "fatal": "error",
+}
+
+
+def _as_level(value: object) -> Level | None:
+    if not isinstance(value, str):
         return None
-    if value not in LEVELS:
-        raise InvalidEvent(f"{where}: expected one of {', '.join(LEVELS)}, got {value!r:.40}")
-    return value
+    lowered = value.strip().lower()
+    lowered = _LEVEL_ALIASES.get(lowered, lowered)
+    for level in LEVELS:
+        if lowered == level:
+            return level
+    return None
 
 
 def _check_params(params: Mapping[str, object]) -> dict[str, str]:
@@ -199,8 +219,14 @@ def new_event(
     Raises :class:`InvalidEvent` for structural faults, cleans everything else."""
     if not MODULE_RE.fullmatch(module):
         raise InvalidEvent(f"module: {module[:40]!r} must match [a-z0-9_-]{{1,32}}")
-    if isinstance(event_id, bool) or not isinstance(event_id, int) or event_id < 0:
-        raise InvalidEvent(f"event_id: expected an integer >= 0, got {event_id!r:.40}")
+    if (
+        isinstance(event_id, bool)
+        or not isinstance(event_id, int)
+        or not 0 <= event_id <= MAX_EVENT_ID
+    ):
+        raise InvalidEvent(
+            f"event_id: expected an integer from 0 to {MAX_EVENT_ID}, got {str(event_id)[:40]}"
+        )
     event = Event(
         id=str(uuid.UUID(id)) if id else str(uuid.uuid4()),
         time=(time or datetime.now(UTC)).astimezone(UTC),
@@ -209,7 +235,7 @@ def new_event(
         module=module,
         event_id=event_id,
         source=_clean_name(source, MAX_SOURCE_CHARS),
-        level=_as_level(level, "level"),
+        level=_as_level(level),
         text=None if text is None else clean_text(text, MAX_TEXT_BYTES),
     )
     return _fit(event, _check_params(params or {}))
@@ -264,8 +290,9 @@ def decode_event(raw: bytes) -> Event:
     text = raw.decode("utf-8", errors="replace")
     try:
         doc = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise InvalidEvent(f"not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and integers beyond Python's digit limit.
+        raise InvalidEvent(f"not JSON: {str(exc)[:200]}") from None
     if not isinstance(doc, dict):
         raise InvalidEvent(f"expected a JSON object, got {type(doc).__name__}")
     version = _require(doc, "v", int)
@@ -287,7 +314,7 @@ def decode_event(raw: bytes) -> Event:
         module=_require(doc, "module", str),
         event_id=_require(doc, "event_id", int),
         source=_require(doc, "source", str),
-        level=_optional_str(doc, "level"),
+        level=level if isinstance(level := doc.get("level"), str) else None,
         params=params,
         text=_optional_str(doc, "text"),
     )

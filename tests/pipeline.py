@@ -107,13 +107,24 @@ def publish_events(vhost: str, count: int, module: str = "node", event_id: int =
         channel.confirm_delivery()
         for i in range(count):
             event_uuid = str(uuid.uuid4())
-            body = json.dumps({
-                "v": 1, "id": event_uuid, "time": datetime.now(UTC).isoformat(),
-                "cluster": "c", "node": f"n{i % 7}", "module": module, "event_id": event_id,
-                "params": {"server": f"srv{i}"}, "source": "test",
-            }).encode()
+            body = json.dumps(
+                {
+                    "v": 1,
+                    "id": event_uuid,
+                    "time": datetime.now(UTC).isoformat(),
+                    "cluster": "c",
+                    "node": f"n{i % 7}",
+                    "module": module,
+                    "event_id": event_id,
+                    "params": {"server": f"srv{i}"},
+                    "source": "test",
+                }
+            ).encode()
             channel.basic_publish(
-                "clusteralert.events", f"{module}.{event_id}.n", body, mandatory=True,
+                "clusteralert.events",
+                f"{module}.{event_id}.n",
+                body,
+                mandatory=True,
                 properties=pika.BasicProperties(delivery_mode=2, message_id=event_uuid),
             )
             ids.append(event_uuid)

@@ -113,6 +113,22 @@ def test_inline_smtp_password_and_missing_secret_file(tmp_path: Path) -> None:
     assert not any("hunter2" in p for p in found)
 
 
+def test_a_malformed_url_does_not_leak_its_password(tmp_path: Path) -> None:
+    found = problems(
+        '[broker]\nurls = ["amqp://user:s3cr/3t@host/"]\n', tmp_path, sections=("broker",)
+    )
+    assert found == [
+        "broker.urls[0]: not a valid URL (percent-encode special characters in the password)"
+    ]
+
+
+def test_non_ascii_addresses_are_refused(tmp_path: Path) -> None:
+    found = problems(
+        '[mail]\nfrom = "alertü@example.com"\nto = "o@x.y"\n[[smtp]]\nhost="h"\n', tmp_path
+    )
+    assert any(p.startswith("mail.from: not a plain e-mail address") for p in found)
+
+
 def test_broker_url_errors_do_not_echo_the_url(tmp_path: Path) -> None:
     found = problems('[broker]\nurls = ["http://u:topsecret@h/"]\n', tmp_path, sections=("broker",))
     assert found == ["broker.urls[0]: scheme must be amqp or amqps, got 'http'"]

@@ -62,13 +62,14 @@ def test_time_is_normalised_to_utc() -> None:
         ({"module": ...}, "module: missing"),
         ({"event_id": "9"}, "event_id: expected int, got str"),
         ({"event_id": True}, "event_id: expected int, got bool"),
-        ({"event_id": -1}, "event_id: expected an integer >= 0"),
+        ({"event_id": -1}, "event_id: expected an integer from 0 to"),
+        ({"event_id": 2**63}, "event_id: expected an integer from 0 to"),
+        ({"time": "9999-12-31T23:59:59-01:00"}, "time: not an RFC 3339 timestamp"),
         ({"module": "RM"}, "module: 'RM' must match"),
         ({"params": ["a"]}, "params: expected object, got list"),
         ({"params": {"a": 1}}, "params.a: expected a string, got int"),
         ({"params": {"bad key": "x"}}, "params: key 'bad key'"),
         ({"params": {f"k{i}": "x" for i in range(65)}}, "params: 65 keys, at most 64"),
-        ({"level": "fatal"}, "level: expected one of info, warning, error"),
         ({"time": "yesterday"}, "time: not an RFC 3339 timestamp"),
         ({"time": "2026-11-26T03:00:00"}, "time: timestamp has no UTC offset"),
         ({"id": "not-a-uuid"}, "id: not a UUID"),
@@ -83,6 +84,18 @@ def test_structural_faults_are_refused_with_a_reason(
         decode_event(wire(**overrides))
     assert reason in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_unknown_levels_are_mapped_or_dropped_not_refused() -> None:
+    assert decode_event(wire(level="FATAL")).level == "error"
+    assert decode_event(wire(level="warn")).level == "warning"
+    assert decode_event(wire(level="bogus")).level is None
+    assert decode_event(wire(level=3)).level is None
+
+
+def test_a_number_too_long_to_parse_is_an_invalid_event() -> None:
+    with pytest.raises(InvalidEvent, match="not JSON"):
+        decode_event(wire(event_id=0).replace(b'"event_id": 0', b'"event_id": ' + b"9" * 5000))
 
 
 def test_not_json_and_not_an_object() -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from producer.forward import Forwarder
 from producer.spool import Spool
+from producer.watch import SpoolWatcher
 from shared.config import BrokerConfig, parse_config
 from shared.event import decode_event, new_event
 from shared.topology import EVENTS_EXCHANGE, WORK_QUEUE
@@ -31,14 +32,12 @@ def broker_config(vhost: str) -> BrokerConfig:
 class Running:
     def __init__(self, forwarder: Forwarder):
         self.forwarder = forwarder
-        self.stop = False
-        forwarder.should_stop = lambda: self.stop
         self.thread = threading.Thread(target=forwarder.run, daemon=True)
         self.thread.start()
 
-    def close(self) -> None:
-        self.stop = True
-        self.thread.join(10)
+    def close(self, timeout: float = 10) -> None:
+        self.forwarder.stop()
+        self.thread.join(timeout)
         assert not self.thread.is_alive()
 
 
@@ -83,17 +82,42 @@ def test_fresh_broker_keeps_events_in_the_spool_until_they_can_be_routed(
     assert forwarder.forwarder.published == 1
 
 
-def test_new_files_are_noticed_quickly(forwarder: Running, vhost: str) -> None:
+def test_new_files_wake_the_forwarder_without_polling(vhost: str, tmp_path: Path) -> None:
     with kombu_connection(broker_config(vhost)) as connection:
         declare_topology(connection.default_channel)
-    spool = forwarder.forwarder.spool
-    paths = [
-        spool.write(new_event(module="rm", event_id=i, cluster="c", node="n", source="t"))
-        for i in range(5)
-    ]
-    # inotify wakes the forwarder; the idle tick alone would take 0.5 s per pass.
-    wait_until(lambda: not any(p.exists() for p in paths), 10, "all five forwarded")
-    assert forwarder.forwarder.published == 5
+    # An idle tick of a minute: only the spool watch can make this test pass in time.
+    forwarder = Forwarder(Spool(tmp_path / "spool"), broker_config(vhost), tick=60)
+    running = Running(forwarder)
+    try:
+        wait_until(lambda: forwarder.passes >= 1, 15, "the forwarder's first pass")
+        paths = [
+            forwarder.spool.write(
+                new_event(module="rm", event_id=i, cluster="c", node="n", source="t")
+            )
+            for i in range(5)
+        ]
+        wait_until(lambda: not any(p.exists() for p in paths), 10, "all five forwarded")
+        assert forwarder.published == 5
+    finally:
+        running.close()
+
+
+def test_spool_watch_reports_a_renamed_file(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.ensure()
+    watcher = SpoolWatcher(spool.directory)
+    try:
+        assert watcher.uses_inotify
+        assert not watcher.wait(0)
+        writer = threading.Thread(
+            target=spool.write,
+            args=(new_event(module="rm", event_id=1, cluster="c", node="n", source="t"),),
+        )
+        writer.start()
+        assert watcher.wait(10)
+        writer.join()
+    finally:
+        watcher.close()
 
 
 def test_an_unreadable_spool_file_is_set_aside_not_lost(forwarder: Running, vhost: str) -> None:
