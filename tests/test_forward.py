@@ -18,7 +18,7 @@ from shared.event import decode_event, new_event
 from shared.topology import EVENTS_EXCHANGE, WORK_QUEUE
 from tests.conftest import amqp_url
 from tests.waiting import wait_until
-from worker.consume import kombu_connection
+from worker.consume import connect_any
 from worker.declare import declare_topology
 
 pytestmark = pytest.mark.integration
@@ -68,7 +68,7 @@ def test_fresh_broker_keeps_events_in_the_spool_until_they_can_be_routed(
         wait_until(lambda: forwarder.forwarder.held_back > held, 15, "an unroutable publish")
         assert path.exists()
 
-    with kombu_connection(broker_config(vhost)) as connection:
+    with connect_any(broker_config(vhost))[0] as connection:
         declare_topology(connection.default_channel)
     wait_until(lambda: not path.exists(), 15, "the spool file to be forwarded")
 
@@ -83,7 +83,7 @@ def test_fresh_broker_keeps_events_in_the_spool_until_they_can_be_routed(
 
 
 def test_new_files_wake_the_forwarder_without_polling(vhost: str, tmp_path: Path) -> None:
-    with kombu_connection(broker_config(vhost)) as connection:
+    with connect_any(broker_config(vhost))[0] as connection:
         declare_topology(connection.default_channel)
     # An idle tick of a minute: only the spool watch can make this test pass in time.
     forwarder = Forwarder(Spool(tmp_path / "spool"), broker_config(vhost), tick=60)
@@ -121,7 +121,7 @@ def test_spool_watch_reports_a_renamed_file(tmp_path: Path) -> None:
 
 
 def test_an_unreadable_spool_file_is_set_aside_not_lost(forwarder: Running, vhost: str) -> None:
-    with kombu_connection(broker_config(vhost)) as connection:
+    with connect_any(broker_config(vhost))[0] as connection:
         declare_topology(connection.default_channel)
     spool = forwarder.forwarder.spool
     bad = spool.directory / "00000000000000000001-bad.json"

@@ -21,10 +21,12 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
+import amqp.exceptions
+import kombu.exceptions
 from kombu import Connection, Queue
 from kombu import Consumer as KombuConsumer
 
-from shared.config import BrokerConfig
+from shared.config import BrokerConfig, BrokerUrl
 from shared.errors import ClusteralertError
 from shared.topology import WORK_QUEUE
 from worker.declare import declare_topology
@@ -47,29 +49,49 @@ class TopologyMismatch(ClusteralertError):
     """The broker has our names with other arguments; retrying will not fix it."""
 
 
-def kombu_connection(config: BrokerConfig) -> Connection:
-    """One kombu connection over every configured broker URL, in failover order."""
+def kombu_connection(config: BrokerConfig, url: BrokerUrl) -> Connection:
+    """A kombu connection to one broker. Failover is ours (see :func:`connect_any`):
+    kombu's own shares one TLS option dict between hosts and verifies every host against
+    the first one's name."""
     ssl_options: dict[str, Any] | bool = False
-    if any(url.scheme == "amqps" for url in config.urls):
+    if url.scheme == "amqps":
         ssl_options = {
             "cert_reqs": ssl.CERT_REQUIRED,
             "ca_certs": str(config.ca_file) if config.ca_file else None,
             "certfile": str(config.cert_file) if config.cert_file else None,
             "keyfile": str(config.key_file) if config.key_file else None,
             "tls_minimum_version": ssl.TLSVersion.TLSv1_2,
-            # None makes kombu verify against the host of the URL it is connecting to.
-            "server_hostname": None,
+            "server_hostname": url.host,
         }
     return Connection(
-        [url.with_secret() for url in config.urls],
+        url.with_secret(),
         heartbeat=config.heartbeat,
         connect_timeout=config.connect_timeout,
         ssl=ssl_options,
-        failover_strategy="round-robin",
         transport_options={
             "client_properties": {"connection_name": f"clusteralert-worker@{socket.gethostname()}"}
         },
     )
+
+
+def connect_any(config: BrokerConfig, start: int = 0) -> tuple[Connection, int]:
+    """Connect to the first broker that answers, trying every URL once from ``start``.
+    Returns the connection and the index of its URL; raises the last error."""
+    last: BaseException | None = None
+    count = len(config.urls)
+    for offset in range(count):
+        index = (start + offset) % count
+        connection = kombu_connection(config, config.urls[index])
+        try:
+            connection.connect()
+        except (*connection.connection_errors, OSError) as exc:
+            last = exc
+            log.warning("broker %s unreachable: %s", config.urls[index], _one_line(exc))
+            _close_quietly(connection)
+            continue
+        return connection, index
+    assert last is not None
+    raise last
 
 
 class Consumer:
@@ -98,39 +120,40 @@ class Consumer:
         away. On stop: cancel the consumer, let in-flight mails finish within the grace
         period, settle them, and close; anything unsettled returns to the queue."""
         backoff = _MIN_BACKOFF
+        index = 0
         while not stop.is_set():
-            connection = kombu_connection(self.broker)
+            connection: Connection | None = None
             try:
-                connection.connect()
-                log.info("connected to broker %s", connection.as_uri())
+                connection, index = connect_any(self.broker, index)
+                log.info("connected to broker %s", self.broker.urls[index])
                 backoff = _MIN_BACKOFF
                 self._consume(connection, stop)
-            except (
-                *connection.connection_errors,
-                *connection.channel_errors,
-                OSError,
-                SettleError,
-            ) as exc:
-                if _is_precondition_failed(exc):
-                    raise TopologyMismatch(
-                        f"broker has {WORK_QUEUE} or a related name with other arguments: {exc}"
-                    ) from None
+            except (*_BROKER_ERRORS, OSError, SettleError) as exc:
                 self.metrics.broker_connected.set(0)
                 delay = backoff * random.uniform(0.5, 1.0)  # noqa: S311 - jitter
                 log.warning(
                     "broker connection failed: %s; reconnecting in %.1fs", _one_line(exc), delay
                 )
                 backoff = min(backoff * 2, _MAX_BACKOFF)
-                # Unsettled deliveries of the lost channel come back as redeliveries.
+                # Deliveries of the lost channel come back as redeliveries; let their
+                # sends finish, but they can no longer be settled here.
                 self._in_flight.clear()
+                # Start with the next broker: this one just failed us.
+                index = (index + 1) % len(self.broker.urls)
                 stop.wait(delay)
             finally:
                 self.metrics.broker_connected.set(0)
-                _close_quietly(connection)
+                if connection is not None:
+                    _close_quietly(connection)
 
     def _consume(self, connection: Connection, stop: threading.Event) -> None:
         channel = connection.channel()
-        declare_topology(channel)
+        try:
+            declare_topology(channel)
+        except _PRECONDITION_FAILED as exc:
+            raise TopologyMismatch(
+                f"broker has {WORK_QUEUE} or a related name with other arguments: {exc}"
+            ) from None
         self._settler = Settler(connection)
         channel.basic_qos(prefetch_size=0, prefetch_count=self.prefetch, a_global=False)
         consumer = KombuConsumer(
@@ -161,6 +184,10 @@ class Consumer:
                 "stopping with %d mails unsettled; the broker will redeliver them",
                 len(self._in_flight),
             )
+            # Stop their sends before the channel closes and the broker hands the
+            # messages to another worker, or both would mail them.
+            for future in self._in_flight:
+                future.cancel()
             self._in_flight.clear()
 
     def _drain(self, connection: Connection) -> None:
@@ -187,12 +214,15 @@ class Consumer:
             message = self._in_flight.pop(future, None)
             if message is None:
                 continue  # delivered on a connection that is gone; it will come again
+            if future.cancelled():
+                continue  # left unacked: the broker gives it to the next consumer
             try:
                 outcome = future.result()
             except Exception:
                 # Unacked it would hold a prefetch slot; requeued it could loop. The
                 # broker's delivery limit backs this up for what crashes the process.
                 log.exception("unexpected error handling a message; dead-lettering it")
+                self.metrics.failed.labels("render").inc()
                 outcome = Outcome("dead_letter", "render", headers=message.headers)
             assert self._settler is not None
             self._settler.settle(message, outcome)
@@ -202,8 +232,19 @@ class Consumer:
                 self.metrics.dead_lettered.labels(outcome.reason or "render").inc()
 
 
-def _is_precondition_failed(exc: BaseException) -> bool:
-    return getattr(exc, "reply_code", None) == 406 or getattr(exc, "code", None) == 406
+# What py-amqp raises when the broker or the connection goes away (kombu lists the same
+# per connection, but we need them before a connection exists).
+_BROKER_ERRORS: tuple[type[BaseException], ...] = (
+    amqp.exceptions.ConnectionError,
+    amqp.exceptions.ChannelError,
+    amqp.exceptions.RecoverableConnectionError,
+    kombu.exceptions.OperationalError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+_PRECONDITION_FAILED: type[BaseException] = amqp.exceptions.PreconditionFailed
 
 
 def _one_line(exc: BaseException) -> str:

@@ -63,13 +63,12 @@ def _filter(args: argparse.Namespace) -> DlqFilter:
 @contextmanager
 def _session(config_path: str | None) -> Iterator[DlqSession]:
     # Broker client imports wait until needed, so the parser stays cheap for other commands.
-    from worker.consume import kombu_connection
+    from worker.consume import connect_any
     from worker.dlq import DlqSession
 
     config = load_config(config_path, sections=("broker",))
-    connection = kombu_connection(config.broker)
     try:
-        connection.connect()
+        connection, _ = connect_any(config.broker)
     except Exception as exc:
         raise ClusteralertError(f"cannot reach the broker: {exc}") from None
     session = DlqSession(connection)
