@@ -128,7 +128,7 @@ class Consumer:
                 log.info("connected to broker %s", self.broker.urls[index])
                 backoff = _MIN_BACKOFF
                 self._consume(connection, stop)
-            except (*_BROKER_ERRORS, OSError, SettleError) as exc:
+            except _RECONNECT_ON as exc:
                 self.metrics.broker_connected.set(0)
                 delay = backoff * random.uniform(0.5, 1.0)  # noqa: S311 - jitter
                 log.warning(
@@ -245,6 +245,9 @@ _BROKER_ERRORS: tuple[type[BaseException], ...] = (
 
 
 _PRECONDITION_FAILED: type[BaseException] = amqp.exceptions.PreconditionFailed
+# Anything that means "this connection is no good": reconnect with backoff. A failed
+# settle publish is one too, as its message must stay unacked and come back.
+_RECONNECT_ON: tuple[type[BaseException], ...] = (*_BROKER_ERRORS, OSError, SettleError)
 
 
 def _one_line(exc: BaseException) -> str:
