@@ -163,6 +163,17 @@ class SmtpServer:
 
         asyncio.run_coroutine_threadsafe(down(), self._loop).result(10)
 
+    def freeze_connections(self) -> None:
+        """Stop answering on open connections without closing them, like a NAT or
+        firewall that silently dropped them; new connections still work."""
+
+        async def freeze() -> None:
+            for protocol in self._protocols:
+                if protocol.transport is not None:
+                    protocol.transport.pause_reading()
+
+        asyncio.run_coroutine_threadsafe(freeze(), self._loop).result(10)
+
     def come_back(self) -> None:
         """Listen again on the same port."""
         self._listen()
@@ -172,6 +183,9 @@ class SmtpServer:
             assert self._server is not None
             self._server.close()
             # Do not wait for clients: a worker may hold pooled connections open.
+            for protocol in self._protocols:
+                if protocol.transport is not None:
+                    protocol.transport.abort()
 
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)

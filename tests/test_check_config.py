@@ -55,12 +55,8 @@ def test_every_problem_in_config_and_catalog_is_printed(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     assert "smtp[0].security: expected one of starttls, smtps, none, got 'tls'" in lines
     assert "filter.min_level: expected one of info, warning, error, got 'debug'" in lines
-    assert "2 error(s)" in result.stderr
-    # The catalog is checked too once the config itself is valid.
-    config.write_text(GOOD + f'[catalog]\npath = "{catalog}"\n')
-    result = check(config)
-    assert result.returncode == 1
-    assert result.stdout.startswith(f"{catalog}: message[0].level: expected one of")
+    assert any(line.startswith(f"{catalog}: message[0].level: expected one of") for line in lines)
+    assert "3 error(s)" in result.stderr
 
 
 def test_missing_config_file(tmp_path: Path) -> None:

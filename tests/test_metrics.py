@@ -23,6 +23,7 @@ def test_every_label_value_starts_at_zero() -> None:
         assert get("clusteralert_retries_total", {"stage": stage}) == 0
     for name in (
         "clusteralert_events_consumed_total",
+        "clusteralert_events_unknown_total",
         "clusteralert_replayed_total",
         "clusteralert_recipients_refused_total",
         "clusteralert_in_flight",

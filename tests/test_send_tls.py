@@ -264,6 +264,35 @@ def test_a_dropped_idle_connection_is_reopened_without_a_failure(
     assert value(metrics, "clusteralert_retries_total", stage="inprocess") == 0
 
 
+def test_a_silently_dead_idle_connection_is_replaced_after_a_probe(
+    smtp_server: ServerFactory, certs: Certs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import relay as relay_module
+    from worker.send import Sender
+
+    monkeypatch.setattr(relay_module, "PROBE_AFTER", 0.0)
+    monkeypatch.setattr(relay_module, "PROBE_TIMEOUT", 0.5)
+    server = smtp_server("starttls")
+    config = relay(server, certs, max_connections=1, timeout=30.0)
+    metrics = Metrics([config.label])
+    sender = Sender([config], metrics)
+
+    async def go() -> float:
+        await sender.send(make_mail())
+        server.freeze_connections()
+        started = time.monotonic()
+        await sender.send(make_mail())
+        await sender.close()
+        return time.monotonic() - started
+
+    elapsed = asyncio.run(go())
+    assert len(server.received) == 2
+    assert server.handler.connections == 2
+    # The probe, not the 30 s relay timeout, found the dead connection.
+    assert elapsed < 15
+    assert value(metrics, "clusteralert_retries_total", stage="inprocess") == 0
+
+
 def test_a_failing_relay_sits_out_its_cooldown(smtp_server: ServerFactory, certs: Certs) -> None:
     from worker.send import Sender
 

@@ -100,7 +100,8 @@ def classify_transaction(exc: BaseException) -> DeliveryError:
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         codes = [r.code for r in exc.recipients]
         detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
-        if codes and all(400 <= c < 500 for c in codes):
+        # Any 4xx: a later attempt may reach those recipients, so it is worth retrying.
+        if any(400 <= c < 500 for c in codes):
             return TransientError("rejected_4xx", f"all recipients refused: {detail}"[:300])
         return PermanentError("rejected_5xx", f"all recipients refused: {detail}"[:300])
     if isinstance(exc, aiosmtplib.SMTPNotSupported | ValueError):

@@ -49,10 +49,17 @@ def _check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, sections=WORKER_SECTIONS)
         problems.extend(config.warnings)
-        _, catalog_problems = load_catalog_checked(config.catalog.paths)
-        problems.extend(catalog_problems)
+        catalog_paths = config.catalog.paths
     except ConfigError as exc:
         problems.extend(exc.problems)
+        # Still check the catalog when only other sections are wrong, so one run shows
+        # every problem.
+        try:
+            catalog_paths = load_config(args.config, sections=("catalog",)).catalog.paths
+        except ConfigError:
+            catalog_paths = ()
+    _, catalog_problems = load_catalog_checked(catalog_paths)
+    problems.extend(catalog_problems)
     for problem in problems:
         print(problem)
     errors = sum(1 for p in problems if p.severity == "error")
@@ -127,7 +134,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         consumer.run(stop)
     finally:
-        asyncio.run_coroutine_threadsafe(sender.close(), loop).result(timeout=10)
+        try:
+            asyncio.run_coroutine_threadsafe(sender.close(), loop).result(timeout=10)
+        except Exception as exc:
+            log.warning("closing relay connections: %s", exc or type(exc).__name__)
         loop.call_soon_threadsafe(loop.stop)
         loop_thread.join(timeout=5)
     return 0

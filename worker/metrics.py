@@ -48,6 +48,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.unknown = Counter(
+            "clusteralert_events_unknown",
+            "Events whose module:event_id is not in the catalog (mailed or not)",
+            registry=r,
+        )
         self.replayed = Counter("clusteralert_replayed", "DLQ messages re-published", registry=r)
         self.recipients_refused = Counter(
             "clusteralert_recipients_refused", "RCPT refusals inside accepted mails", registry=r

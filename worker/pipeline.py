@@ -88,6 +88,10 @@ class Pipeline:
             return self._fail(PermanentError("invalid_event", str(exc)), None, state, headers)
 
         decision = decide(event, self.catalog, self.filters)
+        if decision.entry is None:
+            self.metrics.unknown.inc()
+            if decision.mail:
+                log.info("event %s %s is not in the catalog: %s", event.id, event.key, decision.why)
         if not decision.mail:
             assert decision.reason is not None
             self.metrics.filtered.labels(decision.reason).inc()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 
 import aiosmtplib
 
@@ -29,6 +30,10 @@ __all__ = ["Relay"]
 
 log = logging.getLogger(__name__)
 
+PROBE_AFTER = 20.0  # seconds idle before a pooled connection is checked with NOOP
+PROBE_TIMEOUT = 5.0
+MAX_IDLE = 240.0  # relays commonly drop idle sessions after about 5 minutes
+
 
 class Relay:
     def __init__(self, config: SmtpRelay):
@@ -37,7 +42,8 @@ class Relay:
         self._tls: ssl.SSLContext | None = (
             None if config.security == "none" else client_context(config.ca_file)
         )
-        self._idle: list[aiosmtplib.SMTP] = []
+        # Idle connections with the time they were last used, most recent last.
+        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
         self._slots: asyncio.Semaphore | None = None
         self._failures = 0
         self._cooldown_until = 0.0
@@ -64,7 +70,7 @@ class Relay:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.config.max_connections)
         async with self._slots:
-            client = self._take_idle()
+            client = await self._take_idle()
             if client is not None:
                 try:
                     refused = await self._transact(client, mail)
@@ -78,18 +84,33 @@ class Relay:
                         exc.detail,
                     )
                 else:
-                    self._idle.append(client)
+                    self._idle.append((client, time.monotonic()))
                     return refused
             client = await self._open()
             refused = await self._transact(client, mail)
-            self._idle.append(client)
+            self._idle.append((client, time.monotonic()))
             return refused
 
-    def _take_idle(self) -> aiosmtplib.SMTP | None:
+    async def _take_idle(self) -> aiosmtplib.SMTP | None:
+        """A pooled connection that is still alive, or None. One idle for a while is
+        probed with NOOP under a short timeout first: a NAT or firewall may have dropped
+        it silently, and a mail sent into a dead connection would wait out the full
+        timeout. Connections idle longer than relays keep them are just closed."""
+        now = time.monotonic()
         while self._idle:
-            client = self._idle.pop()
-            if client.is_connected:
-                return client
+            client, last_used = self._idle.pop()
+            idle_for = now - last_used
+            if not client.is_connected or idle_for > MAX_IDLE:
+                client.close()
+                continue
+            if idle_for > PROBE_AFTER:
+                try:
+                    await client.noop(timeout=min(PROBE_TIMEOUT, self.config.timeout))
+                except Exception as exc:
+                    log.debug("relay %s: idle connection failed NOOP (%s)", self.label, exc)
+                    client.close()
+                    continue
+            return client
         return None
 
     async def _open(self) -> aiosmtplib.SMTP:
@@ -146,8 +167,12 @@ class Relay:
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
-        for client in idle:
-            try:
-                await asyncio.wait_for(client.quit(), timeout=2)
-            except Exception:
-                client.close()
+        await asyncio.gather(*(_quit(client) for client, _ in idle))
+
+
+async def _quit(client: aiosmtplib.SMTP) -> None:
+    """Say QUIT politely, but never wait long for it."""
+    try:
+        await asyncio.wait_for(client.quit(), timeout=2)
+    except Exception:
+        client.close()

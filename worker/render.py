@@ -116,7 +116,8 @@ class Renderer:
         encoding, payload = body_part(body, charset)
         headers = [
             ("From", self.config.sender),
-            ("To", ", ".join(self.recipients)),
+            # One address per line: a long list must not exceed the 998-byte line limit.
+            ("To", ",\r\n ".join(self.recipients)),
             ("Subject", header_value(subject, charset)),
             ("Date", format_datetime(datetime.now(UTC))),
             ("Message-ID", f"<{event.id}@{self.config.domain}>"),

@@ -4,6 +4,7 @@ tenacity (exponential backoff with jitter, a few seconds in all)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -105,5 +106,4 @@ class Sender:
         raise failure
 
     async def close(self) -> None:
-        for relay in self.relays:
-            await relay.close()
+        await asyncio.gather(*(relay.close() for relay in self.relays))
