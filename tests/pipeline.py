@@ -77,7 +77,11 @@ def start_worker(processes: Callable[..., Process], config: Path) -> tuple[Proce
 
 def run_cli(name: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(BIN / name), *args], capture_output=True, text=True, timeout=120, input=stdin
+        [str(BIN / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        input=stdin if stdin is not None else "",
     )
 
 
@@ -87,8 +91,8 @@ def emit(config: Path, *args: str) -> str:
     return result.stdout.strip()
 
 
-def dlq(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return run_cli("clusteralert-worker", "dlq", *args, "--config", str(config))
+def dlq(config: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return run_cli("clusteralert-worker", "dlq", *args, "--config", str(config), stdin=stdin)
 
 
 def dlq_list(config: Path) -> list[dict[str, object]]:

@@ -180,7 +180,10 @@ def _purge(args: argparse.Namespace) -> int:
             print(f"would purge {len(doomed)} dead letter(s)", file=sys.stderr)
             return 0
         if not args.yes:
-            answer = input(f"Purge {len(doomed)} dead letter(s)? This cannot be undone [y/N] ")
+            try:
+                answer = input(f"Purge {len(doomed)} dead letter(s)? This cannot be undone [y/N] ")
+            except EOFError:
+                answer = ""
             if answer.strip().lower() not in ("y", "yes"):
                 print("nothing purged", file=sys.stderr)
                 return 1

@@ -1,0 +1,213 @@
+"""Bad days, with real processes, a real RabbitMQ and real TLS relays: relays that fail,
+refuse, strip STARTTLS or go away; workers killed or stopped mid-load; the broker
+restarted. No alert may be lost, and none may go out in plaintext."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Certs, Process, scrape, wait_metric
+from tests.pipeline import (
+    SMTP_PASSWORD,
+    dlq,
+    dlq_list,
+    emit,
+    publish_events,
+    received_ids,
+    start_worker,
+    write_config,
+)
+from tests.smtpserver import SmtpServer
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.integration
+
+Servers = Callable[..., SmtpServer]
+Processes = Callable[..., Process]
+CREDENTIALS = ("alert", SMTP_PASSWORD)
+
+
+def dead_lettered(port: int) -> float:
+    metrics = scrape(port)
+    return sum(v for k, v in metrics.items() if k.startswith("clusteralert_dead_lettered_total"))
+
+
+def duplicates(relay: SmtpServer) -> int:
+    counts = Counter(received_ids(relay))
+    return sum(n - 1 for n in counts.values())
+
+
+def test_relay_outage_is_bridged_by_the_retry_ladder(
+    tmp_path: Path, vhost: str, certs: Certs, smtp_server: Servers, processes: Processes
+) -> None:
+    relay = smtp_server("starttls", credentials=CREDENTIALS)
+    config = write_config(tmp_path, vhost, [relay], certs, extra="[worker]\nretry_window = 600\n")
+    _, port = start_worker(processes, config)
+    relay.go_down()
+    ids = publish_events(vhost, 5)
+    # In-process retries give up after a few seconds; then each waits on the 30 s rung.
+    wait_metric(port, 'clusteralert_retries_total{stage="delayed"}', lambda v: v >= 5, 60)
+    relay.come_back()
+    assert relay.wait_for(lambda got: len(got) >= 5, timeout=90)
+    assert set(received_ids(relay)) == set(ids)
+    assert dead_lettered(port) == 0
+    assert scrape(port)['clusteralert_retries_total{stage="inprocess"}'] >= 5
+
+
+def test_550_is_dead_lettered_at_once_and_not_retried(
+    tmp_path: Path, vhost: str, certs: Certs, smtp_server: Servers, processes: Processes
+) -> None:
+    relay = smtp_server("starttls", credentials=CREDENTIALS)
+    relay.handler.data_replies = ["550 5.7.1 message refused"]
+    config = write_config(tmp_path, vhost, [relay], certs)
+    _, port = start_worker(processes, config)
+    [event_id] = publish_events(vhost, 1)
+    wait_metric(
+        port, 'clusteralert_dead_lettered_total{reason="rejected_5xx"}', lambda v: v == 1, 30
+    )
+    [row] = dlq_list(config)
+    assert (row["id"], row["reason"], row["attempts"]) == (event_id, "rejected_5xx", 1)
+    assert "550 5.7.1 message refused" in str(row["last_error"])
+    assert relay.handler.data_commands == 1
+    metrics = scrape(port)
+    assert metrics['clusteralert_retries_total{stage="inprocess"}'] == 0
+    assert metrics['clusteralert_retries_total{stage="delayed"}'] == 0
+
+
+def test_bad_password_is_dead_lettered_with_reason_auth_and_never_shown(
+    tmp_path: Path, vhost: str, certs: Certs, smtp_server: Servers, processes: Processes
+) -> None:
+    relay = smtp_server("starttls", credentials=("alert", "the-right-one"))
+    config = write_config(tmp_path, vhost, [relay], certs)  # sends SMTP_PASSWORD
+    worker, port = start_worker(processes, config)
+    [event_id] = publish_events(vhost, 1)
+    wait_metric(port, 'clusteralert_dead_lettered_total{reason="auth"}', lambda v: v == 1, 30)
+    assert relay.received == []
+    shown = dlq(config, "show", event_id)
+    assert shown.returncode == 0, shown.stderr
+    doc = json.loads(shown.stdout)
+    assert doc["reason"] == "auth"
+    assert doc["headers"]["x-clusteralert-worker"]
+    assert worker.stop() == 0
+    exposition = json.dumps(scrape(port)) if worker.proc.poll() is None else ""
+    for text in (shown.stdout, worker.output(), exposition):
+        assert SMTP_PASSWORD not in text
+
+
+def test_stripped_starttls_sends_nothing_then_replay_delivers_after_the_fix(
+    tmp_path: Path, vhost: str, certs: Certs, smtp_server: Servers, processes: Processes
+) -> None:
+    stripped = smtp_server("starttls", context=None)  # would take the mail in plaintext
+    config = write_config(tmp_path, vhost, [stripped], certs, auth=False)
+    worker, port = start_worker(processes, config)
+    ids = publish_events(vhost, 3)
+    wait_metric(
+        port, 'clusteralert_dead_lettered_total{reason="tls_refused"}', lambda v: v == 3, 30
+    )
+    assert stripped.received == []
+    assert stripped.handler.data_commands == 0  # not one byte of mail in the clear
+    assert scrape(port)['clusteralert_tls_refused_total{cause="not_offered"}'] >= 3
+    # Browsing takes and gives back: two listings see the same three.
+    for _ in range(2):
+        rows = dlq_list(config)
+        assert sorted(r["id"] for r in rows) == sorted(ids)
+        assert {r["reason"] for r in rows} == {"tls_refused"}
+    assert worker.stop() == 0
+
+    # The operator fixes the relay (now with STARTTLS) and replays.
+    fixed = smtp_server("starttls")
+    fixed_config = write_config(tmp_path, vhost, [fixed], certs, auth=False, name="fixed.toml")
+    _, port = start_worker(processes, fixed_config)
+    dry = dlq(fixed_config, "replay", "--reason", "tls_refused", "--dry-run")
+    assert dry.returncode == 0 and len(dry.stdout.splitlines()) == 3
+    assert len(dlq_list(fixed_config)) == 3
+    replay = dlq(fixed_config, "replay", "--reason", "tls_refused")
+    assert replay.returncode == 0, replay.stderr
+    assert "replayed 3 dead letter(s)" in replay.stderr
+    assert fixed.wait_for(lambda got: len(got) >= 3, timeout=30)
+    assert sorted(received_ids(fixed)) == sorted(ids)
+    assert all(m.tls for m in fixed.received)
+    wait_metric(port, "clusteralert_replayed_total", lambda v: v == 3, 30)
+    assert dlq_list(fixed_config) == []
+
+
+def test_purge_asks_first_and_takes_filters(
+    tmp_path: Path, vhost: str, certs: Certs, smtp_server: Servers, processes: Processes
+) -> None:
+    relay = smtp_server("starttls", credentials=CREDENTIALS)
+    relay.handler.data_replies = ["550 no"] * 3
+    config = write_config(tmp_path, vhost, [relay], certs)
+    _, port = start_worker(processes, config)
+    first, *rest = publish_events(vhost, 3)
+    wait_metric(
+        port, 'clusteralert_dead_lettered_total{reason="rejected_5xx"}', lambda v: v == 3, 30
+    )
+    for answer in ("n\n", ""):  # "no", and no answer at all (stdin closed)
+        no = dlq(config, "purge", "--id", first, stdin=answer)
+        assert no.returncode == 1, no.stderr
+        assert "nothing purged" in no.stderr
+    assert len(dlq_list(config)) == 3
+    yes = dlq(config, "purge", "--id", first, "--yes")
+    assert yes.returncode == 0, yes.stderr
+    assert sorted(r["id"] for r in dlq_list(config)) == sorted(rest)
+
+
+@pytest.mark.parametrize("stop", ["kill", "term"])
+def test_a_worker_stopped_mid_load_loses_nothing(
+    stop: str, tmp_path: Path, vhost: str, certs: Certs, smtp_server: Servers, processes: Processes
+) -> None:
+    relay = smtp_server("starttls", credentials=CREDENTIALS)
+    relay.handler.data_delay = 0.05
+    config = write_config(tmp_path, vhost, [relay], certs)
+    worker, _ = start_worker(processes, config)
+    ids = publish_events(vhost, 300)
+    assert relay.wait_for(lambda got: len(got) >= 60, timeout=60)
+    if stop == "kill":
+        worker.proc.send_signal(signal.SIGKILL)
+        worker.proc.wait(10)
+    else:
+        assert worker.stop() == 0
+        assert "shutting down" in worker.output()
+    start_worker(processes, config)
+    assert relay.wait_for(lambda got: set(ids) <= set(received_ids(relay)), timeout=120)
+    dups = duplicates(relay)
+    print(f"\n{stop}: {len(relay.received)} mails for {len(ids)} events, {dups} duplicates")
+    if stop == "kill":
+        assert dups <= 32  # at most the prefetch of the killed worker
+    else:
+        assert dups == 0  # a clean stop finishes or returns its work: no duplicates
+
+
+def test_broker_restart_while_delivering(
+    tmp_path: Path, vhost: str, certs: Certs, smtp_server: Servers, processes: Processes
+) -> None:
+    relay = smtp_server("starttls", credentials=CREDENTIALS)
+    relay.handler.data_delay = 0.02
+    config = write_config(tmp_path, vhost, [relay], certs)
+    worker, port = start_worker(processes, config)
+    producer = processes("clusteralert-producer", "run", "--config", str(config))
+    ids = publish_events(vhost, 200)
+    assert relay.wait_for(lambda got: len(got) >= 20, timeout=60)
+    subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=120)
+    try:
+        wait_metric(port, "clusteralert_broker_connected", lambda v: v == 0, 30)
+        # A node event while the broker is away waits in the spool.
+        ids.append(emit(config, "--module", "node", "--event-id", "1", "--param", "server=x"))
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120)
+    assert relay.wait_for(lambda got: set(ids) <= set(received_ids(relay)), timeout=120), (
+        worker.output()[-3000:]
+    )
+    assert worker.proc.poll() is None and producer.proc.poll() is None
+    wait_until(lambda: scrape(port).get("clusteralert_broker_connected") == 1, 30, "reconnect")
+    print(
+        f"\nbroker restart: {len(relay.received)} mails for {len(ids)} events, "
+        f"{duplicates(relay)} duplicates"
+    )
