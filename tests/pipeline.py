@@ -13,7 +13,7 @@ from pathlib import Path
 import pika
 
 from tests.conftest import BIN, Certs, Process, amqp_url, free_port, wait_metric
-from tests.smtpserver import SmtpServer
+from tests.smtpserver import Received, SmtpServer
 
 SMTP_PASSWORD = "relay-secret-7f3a"
 
@@ -135,6 +135,7 @@ def publish_events(vhost: str, count: int, module: str = "node", event_id: int =
     return ids
 
 
-def received_ids(relay: SmtpServer) -> list[str]:
+def received_ids(received: SmtpServer | Sequence[Received]) -> list[str]:
     """The event id of every mail the relay took, duplicates included."""
-    return [m.parsed()["Message-ID"].strip("<>").split("@")[0] for m in relay.received]
+    mails = received.received if isinstance(received, SmtpServer) else received
+    return [m.event_id for m in mails]

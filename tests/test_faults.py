@@ -176,7 +176,7 @@ def test_a_worker_stopped_mid_load_loses_nothing(
         assert worker.stop() == 0
         assert "shutting down" in worker.output()
     start_worker(processes, config)
-    assert relay.wait_for(lambda got: set(ids) <= set(received_ids(relay)), timeout=120)
+    assert relay.wait_for(lambda got: set(ids) <= set(received_ids(got)), timeout=120)
     dups = duplicates(relay)
     print(f"\n{stop}: {len(relay.received)} mails for {len(ids)} events, {dups} duplicates")
     if stop == "kill":
@@ -202,7 +202,7 @@ def test_broker_restart_while_delivering(
         ids.append(emit(config, "--module", "node", "--event-id", "1", "--param", "server=x"))
     finally:
         subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120)
-    assert relay.wait_for(lambda got: set(ids) <= set(received_ids(relay)), timeout=120), (
+    assert relay.wait_for(lambda got: set(ids) <= set(received_ids(got)), timeout=120), (
         worker.output()[-3000:]
     )
     assert worker.proc.poll() is None and producer.proc.poll() is None

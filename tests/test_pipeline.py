@@ -1,0 +1,102 @@
+"""The pipeline's outcomes for one message, with the sender replaced (unit level)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from shared.catalog import load_catalog
+from shared.config import FilterConfig, MailConfig
+from shared.errors import TransientError
+from shared.event import encode_event, new_event
+from worker.metrics import Metrics
+from worker.pipeline import Outcome, Pipeline
+from worker.render import Mail, Renderer
+from worker.retry_policy import HEADER_ATTEMPTS, HEADER_REASON, HEADER_REPLAYED
+
+
+class FakeSender:
+    def __init__(self, error: Exception | None = None):
+        self.error = error
+        self.sent: list[Mail] = []
+
+    async def send(self, mail: Mail) -> str:
+        if self.error:
+            raise self.error
+        self.sent.append(mail)
+        return "relay:25"
+
+
+class ExplodingRenderer(Renderer):
+    def render(self, *args: object, **kwargs: object) -> Mail:
+        raise KeyError("a bug")
+
+
+def run(pipeline: Pipeline, body: bytes, headers: dict[str, object] | None = None) -> Outcome:
+    return asyncio.run(pipeline.handle(body, headers))
+
+
+def make(sender: FakeSender, renderer: Renderer | None = None) -> tuple[Pipeline, Metrics]:
+    metrics = Metrics([])
+    mail = MailConfig(sender="c@example.com", to=("o@example.com",))
+    pipeline = Pipeline(
+        load_catalog([]),
+        FilterConfig(),
+        renderer or Renderer(mail),
+        sender,
+        metrics,
+        retry_window=timedelta(minutes=10),  # type: ignore[arg-type]
+        worker_name="w1",
+        scrub=lambda t: t.replace("pw", "**"),
+    )
+    return pipeline, metrics
+
+
+BODY = encode_event(
+    new_event(
+        module="node", event_id=1, cluster="c", node="n", source="t", params={"server": "db1"}
+    )
+)
+
+
+def test_sent_is_acked() -> None:
+    sender = FakeSender()
+    pipeline, metrics = make(sender)
+    assert run(pipeline, BODY) == Outcome("ack")
+    assert len(sender.sent) == 1
+    assert metrics.registry.get_sample_value("clusteralert_in_flight") == 0
+
+
+def test_a_valid_event_that_crashes_rendering_is_dead_lettered() -> None:
+    mail = MailConfig(sender="c@example.com", to=("o@example.com",))
+    pipeline, metrics = make(FakeSender(), ExplodingRenderer(mail))
+    outcome = run(pipeline, BODY)
+    assert (outcome.action, outcome.reason) == ("dead_letter", "render")
+    assert outcome.headers is not None and outcome.headers[HEADER_REASON] == "render"
+    assert (
+        metrics.registry.get_sample_value("clusteralert_mails_failed_total", {"reason": "render"})
+        == 1
+    )
+
+
+def test_transient_failure_goes_to_the_ladder_with_scrubbed_headers() -> None:
+    pipeline, _ = make(FakeSender(TransientError("connect", "refused, pw=pw")))
+    outcome = run(pipeline, BODY, {"x-death": [{}], "custom": "kept"})
+    assert (outcome.action, outcome.rung) == ("retry", "30s")
+    assert outcome.headers is not None
+    assert outcome.headers[HEADER_ATTEMPTS] == 1
+    assert outcome.headers["x-clusteralert-last-error"] == "refused, **=**"
+    assert outcome.headers["custom"] == "kept" and "x-death" not in outcome.headers
+
+
+def test_replayed_messages_are_counted_once() -> None:
+    pipeline, metrics = make(FakeSender())
+    run(pipeline, BODY, {HEADER_REPLAYED: 1})
+    run(pipeline, BODY, {HEADER_REPLAYED: 1, HEADER_ATTEMPTS: 1})  # a later retry of it
+    assert metrics.registry.get_sample_value("clusteralert_replayed_total") == 1
+
+
+def test_invalid_json_is_dead_lettered_as_invalid_event() -> None:
+    pipeline, metrics = make(FakeSender())
+    outcome = run(pipeline, b"\xff{")
+    assert (outcome.action, outcome.reason) == ("dead_letter", "invalid_event")
