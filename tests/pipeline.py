@@ -27,6 +27,7 @@ def write_config(
     auth: bool = True,
     charset: str = "utf-8",
     extra: str = "",
+    broker_extra: str = "",
     name: str = "clusteralert.toml",
 ) -> Path:
     """A config for ``vhost`` with the given relays in order. Secrets go in files."""
@@ -50,6 +51,7 @@ timeout = 10
 [broker]
 urls = ["{amqp_url(vhost, password=False)}"]
 password_file = "amqp_password"
+{broker_extra}
 
 [producer]
 spool_dir = "spool"

@@ -89,6 +89,13 @@ class _Handler:
         return "250 OK"
 
 
+class _RejectingStartTls(SMTP):
+    """Advertises STARTTLS, then refuses it: a broken or tampered relay."""
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        await self.push("454 4.7.0 TLS not available due to temporary reason")
+
+
 class SmtpServer:
     def __init__(
         self,
@@ -105,6 +112,7 @@ class SmtpServer:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.AbstractServer | None = None
         self._protocols: list[SMTP] = []
+        self.reject_starttls = False
 
     @property
     def received(self) -> list[Received]:
@@ -131,7 +139,7 @@ class SmtpServer:
     def _protocol(self) -> SMTP:
         self.handler.connections += 1
         starttls = self.mode == "starttls"
-        protocol = SMTP(
+        protocol = (_RejectingStartTls if self.reject_starttls else SMTP)(
             self.handler,
             hostname="relay.test",
             # aiosmtpd offers STARTTLS exactly when it has a context for it.

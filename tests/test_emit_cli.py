@@ -8,6 +8,8 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import BIN
 
 
@@ -89,3 +91,30 @@ def test_emit_does_not_import_broker_clients(tmp_path: Path) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
     )
     assert result.stdout.splitlines()[-1] == "0 []", result.stdout + result.stderr
+
+
+def test_spool_write_is_durable_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsync the file, then rename it into place, then fsync the directory."""
+    import os
+
+    from producer.spool import Spool
+    from shared.event import new_event
+
+    calls: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        kind = "dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "file"
+        calls.append(f"fsync {kind}")
+        real_fsync(fd)
+
+    def rename(src: str, dst: str) -> None:
+        calls.append("rename")
+        real_rename(src, dst)
+
+    spool = Spool(tmp_path / "spool")
+    spool.ensure()
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    spool.write(new_event(module="rm", event_id=1, cluster="c", node="n", source="t"))
+    assert calls == ["fsync file", "rename", "fsync dir"]

@@ -185,6 +185,25 @@ def test_a_worker_stopped_mid_load_loses_nothing(
         assert dups == 0  # a clean stop finishes or returns its work: no duplicates
 
 
+def test_heartbeats_flow_while_a_relay_is_slow(
+    tmp_path: Path, vhost: str, certs: Certs, smtp_server: Servers, processes: Processes
+) -> None:
+    # A 1 s heartbeat and a relay that takes 6 s per mail: if the SMTP send blocked the
+    # connection's thread, the broker would drop the connection and redeliver the mail.
+    relay = smtp_server("starttls", credentials=CREDENTIALS)
+    relay.handler.data_delay = 6.0
+    config = write_config(tmp_path, vhost, [relay], certs, broker_extra="heartbeat = 1")
+    worker, port = start_worker(processes, config)
+    [event_id] = publish_events(vhost, 1)
+    assert relay.wait_for(lambda got: len(got) == 1, timeout=30)
+    wait_metric(port, "clusteralert_in_flight", lambda v: v == 0, 10)
+    assert received_ids(relay) == [event_id]
+    metrics = scrape(port)
+    assert metrics["clusteralert_events_consumed_total"] == 1
+    assert metrics["clusteralert_broker_connected"] == 1
+    assert "broker connection failed" not in worker.output()
+
+
 def test_broker_restart_while_delivering(
     tmp_path: Path, vhost: str, certs: Certs, smtp_server: Servers, processes: Processes
 ) -> None:

@@ -82,6 +82,21 @@ def test_fresh_broker_keeps_events_in_the_spool_until_they_can_be_routed(
     assert forwarder.forwarder.published == 1
 
 
+def test_the_worker_tries_every_broker_url_in_turn(vhost: str) -> None:
+    from shared.config import parse_config
+    from tests.conftest import free_port
+
+    dead = [f"amqp://guest:guest@127.0.0.1:{free_port()}/{vhost}" for _ in range(2)]
+    config = parse_config(
+        {"broker": {"urls": [*dead, amqp_url(vhost)]}}, sections=("broker",)
+    ).broker
+    connection, index = connect_any(config)
+    try:
+        assert index == 2
+    finally:
+        connection.release()
+
+
 def test_new_files_wake_the_forwarder_without_polling(vhost: str, tmp_path: Path) -> None:
     with connect_any(broker_config(vhost))[0] as connection:
         declare_topology(connection.default_channel)

@@ -4,6 +4,7 @@ verified TLS unless plaintext was chosen, and refusals are counted."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -129,6 +130,26 @@ def test_no_starttls_offered_means_no_mail(smtp_server: ServerFactory, certs: Ce
     assert server.received == []
     assert value(metrics, "clusteralert_tls_refused_total", cause="not_offered") == 1
     assert value(metrics, "clusteralert_mails_failed_total", reason="tls_refused") == 1
+
+
+def test_starttls_offered_then_refused_means_no_mail(
+    smtp_server: ServerFactory, certs: Certs
+) -> None:
+    server = smtp_server("starttls")
+    server.reject_starttls = True
+    metrics, result = send(relay(server, certs))
+    assert isinstance(result, TlsRefusedError) and result.cause == "rejected"
+    assert "454" in str(result)
+    assert server.received == []
+    assert value(metrics, "clusteralert_tls_refused_total", cause="rejected") == 1
+
+
+def test_tls_contexts_verify_and_require_tls_1_2() -> None:
+    from shared.tls import client_context
+
+    context = client_context()
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
 
 
 def test_untrusted_certificate_means_no_mail(smtp_server: ServerFactory, certs: Certs) -> None:
