@@ -7,16 +7,20 @@ what spooling needs; pika is loaded by ``run`` alone.
 from __future__ import annotations
 
 import argparse
-import socket
+import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from shared.cli import on_stop_signal, report_errors
-from shared.config import load_config
+from shared.config import Config, load_config
 from shared.errors import ClusteralertError
 from shared.event import new_event
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from producer.spool import Spool
+
+__all__ = ["main", "pacemaker_main"]
 
 PROG = "clusteralert-producer"
 
@@ -51,6 +55,22 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="config file")
     run.add_argument("-v", "--verbose", action="store_true")
     run.add_argument("--log-format", choices=("text", "json"), default="text")
+
+    pacemaker = sub.add_parser(
+        "pacemaker", help="Pacemaker alert agent: spool the alert in CRM_alert_* variables"
+    )
+    pacemaker.add_argument("--config", help="config file")
+
+    keepalived = sub.add_parser("keepalived", help="keepalived notify script")
+    keepalived.add_argument("type", metavar="GROUP|INSTANCE")
+    keepalived.add_argument("name", metavar="NAME")
+    keepalived.add_argument("state", metavar="STATE")
+    keepalived.add_argument("priority", metavar="PRIORITY", nargs="?", default="")
+    keepalived.add_argument("--config", help="config file")
+
+    status = sub.add_parser("status", help="spool depth, oldest event, last publish error")
+    status.add_argument("--config", help="config file")
+    status.add_argument("--json", action="store_true")
     return parser
 
 
@@ -64,33 +84,114 @@ def _params(pairs: Sequence[str]) -> dict[str, str]:
     return params
 
 
-def _emit(args: argparse.Namespace) -> int:
+def _spool(config: Config) -> Spool:
     from producer.spool import Spool
 
+    producer = config.producer
+    return Spool(producer.spool_dir, max_events=producer.max_events, max_bytes=producer.max_bytes)
+
+
+def _node(config: Config) -> str:
+    # os.uname is cheaper than importing socket, and names the same host.
+    node: str = config.producer.node or os.uname().nodename
+    return node
+
+
+def _emit(args: argparse.Namespace) -> int:
     config = load_config(args.config, sections=("producer",))
     event = new_event(
         module=args.module,
         event_id=args.event_id,
         level=args.level,
         cluster=args.cluster if args.cluster is not None else config.producer.cluster,
-        node=args.node or config.producer.node or socket.gethostname(),
+        node=args.node or _node(config),
         params=_params(args.param),
         text=args.text,
         source=args.source,
     )
-    Spool(config.producer.spool_dir).write(event)
+    _spool(config).write(event)
     print(event.id)
+    return 0
+
+
+def _pacemaker(args: argparse.Namespace) -> int:
+    from producer.sources import pacemaker_event
+
+    config = load_config(args.config, sections=("producer",))
+    event = pacemaker_event(
+        os.environ, cluster=config.producer.cluster, fallback_node=_node(config)
+    )
+    if event is not None:
+        # Each recipient's run spools the same id; only the first one counts.
+        _spool(config).write_once(event)
+        print(event.id)
+    return 0
+
+
+def _keepalived(args: argparse.Namespace) -> int:
+    from producer.sources import keepalived_event
+
+    config = load_config(args.config, sections=("producer",))
+    event = keepalived_event(
+        [args.type, args.name, args.state, args.priority],
+        cluster=config.producer.cluster,
+        node=_node(config),
+    )
+    _spool(config).write(event)
+    print(event.id)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    config = load_config(args.config, sections=("producer",))
+    spool = _spool(config)
+    stats = spool.stats()
+    status = spool.read_status()
+    age = (time.time_ns() - stats.oldest_ns) / 1e9 if stats.oldest_ns else None
+    report = {
+        "spool": str(spool.directory),
+        "events": stats.events,
+        "bytes": stats.bytes,
+        "oldest_age_seconds": round(age, 3) if age is not None else None,
+        "forwarder_connected": status.get("connected"),
+        "published": status.get("published"),
+        "last_error": status.get("last_error") or None,
+        "last_error_time": status.get("last_error_time") or None,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"spool:          {report['spool']}")
+    print(f"events waiting: {stats.events} ({stats.bytes} bytes)")
+    print(f"oldest event:   {'-' if age is None else f'{age:.1f} s ago'}")
+    print(
+        f"forwarder:      {'connected' if status.get('connected') else 'not connected'}"
+        f", {status.get('published', 0)} published since it started"
+    )
+    error_time = status.get("last_error_time")
+    when = (
+        f" ({time.time() - float(error_time):.0f} s ago)"
+        if isinstance(error_time, (int, float)) and error_time
+        else ""
+    )
+    print(f"last error:     {status.get('last_error') or '-'}{when}")
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     from producer.forward import Forwarder
-    from producer.spool import Spool
     from shared.logs import setup_logging
 
     setup_logging(args.verbose, args.log_format)
     config = load_config(args.config, sections=("producer", "broker"))
-    forwarder = Forwarder(Spool(config.producer.spool_dir), config.broker)
+    forwarder = Forwarder(_spool(config), config.broker)
+    if config.producer.metrics_port:
+        from producer.metrics import serve_metrics
+
+        serve_metrics(config.producer.metrics_port, forwarder)
     on_stop_signal(lambda name: forwarder.stop())
     forwarder.run()
     return 0
@@ -98,8 +199,20 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    command = _emit if args.command == "emit" else _run
-    return report_errors(PROG, lambda: command(args))
+    commands = {
+        "emit": _emit,
+        "run": _run,
+        "pacemaker": _pacemaker,
+        "keepalived": _keepalived,
+        "status": _status,
+    }
+    return report_errors(PROG, lambda: commands[args.command](args))
+
+
+def pacemaker_main() -> int:
+    """``clusteralert-pacemaker-alert``: Pacemaker runs alert agents with no arguments,
+    so this is what ``pcs alert create path=...`` points at."""
+    return main(["pacemaker"])
 
 
 if __name__ == "__main__":

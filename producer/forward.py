@@ -2,9 +2,16 @@
 file only after the broker confirmed it.
 
 Publishing uses publisher confirms and ``mandatory``, so a message that reaches no queue
-comes back instead of vanishing. On a fresh install the exchange or the work queue may
-not exist yet: the event then stays in the spool and is retried with backoff, as it is
-when the broker is down.
+comes back instead of vanishing. Confirms are pipelined: up to ``window`` events are in
+flight at once and the broker acks them in batches, which drains a backlog many times
+faster than waiting for each confirm in turn (pika's ``BlockingChannel`` can only do the
+latter, so this runs on pika's ``SelectConnection`` and its I/O loop, which also watches
+the spool and the stop pipe).
+
+For an unroutable mandatory message the broker sends ``basic.return`` before its ack;
+returns are paired with acks by the event id (the AMQP ``message_id``), and such an event
+goes back to the spool. On a fresh install the exchange or the work queue may not exist
+yet, and events wait in the spool with backoff, as they do when the broker is down.
 """
 
 from __future__ import annotations
@@ -13,15 +20,16 @@ import logging
 import random
 import socket
 import ssl
-import threading
 import time
+from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pika
 import pika.exceptions
+from pika.adapters.select_connection import IOLoop, PollEvents
 
-from producer.spool import Spool
+from producer.spool import Claim, Spool
 from producer.watch import SpoolWatcher
 from shared.config import BrokerConfig
 from shared.event import decode_event, routing_key
@@ -32,22 +40,9 @@ __all__ = ["Forwarder", "connection_parameters"]
 
 log = logging.getLogger(__name__)
 
-_MIN_BACKOFF = 0.5
-_MAX_BACKOFF = 30.0
-_TICK = 0.5  # how often the idle loop services heartbeats and checks for stop
-
-# Connection-level failures: reconnect. Channel-level failures keep the connection.
-_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    pika.exceptions.AMQPConnectionError,
-    pika.exceptions.ConnectionClosed,
-    pika.exceptions.StreamLostError,
-    ConnectionError,
-    socket.timeout,
-)
-
-
-class _Blocked(Exception):
-    """The head of the spool cannot be published right now; retry after a backoff."""
+_MIN_BACKOFF: Final = 0.5
+_MAX_BACKOFF: Final = 30.0
+_STOP_GRACE: Final = 5.0  # seconds to wait for outstanding confirms when stopping
 
 
 def connection_parameters(config: BrokerConfig) -> list[Any]:
@@ -84,158 +79,334 @@ class Forwarder:
         spool: Spool,
         broker: BrokerConfig,
         *,
+        window: int = 256,
         max_backoff: float = _MAX_BACKOFF,
-        tick: float = _TICK,
+        tick: float = 2.0,
     ):
         self.spool = spool
         self.broker = broker
-        self._stop = threading.Event()
-        self._watcher: SpoolWatcher | None = None
+        self.window = window
+        self.max_backoff = max_backoff
+        self.tick = tick
+        # Observable state, for status, metrics and tests.
         self.published = 0
-        self.held_back = 0  # times the spool head could not be published yet
-        self.passes = 0  # complete passes over the spool
+        self.held_back = 0  # times publishing had to pause (unroutable, nack, no exchange)
+        self.passes = 0  # times the loop found the spool drained
+        self.connected = False
+        self.last_error = ""
+        self.last_error_time = 0.0
+        self.last_publish_time = 0.0
+
+        self._params = connection_parameters(broker)
+        self._url_index = 0
+        self._loop: Any = None
+        self._watcher: SpoolWatcher | None = None
+        self._claim: Claim | None = None
         self._connection: Any = None
         self._channel: Any = None
+        self._ready = False
+        self._held = False
+        self._stopping = False
         self._backoff = _MIN_BACKOFF
-        self._max_backoff = max_backoff
-        self._tick = tick
+        self._next_tag = 1
+        self._in_flight: dict[int, tuple[Path, str]] = {}
+        self._returned: set[str] = set()
+        self._queue: deque[Path] = deque()
+        self._dirty = True
+
+    # -- lifecycle ---------------------------------------------------------------------
 
     def run(self) -> None:
         """Forward until :meth:`stop`, surviving broker outages."""
         self.spool.ensure()
-        watcher = self._watcher = SpoolWatcher(self.spool.directory)
-        if self._stop.is_set():
-            watcher.close()
-            return
-        retry_at = 0.0
+        for path, what in self.spool.recover_stale_tmp():
+            log.warning("spool: %s: %s", what, path)
+        released = self.spool.release_orphaned_claims()
+        if released:
+            log.info("spool: %d events claimed by a forwarder that died are back", released)
+        self._claim = self.spool.new_claim()
+        self._watcher = SpoolWatcher(self.spool.directory)
+        self._loop = IOLoop()
+        if self._watcher.uses_inotify:
+            self._loop.add_handler(self._watcher.fileno(), self._on_spool_change, PollEvents.READ)
+        self._loop.add_handler(self._watcher.wake_fileno(), self._on_wake, PollEvents.READ)
+        self._loop.call_later(0, self._on_tick)
+        if self._stopping:
+            self._watcher.wake()
+        self._connect()
         try:
-            while not self._stop.is_set():
-                if time.monotonic() >= retry_at:
-                    try:
-                        self._ensure_channel()
-                        self._forward_pending()
-                        self.passes += 1
-                        self._backoff = _MIN_BACKOFF
-                        retry_at = 0.0
-                    except _Blocked as exc:
-                        self.held_back += 1
-                        retry_at = self._schedule_retry(str(exc))
-                    except _CONNECTION_ERRORS as exc:
-                        self._drop_connection()
-                        retry_at = self._schedule_retry(f"broker unreachable: {_describe(exc)}")
-                # Idle ticks rescan the spool too, which also covers missed notifications.
-                watcher.wait(self._tick)
-                self._service_heartbeats()
+            self._loop.start()
         finally:
-            watcher.close()
-            self._drop_connection()
+            self._claim.close()
+            self._watcher.close()
+            self._write_status()
 
     def stop(self) -> None:
-        """Ask :meth:`run` to return soon; safe from a signal handler or another thread."""
-        self._stop.set()
+        """Ask :meth:`run` to finish: outstanding confirms get a few seconds, unconfirmed
+        events stay in the spool. Safe from a signal handler or another thread."""
+        self._stopping = True
         if self._watcher is not None:
             self._watcher.wake()
 
-    def _schedule_retry(self, why: str) -> float:
-        delay = self._backoff * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not crypto
-        log.warning("%s; retrying in %.1fs", why, delay)
-        self._backoff = min(self._backoff * 2, self._max_backoff)
-        return time.monotonic() + delay
-
-    def _ensure_channel(self) -> None:
-        if self._connection is None or not self._connection.is_open:
-            self._connection = pika.BlockingConnection(connection_parameters(self.broker))
-            # pika keeps the parameters it connected with only on its internal object.
-            params = getattr(getattr(self._connection, "_impl", None), "params", None)
-            where = f"{params.host}:{params.port} vhost {params.virtual_host}" if params else ""
-            log.info("connected to broker %s", where)
-            self._channel = None
-        if self._channel is None or not self._channel.is_open:
-            self._channel = self._connection.channel()
-            self._channel.confirm_delivery()
-
-    def _drop_connection(self) -> None:
-        connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None:
-            try:
-                if connection.is_open:
-                    connection.close()
-            except Exception as exc:
-                log.debug("ignoring error while closing broker connection: %s", exc)
-
-    def _service_heartbeats(self) -> None:
-        if self._connection is not None and self._connection.is_open:
-            try:
-                self._connection.process_data_events(time_limit=0)
-            except _CONNECTION_ERRORS as exc:
-                log.warning("broker connection lost: %s", _describe(exc))
-                self._drop_connection()
-
-    def _forward_pending(self) -> None:
-        for path in self.spool.pending():
-            if self._stop.is_set():
-                return
-            self._forward_one(path)
-
-    def _forward_one(self, path: Path) -> None:
-        try:
-            body = path.read_bytes()
-        except FileNotFoundError:
-            return  # another forwarder instance already sent it
-        except OSError as exc:
-            # e.g. a file written by another user with no read permission for us: keep it
-            # and keep going with backoff rather than crash-looping on the oldest file.
-            raise _Blocked(f"cannot read spool file {path.name}: {exc.strerror}") from None
-        try:
-            event = decode_event(body)
-        except Exception as exc:
-            self._set_aside(path, exc)
+    def _on_wake(self, fd: int, events: int) -> None:
+        assert self._watcher is not None
+        self._watcher.consume_wake()
+        if not self._stopping:
             return
-        properties = pika.BasicProperties(
-            content_type="application/json",
-            delivery_mode=pika.DeliveryMode.Persistent,
-            message_id=event.id,
-            timestamp=int(event.time.timestamp()),
+        if self._connection is None or not self._connection.is_open:
+            self._loop.stop()
+        elif not self._in_flight:
+            self._connection.close()
+        else:
+            self._loop.call_later(_STOP_GRACE, self._close_now)
+
+    def _close_now(self) -> None:
+        if self._connection is not None and self._connection.is_open:
+            self._connection.close()
+
+    # -- connection and channel ----------------------------------------------------------
+
+    def _connect(self) -> None:
+        if self._stopping:
+            self._loop.stop()
+            return
+        params = self._params[self._url_index]
+        self._connection = pika.SelectConnection(
+            params,
+            on_open_callback=self._on_open,
+            on_open_error_callback=self._on_open_error,
+            on_close_callback=self._on_closed,
+            custom_ioloop=self._loop,
         )
-        try:
+
+    def _on_open(self, connection: Any) -> None:
+        params = self._params[self._url_index]
+        log.info(
+            "connected to broker %s:%s vhost %s", params.host, params.port, params.virtual_host
+        )
+        self.connected = True
+        connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_open_error(self, connection: Any, error: BaseException) -> None:
+        self._connection = None
+        self._note_error(f"broker {self._describe_url()} unreachable: {_describe(error)}")
+        # Try the next broker; the backoff grows once the whole list has failed.
+        self._url_index = (self._url_index + 1) % len(self._params)
+        delay = 0.0 if self._url_index else self._next_backoff()
+        self._loop.call_later(delay, self._connect)
+
+    def _on_closed(self, connection: Any, reason: BaseException) -> None:
+        self._connection = None
+        self._channel = None
+        self._ready = False
+        self.connected = False
+        self._give_back_in_flight()
+        if self._stopping:
+            self._loop.stop()
+            return
+        self._note_error(f"broker connection lost: {_describe(reason)}")
+        self._loop.call_later(self._next_backoff(), self._connect)
+
+    def _on_channel_open(self, channel: Any) -> None:
+        self._channel = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        channel.confirm_delivery(self._on_confirm, callback=self._on_confirm_mode)
+
+    def _on_confirm_mode(self, frame: Any) -> None:
+        self._ready = True
+        self._next_tag = 1  # delivery tags count from 1 on every channel
+        self._pump()
+
+    def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
+        self._channel = None
+        self._ready = False
+        self._give_back_in_flight()
+        if self._stopping or self._connection is None or not self._connection.is_open:
+            return
+        # Typically 404: the exchange does not exist yet (fresh install).
+        self._hold(f"broker closed the channel ({_describe(reason)}); events stay in spool")
+
+    def _reopen_channel(self) -> None:
+        if self._connection is not None and self._connection.is_open and self._channel is None:
+            self._connection.channel(on_open_callback=self._on_channel_open)
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Publish spooled events until the confirm window is full."""
+        if not self._ready or self._held or self._stopping:
+            return
+        assert self._claim is not None
+        while len(self._in_flight) < self.window:
+            path = self._next_pending()
+            if path is None:
+                self.passes += 1
+                return
+            claimed = self._claim.take(path)
+            if claimed is None:
+                continue  # another forwarder took it
+            try:
+                body = claimed.read_bytes()
+                event = decode_event(body)
+            except OSError as exc:
+                self._claim.give_back(claimed)
+                self._hold(f"cannot read spool file {path.name}: {exc.strerror}")
+                return
+            except Exception as exc:
+                self._set_aside(claimed, exc)
+                continue
+            properties = pika.BasicProperties(
+                content_type="application/json",
+                delivery_mode=pika.DeliveryMode.Persistent,
+                message_id=event.id,
+                timestamp=int(event.time.timestamp()),
+            )
             self._channel.basic_publish(
                 EVENTS_EXCHANGE, routing_key(event), body, properties=properties, mandatory=True
             )
-        except pika.exceptions.UnroutableError:
-            raise _Blocked(
-                f"event {event.id} reached no queue (is a worker running to "
-                f"declare {EVENTS_EXCHANGE}'s queue?); kept in spool"
-            ) from None
-        except pika.exceptions.NackError:
-            raise _Blocked(f"broker refused event {event.id}; kept in spool") from None
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            self._channel = None
-            raise _Blocked(
-                f"broker closed the channel ({exc.reply_code} {exc.reply_text}); "
-                f"event {event.id} kept in spool"
-            ) from None
-        try:
-            path.unlink(missing_ok=True)
-        except OSError as exc:
-            # Published but not removable: it will be sent again (a duplicate with the same
-            # Message-ID), which beats stopping the node's alerts.
-            raise _Blocked(f"cannot remove forwarded {path.name}: {exc.strerror}") from None
-        self.published += 1
-        log.info("forwarded event %s %s from %s", event.id, event.key, path.name)
+            self._in_flight[self._next_tag] = (claimed, event.id)
+            self._next_tag += 1
 
-    def _set_aside(self, path: Path, error: BaseException) -> None:
+    def _next_pending(self) -> Path | None:
+        if not self._queue and self._dirty:
+            self._dirty = False
+            self._queue.extend(self.spool.pending())
+        return self._queue.popleft() if self._queue else None
+
+    def _on_return(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        # basic.return precedes the ack of the same message; the ack settles it.
+        self._returned.add(properties.message_id)
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        acked = isinstance(method, pika.spec.Basic.Ack)
+        tags = (
+            sorted(t for t in self._in_flight if t <= method.delivery_tag)
+            if method.multiple
+            else [method.delivery_tag]
+        )
+        problem = ""
+        assert self._claim is not None
+        for tag in tags:
+            entry = self._in_flight.pop(tag, None)
+            if entry is None:
+                continue
+            claimed, event_id = entry
+            if acked and event_id not in self._returned:
+                claimed.unlink(missing_ok=True)
+                self.published += 1
+                self.last_publish_time = time.time()
+                log.info("forwarded event %s", event_id)
+                continue
+            self._returned.discard(event_id)
+            self._claim.give_back(claimed)
+            problem = (
+                f"event {event_id} reached no queue (is a worker running to declare "
+                f"{EVENTS_EXCHANGE}'s queue?); kept in spool"
+                if acked
+                else f"broker refused event {event_id}; kept in spool"
+            )
+        if problem:
+            self._hold(problem)
+            return
+        if tags:
+            self._backoff = _MIN_BACKOFF
+        if self._stopping and not self._in_flight and self._connection is not None:
+            self._connection.close()
+            return
+        self._pump()
+
+    def _give_back_in_flight(self) -> None:
+        """Unconfirmed events return to the spool; they may be published twice, never lost."""
+        if self._claim is not None:
+            for claimed, _ in self._in_flight.values():
+                self._claim.give_back(claimed)
+        self._in_flight.clear()
+        self._returned.clear()
+        self._queue.clear()
+        self._dirty = True
+
+    def _set_aside(self, claimed: Path, error: BaseException) -> None:
         try:
-            target = self.spool.reject(path)
+            target = self.spool.reject(claimed)
         except OSError as exc:
-            raise _Blocked(
-                f"cannot set aside invalid spool file {path.name}: {exc.strerror}"
-            ) from None
+            assert self._claim is not None
+            self._claim.give_back(claimed)
+            self._hold(f"cannot set aside invalid spool file {claimed.name}: {exc.strerror}")
+            return
         log.error(
             "spool file %s is not a valid event (%s); moved to %s",
-            path.name,
+            claimed.name,
             _describe(error),
             target,
         )
+
+    # -- pauses, ticks and status -----------------------------------------------------------
+
+    def _hold(self, why: str) -> None:
+        """Stop publishing for a backoff: retrying at once would only spin."""
+        self.held_back += 1
+        self._note_error(why)
+        if self._held:
+            return
+        self._held = True
+        self._loop.call_later(self._next_backoff(), self._release_hold)
+
+    def _release_hold(self) -> None:
+        self._held = False
+        self._dirty = True
+        if self._channel is None:
+            self._reopen_channel()
+        else:
+            self._pump()
+
+    def _next_backoff(self) -> float:
+        delay = self._backoff * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not crypto
+        self._backoff = min(self._backoff * 2, self.max_backoff)
+        return delay
+
+    def _note_error(self, why: str) -> None:
+        self.last_error = why
+        self.last_error_time = time.time()
+        log.warning("%s", why)
+        self._write_status()
+
+    def _on_spool_change(self, fd: int, events: int) -> None:
+        assert self._watcher is not None
+        self._watcher.consume_changes()
+        self._dirty = True
+        self._pump()
+
+    def _on_tick(self) -> None:
+        """Periodic housekeeping; also covers a missed or unavailable spool watch."""
+        for path, what in self.spool.recover_stale_tmp():
+            log.warning("spool: %s: %s", what, path)
+        if self.spool.release_orphaned_claims():
+            log.info("spool: took back events of a forwarder that died")
+        self.spool.expire_seen()
+        self._dirty = True
+        self._pump()
+        self._write_status()
+        assert self._watcher is not None
+        tick = self.tick if self._watcher.uses_inotify else min(self.tick, 0.2)
+        self._loop.call_later(tick, self._on_tick)
+
+    def _write_status(self) -> None:
+        self.spool.write_status(
+            {
+                "connected": self.connected,
+                "broker": self._describe_url(),
+                "published": self.published,
+                "last_publish_time": self.last_publish_time,
+                "last_error": self.last_error,
+                "last_error_time": self.last_error_time,
+            }
+        )
+
+    def _describe_url(self) -> str:
+        params = self._params[self._url_index]
+        return f"{params.host}:{params.port}"
 
 
 def _describe(exc: BaseException) -> str:

@@ -3,43 +3,90 @@
 An event counts as accepted only when it survives a power cut: it is written to a temp
 file, fsynced, renamed into place, and the directory is fsynced so the rename itself is
 on disk. Names sort by creation time, so the forwarder sends in order.
+
+Layout::
+
+    spool/00001795...-<event id>.json    waiting to be forwarded
+    spool/.tmp-...                        being written by emit
+    spool/claims/<claim id>/...json       taken by one running forwarder
+    spool/claims/<claim id>.lock          held (flock) while that forwarder lives
+    spool/rejected/...                    set aside: not a valid event
+    spool/.forwarder-status               the forwarder's last state, for `status`
+    spool/.seen/<event id>                events with a deterministic id already spooled
+
+Forwarders claim a file by renaming it into their claim directory, which is atomic: two
+``run`` processes never publish the same file. A claim whose lock nobody holds belongs to
+a forwarder that died; its files go back to the spool.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import json
 import os
 import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from shared.errors import SpoolError
 from shared.event import Event, encode_event
 
-__all__ = ["SUFFIX", "Spool"]
+__all__ = ["SUFFIX", "Claim", "Spool", "SpoolStats"]
 
 SUFFIX: Final = ".json"
 _TMP_PREFIX: Final = ".tmp-"
 REJECTED_DIR: Final = "rejected"
+CLAIMS_DIR: Final = "claims"
+STATUS_FILE: Final = ".forwarder-status"
+SEEN_DIR: Final = ".seen"
+# A temp file this old belongs to an emit that died between write and rename.
+STALE_TMP_SECONDS: Final = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolStats:
+    events: int
+    bytes: int
+    oldest_ns: int | None  # creation time of the oldest event, from its name
+
+
+def _created_ns(name: str) -> int | None:
+    head = name.partition("-")[0]
+    return int(head) if head.isdigit() else None
 
 
 class Spool:
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, *, max_events: int = 0, max_bytes: int = 0):
         self.directory = directory
+        self.max_events = max_events  # 0: unbounded
+        self.max_bytes = max_bytes
+
+    @property
+    def claims_dir(self) -> Path:
+        return self.directory / CLAIMS_DIR
 
     def ensure(self) -> None:
         try:
-            self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+            created = not self.directory.exists()
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o2770)
+            if created:
+                # The new directory entry itself must survive a power cut too.
+                _fsync_dir(self.directory.parent)
         except OSError as exc:
             raise SpoolError(f"cannot create spool {self.directory}: {exc.strerror}") from None
 
     def write(self, event: Event) -> Path:
         """Make ``event`` durable and return its file. Raises :class:`SpoolError` with a
-        one-line reason (disk full, permissions); a half-written file never stays."""
+        one-line reason (spool full, disk full, permissions); a half-written file never
+        stays."""
         self.ensure()
         data = encode_event(event)
+        self._check_room(len(data))
         name = f"{time.time_ns():020d}-{event.id}{SUFFIX}"
         final = self.directory / name
         tmp = self.directory / f"{_TMP_PREFIX}{name}"
@@ -53,20 +100,87 @@ class Spool:
             finally:
                 os.close(fd)
             os.rename(tmp, final)
-            self._sync_dir()
+            _fsync_dir(self.directory)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            reason = "spool is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
+            reason = "disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
             raise SpoolError(f"cannot write to spool {self.directory}: {reason}") from None
         return final
 
-    def _sync_dir(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    def write_once(self, event: Event) -> Path | None:
+        """Like :meth:`write`, but only the first call for an event id spools it; later
+        ones (Pacemaker runs its agent once per recipient, in parallel) return None. A
+        marker per id, created with O_EXCL, decides; markers expire after a day."""
+        self.ensure()
+        seen = self.directory / SEEN_DIR
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            seen.mkdir(exist_ok=True, mode=0o2770)
+            fd = os.open(
+                seen / event.id, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640
+            )
+        except FileExistsError:
+            return None
+        except OSError as exc:
+            raise SpoolError(f"cannot write to spool {self.directory}: {exc.strerror}") from None
+        os.close(fd)
+        try:
+            return self.write(event)
+        except SpoolError:
+            # Not spooled after all: let a retry of the same alert try again.
+            with contextlib.suppress(OSError):
+                (seen / event.id).unlink()
+            raise
+
+    def expire_seen(self, max_age: float = 86400.0, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with contextlib.suppress(FileNotFoundError):
+            for entry in list(os.scandir(self.directory / SEEN_DIR)):
+                with contextlib.suppress(OSError):
+                    if now - entry.stat().st_mtime > max_age:
+                        os.unlink(entry.path)
+
+    def _check_room(self, size: int) -> None:
+        if not self.max_events and not self.max_bytes:
+            return
+        stats = self.stats(with_bytes=bool(self.max_bytes))
+        if self.max_events and stats.events >= self.max_events:
+            raise SpoolError(
+                f"spool {self.directory} is full: {stats.events} events waiting "
+                f"(max_events = {self.max_events}); is the forwarder running?"
+            )
+        if self.max_bytes and stats.bytes + size > self.max_bytes:
+            raise SpoolError(
+                f"spool {self.directory} is full: {stats.bytes} bytes waiting "
+                f"(max_bytes = {self.max_bytes}); is the forwarder running?"
+            )
+
+    def stats(self, *, with_bytes: bool = True) -> SpoolStats:
+        """Events waiting, claimed ones included, their size and the oldest one's age."""
+        events = size = 0
+        oldest: int | None = None
+        for directory in (self.directory, *self._claim_dirs()):
+            try:
+                entries = list(os.scandir(directory))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if not entry.name.endswith(SUFFIX) or entry.name.startswith("."):
+                    continue
+                events += 1
+                if with_bytes:
+                    with contextlib.suppress(OSError):
+                        size += entry.stat().st_size
+                created = _created_ns(entry.name)
+                if created is not None and (oldest is None or created < oldest):
+                    oldest = created
+        return SpoolStats(events, size, oldest)
+
+    def _claim_dirs(self) -> list[Path]:
+        try:
+            return [Path(e.path) for e in os.scandir(self.claims_dir) if e.is_dir()]
+        except FileNotFoundError:
+            return []
 
     def pending(self) -> Iterator[Path]:
         """Spooled events, oldest first. Temp files of writers in progress are skipped."""
@@ -91,3 +205,122 @@ class Spool:
         target = target_dir / path.name
         os.replace(path, target)
         return target
+
+    def recover_stale_tmp(self, now: float | None = None) -> list[tuple[Path, str]]:
+        """Deal with temp files of writers that died: a complete event is put in place
+        (its emit may have failed, so it can arrive twice, but it is not lost), anything
+        else is set aside. Returns what was done, for the log."""
+        from shared.event import decode_event
+
+        now = time.time() if now is None else now
+        done: list[tuple[Path, str]] = []
+        for entry in list(os.scandir(self.directory)):
+            if not entry.name.startswith(_TMP_PREFIX):
+                continue
+            path = Path(entry.path)
+            try:
+                if now - entry.stat().st_mtime < STALE_TMP_SECONDS:
+                    continue
+                data = path.read_bytes()
+            except OSError:
+                continue
+            try:
+                decode_event(data)
+            except Exception:
+                done.append((self.reject(path), "set aside a half-written event"))
+                continue
+            target = self.directory / entry.name[len(_TMP_PREFIX) :]
+            os.rename(path, target)
+            done.append((target, "recovered an event whose writer died"))
+        return done
+
+    def new_claim(self) -> Claim:
+        return Claim(self)
+
+    def release_orphaned_claims(self) -> int:
+        """Give back the files of forwarders that died (their lock is free)."""
+        released = 0
+        for directory in self._claim_dirs():
+            lock_path = directory.with_suffix(".lock")
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fd = -1
+            try:
+                if fd >= 0:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # its forwarder is alive
+                for entry in list(os.scandir(directory)):
+                    os.rename(entry.path, self.directory / entry.name)
+                    released += 1
+                directory.rmdir()
+                with contextlib.suppress(FileNotFoundError):
+                    lock_path.unlink()
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+        if released:
+            _fsync_dir(self.directory)
+        return released
+
+    def write_status(self, status: dict[str, object]) -> None:
+        """Best effort: status is for operators, never worth failing forwarding for."""
+        tmp = self.directory / f"{STATUS_FILE}.tmp"
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps(status))
+            os.replace(tmp, self.directory / STATUS_FILE)
+
+    def read_status(self) -> dict[str, object]:
+        try:
+            data = json.loads((self.directory / STATUS_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+
+class Claim:
+    """The files one forwarder has taken from the spool, held under an flock."""
+
+    def __init__(self, spool: Spool):
+        self.spool = spool
+        claim_id = uuid.uuid4().hex
+        spool.claims_dir.mkdir(parents=True, exist_ok=True, mode=0o2770)
+        self.directory = spool.claims_dir / claim_id
+        self._lock_fd = os.open(
+            self.directory.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640
+        )
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        self.directory.mkdir(mode=0o2770)
+
+    def take(self, path: Path) -> Path | None:
+        """Claim ``path``; None if another forwarder took it first."""
+        target = self.directory / path.name
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:
+            return None
+        return target
+
+    def give_back(self, claimed: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(claimed, self.spool.directory / claimed.name)
+
+    def close(self) -> None:
+        """Give back everything still claimed and drop the claim."""
+        with contextlib.suppress(FileNotFoundError):
+            for entry in list(os.scandir(self.directory)):
+                self.give_back(Path(entry.path))
+            self.directory.rmdir()
+        with contextlib.suppress(FileNotFoundError):
+            self.directory.with_suffix(".lock").unlink()
+        os.close(self._lock_fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -53,6 +53,21 @@ class SpoolWatcher:
     def uses_inotify(self) -> bool:
         return self._fd >= 0
 
+    def fileno(self) -> int:
+        """The inotify descriptor, readable when the spool changed (-1 without inotify)."""
+        return self._fd
+
+    def wake_fileno(self) -> int:
+        """Readable after :meth:`wake`."""
+        return self._wake_r
+
+    def consume_changes(self) -> None:
+        if self._fd >= 0:
+            _drain(self._fd)
+
+    def consume_wake(self) -> None:
+        _drain(self._wake_r)
+
     def wait(self, timeout: float) -> bool:
         """Block until the spool changes, :meth:`wake` is called, or ``timeout`` passes.
         True if it may have changed (the poll fallback always says so)."""

@@ -105,6 +105,10 @@ class ProducerConfig:
     spool_dir: Path = DEFAULT_SPOOL_DIR
     cluster: str = "cluster"
     node: str = ""  # empty: the host name at the time of the event
+    # Bounds of the spool; emit fails loudly beyond them (0: unbounded).
+    max_events: int = 10_000
+    max_bytes: int = 100 * 1024 * 1024
+    metrics_port: int = 0  # 0: no metrics endpoint on the node
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,6 +327,9 @@ class _Reader:
             spool_dir=spool,
             cluster=t.text("cluster", "cluster"),
             node=t.text("node", ""),
+            max_events=t.integer("max_events", 10_000, low=0),
+            max_bytes=t.integer("max_bytes", 100 * 1024 * 1024, low=0),
+            metrics_port=t.integer("metrics_port", 0, low=0, high=65535),
         )
         t.finish()
         return config
