@@ -10,6 +10,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
 
+from shared.errors import ClusteralertError
+
 if TYPE_CHECKING:
     from producer.forward import Forwarder
 
@@ -69,6 +71,9 @@ def serve_metrics(port: int, forwarder: Forwarder) -> ThreadingHTTPServer:
         def log_message(self, format: str, *args: object) -> None:
             pass  # scrapes every few seconds would drown the log
 
-    server = ThreadingHTTPServer(("", port), Handler)
+    try:
+        server = ThreadingHTTPServer(("", port), Handler)
+    except OSError as exc:
+        raise ClusteralertError(f"cannot serve metrics on port {port}: {exc.strerror}") from None
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server

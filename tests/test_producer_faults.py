@@ -1,0 +1,164 @@
+"""The node agent on bad days, with the real ``clusteralert-producer run`` process and the
+real RabbitMQ: the broker going away during a burst, a kill -9 in the middle of a
+backlog, and two agents on one spool."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import signal
+import subprocess
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pika
+import pytest
+
+from producer.cli import main as producer_main
+from producer.spool import Spool
+from shared.config import parse_config
+from shared.event import new_event
+from tests.conftest import Process, amqp_url, free_port, scrape
+from tests.waiting import wait_until
+from worker.consume import connect_any
+from worker.declare import declare_topology
+
+pytestmark = pytest.mark.integration
+
+Processes = Callable[..., Process]
+
+
+@pytest.fixture
+def node(tmp_path: Path, vhost: str) -> Iterator[tuple[Path, int]]:
+    """A config for a node agent on ``vhost`` with a declared topology and no worker."""
+    broker = parse_config({"broker": {"urls": [amqp_url(vhost)]}}, sections=("broker",)).broker
+    with connect_any(broker)[0] as connection:
+        declare_topology(connection.default_channel)
+    port = free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[broker]\nurls = ["{amqp_url(vhost)}"]\n'
+        f'[producer]\nspool_dir = "{tmp_path / "spool"}"\nmetrics_port = {port}\n'
+    )
+    yield config, port
+
+
+def queued(vhost: str) -> int:
+    with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
+        method = connection.channel().queue_declare("clusteralert.mail", passive=True).method
+        return int(method.message_count)
+
+
+def drain_ids(vhost: str) -> list[str]:
+    ids = []
+    with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
+        channel = connection.channel()
+        while True:
+            method, _, body = channel.basic_get("clusteralert.mail", auto_ack=True)
+            if method is None:
+                return ids
+            ids.append(json.loads(body)["id"])
+
+
+def spool_events(config: Path, count: int) -> list[str]:
+    spool = Spool(config.parent / "spool")
+    return [
+        spool.write(new_event(module="rm", event_id=i, cluster="c", node="n", source="t"))
+        .name.split("-", 1)[1]
+        .removesuffix(".json")
+        for i in range(count)
+    ]
+
+
+def test_broker_stopped_during_a_burst_of_500_emits(
+    node: tuple[Path, int], vhost: str, processes: Processes
+) -> None:
+    config, port = node
+    agent = processes("clusteralert-producer", "run", "--config", str(config))
+    wait_until(
+        lambda: scrape(port).get("clusteralert_producer_broker_connected") == 1,
+        30,
+        "the agent connected",
+    )
+    emitted: list[str] = []
+    subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=120)
+    try:
+        for i in range(500):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                code = producer_main(
+                    [
+                        "emit",
+                        "--config",
+                        str(config),
+                        "--module",
+                        "rm",
+                        "--event-id",
+                        str(i),
+                        "--param",
+                        f"n={i}",
+                    ]
+                )
+            assert code == 0, f"emit {i} failed while the broker was down"
+            emitted.append(out.getvalue().strip())
+        assert scrape(port).get("clusteralert_spool_events") == 500
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120)
+    wait_until(lambda: queued(vhost) >= 500, 90, "500 events on the work queue")
+    ids = drain_ids(vhost)
+    assert sorted(ids) == sorted(emitted)
+    assert agent.proc.poll() is None
+    assert agent.stop() == 0
+
+
+def test_kill_9_mid_backlog_loses_nothing(
+    node: tuple[Path, int], vhost: str, processes: Processes
+) -> None:
+    config, _ = node
+    spooled = spool_events(config, 5000)
+    first = processes("clusteralert-producer", "run", "--config", str(config))
+    wait_until(lambda: queued(vhost) >= 1000, 60, "part of the backlog forwarded")
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    second = processes("clusteralert-producer", "run", "--config", str(config))
+    wait_until(
+        lambda: Spool(config.parent / "spool").stats().events == 0,
+        90,
+        "the spool drained after the restart",
+    )
+    ids = drain_ids(vhost)
+    assert set(ids) == set(spooled)
+    duplicates = sum(n - 1 for n in Counter(ids).values())
+    print(
+        f"\nkill -9 mid-backlog: {len(ids)} messages for {len(spooled)} events, "
+        f"{duplicates} duplicates"
+    )
+    assert duplicates <= 256  # at most one confirm window
+    assert second.stop() == 0
+
+
+def test_two_agents_on_one_spool_never_send_a_file_twice(
+    node: tuple[Path, int], vhost: str, processes: Processes
+) -> None:
+    config, port = node
+    spooled = spool_events(config, 2000)
+    # The second agent without the metrics port, which only one process can have.
+    second = config.with_name("second.toml")
+    second.write_text(config.read_text().replace(f"metrics_port = {port}", ""))
+    agents = [
+        processes("clusteralert-producer", "run", "--config", str(path))
+        for path in (config, second)
+    ]
+    wait_until(lambda: Spool(config.parent / "spool").stats().events == 0, 90, "drained")
+    wait_until(lambda: queued(vhost) >= 2000, 30, "all on the queue")
+    ids = drain_ids(vhost)
+    assert sorted(ids) == sorted(spooled)  # each exactly once
+    shares = []
+    for agent in agents:
+        assert agent.stop() == 0
+        shares.append(agent.output().count("forwarded event"))
+    # How the work was split depends on timing; exclusivity is what is asserted.
+    print(f"\ntwo agents forwarded {shares[0]} and {shares[1]} of {len(spooled)}")
+    assert sum(shares) == len(spooled)
