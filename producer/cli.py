@@ -186,8 +186,20 @@ def _run(args: argparse.Namespace) -> int:
     from shared.logs import setup_logging
 
     setup_logging(args.verbose, args.log_format)
-    config = load_config(args.config, sections=("producer", "broker"))
-    forwarder = Forwarder(_spool(config), config.broker)
+    config = load_config(args.config, sections=("producer", "broker", "catalog"))
+    spool = _spool(config)
+    followers = []
+    if config.producer.follow:
+        from producer.follow import LogFollower
+        from shared.catalog import load_catalog
+
+        spool.ensure()
+        catalog = load_catalog(config.catalog.paths)
+        followers = [
+            LogFollower(f, spool, catalog, cluster=config.producer.cluster, node=_node(config))
+            for f in config.producer.follow
+        ]
+    forwarder = Forwarder(spool, config.broker, followers=followers)
     if config.producer.metrics_port:
         from producer.metrics import serve_metrics
 

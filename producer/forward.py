@@ -22,6 +22,7 @@ import socket
 import ssl
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -29,9 +30,11 @@ import pika
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop, PollEvents
 
+from producer.follow import LogFollower
 from producer.spool import Claim, Spool
 from producer.watch import SpoolWatcher
 from shared.config import BrokerConfig
+from shared.errors import ClusteralertError
 from shared.event import decode_event, routing_key
 from shared.tls import client_context
 from shared.topology import EVENTS_EXCHANGE
@@ -43,6 +46,7 @@ log = logging.getLogger(__name__)
 _MIN_BACKOFF: Final = 0.5
 _MAX_BACKOFF: Final = 30.0
 _STOP_GRACE: Final = 5.0  # seconds to wait for outstanding confirms when stopping
+FOLLOW_INTERVAL: Final = 0.25  # how often log followers look for new lines
 
 
 def connection_parameters(config: BrokerConfig) -> list[Any]:
@@ -82,12 +86,14 @@ class Forwarder:
         window: int = 256,
         max_backoff: float = _MAX_BACKOFF,
         tick: float = 2.0,
+        followers: Sequence[LogFollower] = (),
     ):
         self.spool = spool
         self.broker = broker
         self.window = window
         self.max_backoff = max_backoff
         self.tick = tick
+        self.followers = list(followers)
         # Observable state, for status, metrics and tests.
         self.published = 0
         self.held_back = 0  # times publishing had to pause (unroutable, nack, no exchange)
@@ -131,12 +137,16 @@ class Forwarder:
             self._loop.add_handler(self._watcher.fileno(), self._on_spool_change, PollEvents.READ)
         self._loop.add_handler(self._watcher.wake_fileno(), self._on_wake, PollEvents.READ)
         self._loop.call_later(0, self._on_tick)
+        if self.followers:
+            self._loop.call_later(0, self._poll_logs)
         if self._stopping:
             self._watcher.wake()
         self._connect()
         try:
             self._loop.start()
         finally:
+            for follower in self.followers:
+                follower.close()
             self._claim.close()
             self._watcher.close()
             self._write_status()
@@ -377,6 +387,15 @@ class Forwarder:
         self._watcher.consume_changes()
         self._dirty = True
         self._pump()
+
+    def _poll_logs(self) -> None:
+        for follower in self.followers:
+            try:
+                follower.poll()
+            except (ClusteralertError, OSError) as exc:
+                # e.g. a full spool: the line is read again next time, nothing skipped.
+                self._note_error(f"log follower {follower.config.path}: {exc}")
+        self._loop.call_later(FOLLOW_INTERVAL, self._poll_logs)
 
     def _on_tick(self) -> None:
         """Periodic housekeeping; also covers a missed or unavailable spool watch."""

@@ -31,6 +31,7 @@ __all__ = [
     "CatalogConfig",
     "Config",
     "FilterConfig",
+    "FollowConfig",
     "MailConfig",
     "MetricsConfig",
     "ProducerConfig",
@@ -100,6 +101,25 @@ class BrokerConfig:
     connect_timeout: float = 10.0
 
 
+# The CLUSTERPRO-style syslog form "<type: rm><event: 9> message". Not confirmed from
+# public documentation; configurable per follower.
+CLUSTERPRO_PATTERN: Final = (
+    r"<type: ?(?P<module>[a-z0-9_-]{1,32})><event: ?(?P<event_id>[0-9]{1,18})> ?(?P<message>.*)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FollowConfig:
+    """One log file followed by ``clusteralert-producer run``."""
+
+    path: Path
+    patterns: tuple[str, ...] = (CLUSTERPRO_PATTERN,)
+    # Used when a pattern has no such group.
+    module: str | None = None
+    event_id: int | None = None
+    level: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class ProducerConfig:
     spool_dir: Path = DEFAULT_SPOOL_DIR
@@ -109,6 +129,7 @@ class ProducerConfig:
     max_events: int = 10_000
     max_bytes: int = 100 * 1024 * 1024
     metrics_port: int = 0  # 0: no metrics endpoint on the node
+    follow: tuple[FollowConfig, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,9 +351,37 @@ class _Reader:
             max_events=t.integer("max_events", 10_000, low=0),
             max_bytes=t.integer("max_bytes", 100 * 1024 * 1024, low=0),
             metrics_port=t.integer("metrics_port", 0, low=0, high=65535),
+            follow=tuple(
+                f for f in (self.follow(ft) for ft in t.tables("follow")) if f is not None
+            ),
         )
         t.finish()
         return config
+
+    def follow(self, t: Table) -> FollowConfig | None:
+        path = self._path(t, "path")
+        if path is None:
+            t.error("path", "missing")
+        patterns = t.str_list("patterns", (CLUSTERPRO_PATTERN,), allow_single=True)
+        module = t.text("module", None)
+        event_id = t.integer("event_id", None, low=0)
+        level = t.choice("level", LEVELS, None)
+        for i, pattern in enumerate(patterns):
+            try:
+                groups = re.compile(pattern).groupindex
+            except re.error as exc:
+                t.error(f"patterns[{i}]", f"not a valid regular expression: {exc}")
+                continue
+            for needed, fallback in (("module", module), ("event_id", event_id)):
+                if needed not in groups and fallback is None:
+                    t.error(
+                        f"patterns[{i}]",
+                        f"has no (?P<{needed}>...) group and no {needed} is set for this follower",
+                    )
+        t.finish()
+        if path is None:
+            return None
+        return FollowConfig(path, patterns, module, event_id, level)
 
     def mail(self, t: Table) -> MailConfig:
         sender = t.text("from", DEFAULT_SENDER)
