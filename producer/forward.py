@@ -17,12 +17,14 @@ yet, and events wait in the spool with backoff, as they do when the broker is do
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import socket
 import ssl
+import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -35,7 +37,7 @@ from producer.spool import Claim, Spool
 from producer.watch import SpoolWatcher
 from shared.config import BrokerConfig
 from shared.errors import ClusteralertError
-from shared.event import decode_event, routing_key
+from shared.event import peek_event
 from shared.tls import client_context
 from shared.topology import EVENTS_EXCHANGE
 
@@ -131,6 +133,7 @@ class Forwarder:
         if released:
             log.info("spool: %d events claimed by a forwarder that died are back", released)
         self._claim = self.spool.new_claim()
+        self._remover = Remover(lambda: self._loop.add_callback_threadsafe(self._pump))
         self._watcher = SpoolWatcher(self.spool.directory)
         self._loop = IOLoop()
         if self._watcher.uses_inotify:
@@ -147,6 +150,8 @@ class Forwarder:
         finally:
             for follower in self.followers:
                 follower.close()
+            # Confirmed files must be gone before the claim gives the rest back.
+            self._remover.close()
             self._claim.close()
             self._watcher.close()
             self._write_status()
@@ -248,7 +253,9 @@ class Forwarder:
         if not self._ready or self._held or self._stopping:
             return
         assert self._claim is not None
-        while len(self._in_flight) < self.window:
+        # Confirmed files still waiting to be deleted count against the window too: after
+        # a kill -9 they are sent again, and duplicates must stay within one window.
+        while len(self._in_flight) + self._remover.backlog < self.window:
             path = self._next_pending()
             if path is None:
                 self.passes += 1
@@ -258,7 +265,7 @@ class Forwarder:
                 continue  # another forwarder took it
             try:
                 body = claimed.read_bytes()
-                event = decode_event(body)
+                event_id, key = peek_event(body)
             except OSError as exc:
                 self._claim.give_back(claimed)
                 self._hold(f"cannot read spool file {path.name}: {exc.strerror}")
@@ -269,13 +276,13 @@ class Forwarder:
             properties = pika.BasicProperties(
                 content_type="application/json",
                 delivery_mode=pika.DeliveryMode.Persistent,
-                message_id=event.id,
-                timestamp=int(event.time.timestamp()),
+                message_id=event_id,
+                timestamp=int(time.time()),
             )
             self._channel.basic_publish(
-                EVENTS_EXCHANGE, routing_key(event), body, properties=properties, mandatory=True
+                EVENTS_EXCHANGE, key, body, properties=properties, mandatory=True
             )
-            self._in_flight[self._next_tag] = (claimed, event.id)
+            self._in_flight[self._next_tag] = (claimed, event_id)
             self._next_tag += 1
 
     def _next_pending(self) -> Path | None:
@@ -304,8 +311,8 @@ class Forwarder:
                 continue
             claimed, event_id = entry
             if acked and event_id not in self._returned:
-                claimed.unlink(missing_ok=True)
                 self.published += 1
+                self._remover.remove(claimed)
                 self.last_publish_time = time.time()
                 log.info("forwarded event %s", event_id)
                 continue
@@ -426,6 +433,43 @@ class Forwarder:
     def _describe_url(self) -> str:
         params = self._params[self._url_index]
         return f"{params.host}:{params.port}"
+
+
+class Remover:
+    """Deletes confirmed spool files on a thread of its own. An unlink can cost far more
+    than a publish (file systems mounted with ``discard`` trim the freed blocks at once);
+    off the I/O loop it overlaps with publishing instead of stalling it. A file confirmed
+    but not yet deleted when the agent is killed is sent again: a duplicate with the same
+    Message-ID, never a loss."""
+
+    def __init__(self, on_drained: Callable[[], None]) -> None:
+        self._paths: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
+        self._on_drained = on_drained
+        self.backlog = 0  # files handed over and not yet deleted
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="spool-remover", daemon=True)
+        self._thread.start()
+
+    def remove(self, path: Path) -> None:
+        with self._lock:
+            self.backlog += 1
+        self._paths.put(path)
+
+    def _run(self) -> None:
+        while (path := self._paths.get()) is not None:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("cannot remove forwarded %s: %s", path.name, exc.strerror)
+            with self._lock:
+                self.backlog -= 1
+            if self._paths.empty():
+                # Room in the window again: let the I/O loop publish more.
+                self._on_drained()
+
+    def close(self) -> None:
+        self._paths.put(None)
+        self._thread.join()
 
 
 def _describe(exc: BaseException) -> str:

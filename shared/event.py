@@ -33,6 +33,7 @@ __all__ = [
     "decode_event",
     "encode_event",
     "new_event",
+    "peek_event",
     "routing_key",
 ]
 
@@ -117,8 +118,36 @@ class Event:
 def routing_key(event: Event) -> str:
     """``{module}.{event_id}.{node}``. Dots in the node would add topic words, so they
     become underscores; AMQP caps routing keys at 255 bytes."""
-    key = f"{event.module}.{event.event_id}.{event.node.replace('.', '_')}"
+    return _routing_key(event.module, event.event_id, event.node)
+
+
+def _routing_key(module: str, event_id: int, node: str) -> str:
+    key = f"{module}.{event_id}.{node.replace('.', '_')}"
     return key.encode("utf-8")[:255].decode("utf-8", errors="ignore")
+
+
+def peek_event(raw: bytes) -> tuple[str, str]:
+    """The id and routing key of a spooled event, checking only what publishing needs.
+    Spool files were cleaned when they were written, and the worker decodes everything
+    fully; the forwarder's hot path only has to refuse what is not an event at all."""
+    if len(raw) > MAX_EVENT_BYTES:
+        raise InvalidEvent(f"event is {len(raw)} bytes, at most {MAX_EVENT_BYTES} allowed")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidEvent(f"not JSON: {str(exc)[:200]}") from None
+    if not isinstance(doc, dict) or doc.get("v") != SCHEMA_VERSION:
+        raise InvalidEvent("not a version 1 event object")
+    event_uuid, module, event_id, node = (doc.get(k) for k in ("id", "module", "event_id", "node"))
+    if not isinstance(event_uuid, str) or len(event_uuid) != 36:
+        raise InvalidEvent("id: not a UUID")
+    if not isinstance(module, str) or not MODULE_RE.fullmatch(module):
+        raise InvalidEvent("module: missing or invalid")
+    if isinstance(event_id, bool) or not isinstance(event_id, int) or event_id < 0:
+        raise InvalidEvent("event_id: missing or invalid")
+    if not isinstance(node, str):
+        raise InvalidEvent("node: missing or invalid")
+    return event_uuid, _routing_key(module, event_id, node)
 
 
 def _format_time(value: datetime) -> str:

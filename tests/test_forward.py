@@ -70,7 +70,8 @@ def test_fresh_broker_keeps_events_in_the_spool_until_they_can_be_routed(
 
     with connect_any(broker_config(vhost))[0] as connection:
         declare_topology(connection.default_channel)
-    wait_until(lambda: not path.exists(), 15, "the spool file to be forwarded")
+    wait_until(lambda: forwarder.forwarder.published == 1, 15, "the event to be confirmed")
+    assert not path.exists()
 
     with pika.BlockingConnection(params) as connection:
         method, properties, body = connection.channel().basic_get(WORK_QUEUE, auto_ack=True)
@@ -111,8 +112,9 @@ def test_new_files_wake_the_forwarder_without_polling(vhost: str, tmp_path: Path
             )
             for i in range(5)
         ]
-        wait_until(lambda: not any(p.exists() for p in paths), 10, "all five forwarded")
-        assert forwarder.published == 5
+        # Files leave the spool when claimed; published counts broker confirms.
+        wait_until(lambda: forwarder.published == 5, 10, "all five confirmed")
+        assert not any(p.exists() for p in paths)
     finally:
         running.close()
 
@@ -142,6 +144,6 @@ def test_an_unreadable_spool_file_is_set_aside_not_lost(forwarder: Running, vhos
     bad = spool.directory / "00000000000000000001-bad.json"
     bad.write_bytes(b"{not json")
     good = spool.write(new_event(module="rm", event_id=1, cluster="c", node="n", source="t"))
-    wait_until(lambda: not good.exists(), 10, "the good event to be forwarded")
+    wait_until(lambda: forwarder.forwarder.published == 1, 10, "the good event confirmed")
     assert not bad.exists()
     assert (spool.directory / "rejected" / bad.name).read_bytes() == b"{not json"
