@@ -143,7 +143,7 @@ def test_an_unreadable_spool_file_is_set_aside_not_lost(forwarder: Running, vhos
     spool = forwarder.forwarder.spool
     bad = spool.directory / "00000000000000000001-bad.json"
     bad.write_bytes(b"{not json")
-    good = spool.write(new_event(module="rm", event_id=1, cluster="c", node="n", source="t"))
+    spool.write(new_event(module="rm", event_id=1, cluster="c", node="n", source="t"))
     wait_until(lambda: forwarder.forwarder.published == 1, 10, "the good event confirmed")
     assert not bad.exists()
     assert (spool.directory / "rejected" / bad.name).read_bytes() == b"{not json"
