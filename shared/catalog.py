@@ -8,6 +8,7 @@ entries it changes.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -20,7 +21,14 @@ from shared.event import MODULE_RE
 from shared.levels import LEVELS, Level
 from shared.tables import Table
 
-__all__ = ["BUILTIN_NAME", "Catalog", "CatalogEntry", "load_catalog", "parse_catalog"]
+__all__ = [
+    "BUILTIN_NAME",
+    "Catalog",
+    "CatalogEntry",
+    "catalog_to_toml",
+    "load_catalog",
+    "parse_catalog",
+]
 
 BUILTIN_NAME: Final = "builtin_catalog.toml"
 
@@ -34,6 +42,8 @@ class CatalogEntry:
     text: str
     action: str = ""
     description: str = ""
+    # Other texts the same event has had (vendor lists repeat keys with variants).
+    alternates: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -81,6 +91,7 @@ def parse_catalog(data: object, source: str, problems: list[Problem]) -> Catalog
         text = table.text("text")
         action = table.text("action", "")
         description = table.text("description", "")
+        alternates = table.str_list("alternates", ())
         table.finish()
         if isinstance(module, str) and not MODULE_RE.fullmatch(module):
             table.error("module", f"{module!r:.40} must match [a-z0-9_-]{{1,32}}")
@@ -91,17 +102,27 @@ def parse_catalog(data: object, source: str, problems: list[Problem]) -> Catalog
             table.error("", f"{module}:{event_id} is already defined by message[{seen[key]}]")
             continue
         seen[key] = len(entries)
-        entries.append(CatalogEntry(module, event_id, level, entry_mail, text, action, description))
+        entries.append(
+            CatalogEntry(module, event_id, level, entry_mail, text, action, description, alternates)
+        )
     root.finish()
     return Catalog(entries)
 
 
 def _read_file(path: Path, problems: list[Problem]) -> Catalog:
     try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
+        raw = path.read_bytes()
     except OSError as exc:
         problems.append(Problem(str(path), f"cannot read catalog: {exc.strerror}"))
+        return Catalog()
+    from shared.vendor_csv import is_vendor_csv, parse_vendor_csv
+
+    if is_vendor_csv(path, raw[:64]):
+        return parse_vendor_csv(raw.decode("utf-8", errors="replace"), str(path), problems)
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        problems.append(Problem(str(path), "not UTF-8 text"))
         return Catalog()
     except tomllib.TOMLDecodeError as exc:
         problems.append(Problem(str(path), f"not valid TOML: {exc}"))
@@ -130,3 +151,31 @@ def load_catalog(paths: Iterable[Path]) -> Catalog:
     if any(p.severity == "error" for p in problems):
         raise ConfigError(problems)
     return catalog
+
+
+def _toml_string(value: str) -> str:
+    # A JSON string is a valid TOML basic string: the same quotes and escapes.
+    return json.dumps(value, ensure_ascii=False)
+
+
+def catalog_to_toml(catalog: Catalog, header: str = "") -> str:
+    """The catalog as ``[[message]]`` tables, for operators who want to edit it."""
+    out = [f"# {line}".rstrip() for line in header.splitlines()]
+    for key in sorted(catalog):
+        entry = catalog[key]
+        out += [
+            "",
+            "[[message]]",
+            f"module = {_toml_string(entry.module)}",
+            f"event_id = {entry.event_id}",
+            f"level = {_toml_string(entry.level)}",
+            f"mail = {'true' if entry.mail else 'false'}",
+            f"text = {_toml_string(entry.text)}",
+        ]
+        if entry.description:
+            out.append(f"description = {_toml_string(entry.description)}")
+        if entry.action:
+            out.append(f"action = {_toml_string(entry.action)}")
+        if entry.alternates:
+            out.append(f"alternates = [{', '.join(map(_toml_string, entry.alternates))}]")
+    return "\n".join(out).lstrip("\n") + "\n"

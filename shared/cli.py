@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -17,6 +18,11 @@ def report_errors(prog: str, command: Callable[[], int]) -> int:
     A config error prints every problem found, so one run shows everything to fix."""
     try:
         return command()
+    except BrokenPipeError:
+        # The reader went away (``... | head``): not an error worth a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"{prog}: {problem}", file=sys.stderr)

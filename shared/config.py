@@ -35,6 +35,7 @@ __all__ = [
     "MailConfig",
     "MetricsConfig",
     "ProducerConfig",
+    "Route",
     "SmtpRelay",
     "WorkerConfig",
     "config_secrets",
@@ -44,7 +45,17 @@ __all__ = [
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/clusteralert/clusteralert.toml")
 CONFIG_ENV: Final = "CLUSTERALERT_CONFIG"
-SECTIONS: Final = ("broker", "producer", "mail", "smtp", "filter", "catalog", "metrics", "worker")
+SECTIONS: Final = (
+    "broker",
+    "producer",
+    "mail",
+    "smtp",
+    "filter",
+    "catalog",
+    "metrics",
+    "worker",
+    "route",
+)
 CHARSETS: Final = (
     "utf-8",
     "iso-2022-jp",
@@ -138,10 +149,25 @@ class MailConfig:
     to: tuple[str, ...] = ()
     subject: str = DEFAULT_SUBJECT
     charset: str = "utf-8"
+    # False writes the subject raw in the charset, for legacy receivers that cannot
+    # decode RFC 2047 (as CLUSTERPRO offers); the default encodes it.
+    subject_encode: bool = True
+    # Add an HTML alternative part (every event field escaped) to the plain text.
+    html: bool = False
 
     @property
     def domain(self) -> str:
         return self.sender.rpartition("@")[2]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Recipients for events that match: the first matching route wins, and events no
+    route matches go to ``[mail] to``."""
+
+    to: tuple[str, ...]
+    match: tuple[str, ...] = ()  # module:event_id patterns; empty matches every key
+    min_level: Level = "info"
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +223,7 @@ class Config:
     producer: ProducerConfig = ProducerConfig()
     mail: MailConfig = MailConfig()
     smtp: tuple[SmtpRelay, ...] = ()
+    routes: tuple[Route, ...] = ()
     filter: FilterConfig = FilterConfig()
     catalog: CatalogConfig = CatalogConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -267,6 +294,8 @@ def parse_config(
         parts["smtp"] = tuple(reader.smtp(t) for t in root.tables("smtp"))
         if not parts["smtp"]:
             problems.append(Problem("smtp", "at least one [[smtp]] relay is required"))
+    if "route" in sections:
+        parts["routes"] = tuple(reader.route(t) for t in root.tables("route"))
     if "filter" in sections:
         parts["filter"] = reader.filter(root.table("filter"))
     if "catalog" in sections:
@@ -401,6 +430,8 @@ class _Reader:
             to=to,
             subject=subject,
             charset=t.choice("charset", CHARSETS, "utf-8"),
+            subject_encode=t.flag("subject_encode", True),
+            html=t.flag("html", False),
         )
         t.finish()
         return config
@@ -430,6 +461,24 @@ class _Reader:
         )
         t.finish()
         return relay
+
+    def route(self, t: Table) -> Route:
+        to = t.str_list("to", allow_single=True)
+        if not to:
+            t.error("to", "at least one recipient is required")
+        for i, address in enumerate(to):
+            if not _ADDRESS_RE.fullmatch(address):
+                t.error(f"to[{i}]", f"not a plain e-mail address: {address!r:.80}")
+        match = t.str_list("match", (), allow_single=True)
+        for i, pattern in enumerate(match):
+            if not _KEY_PATTERN_RE.fullmatch(pattern):
+                t.error(
+                    f"match[{i}]",
+                    f"expected module:event_id (wildcards allowed), got {pattern!r:.60}",
+                )
+        route = Route(to=to, match=match, min_level=t.choice("min_level", LEVELS, "info"))
+        t.finish()
+        return route
 
     def filter(self, t: Table) -> FilterConfig:
         enable = t.str_list("enable", ())

@@ -16,12 +16,13 @@ from shared.cli import on_stop_signal, report_errors
 from shared.config import Config, config_secrets, load_config
 from shared.errors import ConfigError, Problem
 from shared.logs import setup_logging
+from worker.catalog_cli import add_catalog_parser, run_catalog
 from worker.dlq_cli import add_dlq_parser
 
 __all__ = ["main"]
 
 PROG = "clusteralert-worker"
-WORKER_SECTIONS = ("broker", "mail", "smtp", "filter", "catalog", "metrics", "worker")
+WORKER_SECTIONS = ("broker", "mail", "smtp", "filter", "catalog", "metrics", "worker", "route")
 
 log = logging.getLogger(PROG)
 
@@ -41,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate config and catalog")
     check.add_argument("--config", help="config file")
     add_dlq_parser(sub)
+    add_catalog_parser(sub)
     return parser
 
 
@@ -103,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
     pipeline = Pipeline(
         catalog,
         config.filter,
-        Renderer(config.mail),
+        Renderer(config.mail, routes=config.routes),
         sender,
         metrics,
         retry_window=timedelta(seconds=config.worker.retry_window),
@@ -145,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"run": _run, "check-config": _check_config, "dlq": _dlq}
+    commands = {"run": _run, "check-config": _check_config, "dlq": _dlq, "catalog": run_catalog}
     return report_errors(PROG, lambda: commands[args.command](args))
 
 
