@@ -109,12 +109,19 @@ def free_port() -> int:
 class Process:
     """A console script run as a real process, with its output kept for the report."""
 
-    def __init__(self, name: str, args: list[str], log: Path, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        log: Path,
+        env: dict[str, str] | None = None,
+        bin_dir: Path = BIN,
+    ):
         self.name = name
         self.log = log
         self._fh = log.open("wb")
         self.proc = subprocess.Popen(
-            [str(BIN / name), *args],
+            [str(bin_dir / name), *args],
             stdout=self._fh,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
@@ -139,8 +146,10 @@ class Process:
 def processes(tmp_path: Path) -> Iterator[Callable[..., Process]]:
     started: list[Process] = []
 
-    def start(name: str, *args: str, env: dict[str, str] | None = None) -> Process:
-        process = Process(name, list(args), tmp_path / f"{name}-{len(started)}.log", env)
+    def start(
+        name: str, *args: str, env: dict[str, str] | None = None, bin_dir: Path = BIN
+    ) -> Process:
+        process = Process(name, list(args), tmp_path / f"{name}-{len(started)}.log", env, bin_dir)
         started.append(process)
         return process
 
