@@ -1,20 +1,23 @@
-"""``python -m bench [suite ...]``: run the named suites (default: all)."""
+"""``python -m bench [producer|worker] [--smoke]``: run one suite, or all of them."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import producer
-
-SUITES = {"producer": producer.main}
+from bench import producer, worker
 
 
 def main() -> None:
-    names = sys.argv[1:] or list(SUITES)
+    args = sys.argv[1:]
+    smoke = [a for a in args if a == "--smoke"]
+    names = [a for a in args if a != "--smoke"] or ["producer", "worker"]
     for name in names:
-        if name not in SUITES:
-            sys.exit(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
-        SUITES[name]()
+        if name == "producer":
+            producer.main()
+        elif name == "worker":
+            worker.main(smoke)
+        else:
+            sys.exit(f"unknown suite {name!r}; choose from producer, worker")
 
 
 main()

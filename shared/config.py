@@ -182,6 +182,9 @@ class SmtpRelay:
     max_connections: int = 4
     # After 3 failures in a row the relay is skipped this long, unless no relay is left.
     cooldown: float = 30.0
+    # At most this many mails per second to this relay from one worker (0: no limit);
+    # providers throttle or block senders that flood them.
+    rate_limit: float = 0.0
 
     @property
     def label(self) -> str:
@@ -458,6 +461,7 @@ class _Reader:
             timeout=t.number("timeout", 30.0, low=0.1, high=600),
             max_connections=t.integer("max_connections", 4, low=1, high=100),
             cooldown=t.number("cooldown", 30.0, low=0, high=3600),
+            rate_limit=t.number("rate_limit", 0.0, low=0, high=100_000),
         )
         t.finish()
         return relay

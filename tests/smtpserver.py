@@ -56,6 +56,8 @@ class _Handler:
     data_delay: float = 0.0
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     data_commands: int = 0
+    # Close each connection after this many accepted mails (0: never), as some relays do.
+    max_per_connection: int = 0
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -86,6 +88,12 @@ class _Handler:
         with self.condition:
             self.received.append(record)
             self.condition.notify_all()
+        if self.max_per_connection:
+            count = getattr(server, "_accepted", 0) + 1
+            server._accepted = count  # type: ignore[attr-defined]
+            if count >= self.max_per_connection and server.transport is not None:
+                # Reply, then hang up, as relays with a per-connection quota do.
+                asyncio.get_running_loop().call_soon(server.transport.close)
         return "250 OK"
 
 

@@ -314,6 +314,48 @@ def test_a_silently_dead_idle_connection_is_replaced_after_a_probe(
     assert value(metrics, "clusteralert_retries_total", stage="inprocess") == 0
 
 
+def test_a_relay_that_hangs_up_after_n_mails_loses_nothing(
+    smtp_server: ServerFactory, certs: Certs
+) -> None:
+    from worker.send import Sender
+
+    server = smtp_server("starttls")
+    server.handler.max_per_connection = 3
+    config = relay(server, certs, max_connections=2)
+    metrics = Metrics([config.label])
+    sender = Sender([config], metrics)
+
+    async def go() -> None:
+        for _ in range(4):
+            await asyncio.gather(*(sender.send(make_mail()) for _ in range(5)))
+        await sender.close()
+
+    asyncio.run(go())
+    assert len(server.received) == 20
+    assert server.handler.connections >= 20 // 3
+    for reason in ("connect", "disconnected", "timeout"):
+        assert value(metrics, "clusteralert_mails_failed_total", reason=reason) == 0
+
+
+def test_rate_limit_spaces_mails(smtp_server: ServerFactory, certs: Certs) -> None:
+    from worker.send import Sender
+
+    server = smtp_server("starttls")
+    config = relay(server, certs, max_connections=4, rate_limit=20.0)
+    sender = Sender([config], Metrics([config.label]))
+
+    async def go() -> float:
+        started = time.monotonic()
+        await asyncio.gather(*(sender.send(make_mail()) for _ in range(11)))
+        elapsed = time.monotonic() - started
+        await sender.close()
+        return elapsed
+
+    # 11 mails at 20/s: the last may start no earlier than 0.5 s after the first.
+    assert asyncio.run(go()) >= 0.5
+    assert len(server.received) == 11
+
+
 def test_a_failing_relay_sits_out_its_cooldown(smtp_server: ServerFactory, certs: Certs) -> None:
     from worker.send import Sender
 

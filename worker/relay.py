@@ -47,6 +47,17 @@ class Relay:
         self._slots: asyncio.Semaphore | None = None
         self._failures = 0
         self._cooldown_until = 0.0
+        self._next_slot = 0.0
+
+    async def _pace(self) -> None:
+        """Space mails ``1 / rate_limit`` seconds apart: each caller reserves the next
+        free slot in time, then sleeps until it comes."""
+        interval = 1.0 / self.config.rate_limit
+        now = time.monotonic()
+        slot = max(now, self._next_slot)
+        self._next_slot = slot + interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
 
     def cooling_down(self, now: float) -> bool:
         return now < self._cooldown_until
@@ -69,6 +80,8 @@ class Relay:
         mail for others. Raises a :class:`DeliveryError` subclass otherwise."""
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.config.max_connections)
+        if self.config.rate_limit > 0:
+            await self._pace()
         async with self._slots:
             client = await self._take_idle()
             if client is not None:

@@ -1,0 +1,123 @@
+"""The benchmarks' relay: aiosmtpd with STARTTLS (trustme certificate), in a process of its
+own so that it never shares a GIL with what it measures. It records when each mail
+arrived and its event id (from the Message-ID), with an optional delay before each DATA
+reply to play a slow cloud relay."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import re
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+_MESSAGE_ID = re.compile(rb"^Message-ID: <([^@>]+)@", re.MULTILINE | re.IGNORECASE)
+
+
+@dataclass
+class Arrival:
+    event_id: str
+    at: float  # time.time() when DATA completed
+
+
+class _Handler:
+    def __init__(self, delay: float, out: Connection):
+        self.delay = delay
+        self.out = out
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        match = _MESSAGE_ID.search(envelope.original_content or b"")
+        self.out.send((match.group(1).decode() if match else "", time.time()))
+        return "250 OK"
+
+
+def _serve(port: int, cert: str, key: str, delay: float, out: Connection) -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    handler = _Handler(delay, out)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: SMTP(
+                handler, hostname="bench.relay", tls_context=context, require_starttls=True
+            ),
+            "127.0.0.1",
+            port,
+            reuse_address=True,
+        )
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class BenchRelay:
+    """Start with ``with BenchRelay(certdir, delay) as relay``; ``arrivals()`` drains what
+    arrived so far."""
+
+    def __init__(self, certdir: Path, delay: float = 0.0):
+        self.port = free_port()
+        self._recv, send = multiprocessing.Pipe(duplex=False)
+        self._proc = multiprocessing.Process(
+            target=_serve,
+            args=(self.port, str(certdir / "cert.pem"), str(certdir / "key.pem"), delay, send),
+            daemon=True,
+        )
+        self._arrivals: list[Arrival] = []
+
+    def __enter__(self) -> BenchRelay:
+        self._proc.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("bench relay did not start")
+
+    def __exit__(self, *exc: object) -> None:
+        self._proc.terminate()
+        self._proc.join(5)
+
+    def arrivals(self) -> list[Arrival]:
+        while self._recv.poll():
+            event_id, at = self._recv.recv()
+            self._arrivals.append(Arrival(event_id, at))
+        return self._arrivals
+
+    def wait_for(self, count: int, timeout: float) -> list[Arrival]:
+        deadline = time.monotonic() + timeout
+        while len(self.arrivals()) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(self._arrivals)} of {count} mails arrived")
+            self._recv.poll(0.1)
+        return self._arrivals
+
+
+def make_certs(directory: Path) -> Path:
+    """A CA and a server certificate for 127.0.0.1; returns the CA file."""
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    leaf.private_key_pem.write_to_path(str(directory / "key.pem"))
+    leaf.cert_chain_pems[0].write_to_path(str(directory / "cert.pem"))
+    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    return directory / "ca.pem"

@@ -1,0 +1,460 @@
+"""Worker benchmarks (issue 7), against the real local RabbitMQ and the real worker
+processes, with a STARTTLS relay in a process of its own.
+
+B1 throughput: mails/s draining N pre-published events through one worker to a fast
+   relay; in the same run, a naive consumer (smtplib connect + STARTTLS + send + ack per
+   mail) and the ceiling (an aiosmtplib pool writing pre-rendered mails, no broker).
+B2 slow relay: 100 ms per DATA, at the default and at 16 ``max_connections``, vs naive.
+B3 latency: spool write to relay acceptance through producer, broker, worker and relay,
+   at 50 events/s for 60 s (an in-process emitter using the producer's spool writer);
+   plus a cold ``emit``'s end-to-end latency.
+B4 scale-out: 1, 2 and 4 workers against the slow relay, 4 connections each.
+B5 memory: worker peak RSS during B1, and RSS growth across 50,000 mails.
+
+``--smoke`` runs every part with tiny sizes so CI keeps the harness working; it asserts
+nothing about timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import smtplib
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pika
+
+from bench.common import amqp_url, report, vhost
+from bench.relay import BenchRelay, make_certs
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Sizes:
+    b1: int = 5000
+    naive: int = 1000
+    b2: int = 1000
+    b2_naive: int = 100
+    b3_seconds: float = 60.0
+    b4: int = 1000
+    b5: int = 50_000
+
+
+SMOKE = Sizes(b1=200, naive=50, b2=100, b2_naive=10, b3_seconds=3.0, b4=100, b5=400)
+
+
+# -- the system under test -------------------------------------------------------------------
+
+
+def _event(i: int) -> tuple[str, bytes]:
+    event_id = str(uuid.uuid4())
+    body = json.dumps(
+        {
+            "v": 1,
+            "id": event_id,
+            "time": datetime.now(UTC).isoformat(),
+            "cluster": "bench",
+            "node": f"node{i % 16}",
+            "module": "monitor",
+            "event_id": 1,
+            "params": {"monitor": f"httpw{i % 50}", "detail": "no answer in 30 s"},
+            "source": "bench",
+        }
+    ).encode()
+    return event_id, body
+
+
+def _publish(name: str, count: int) -> None:
+    """Pre-publish ``count`` events; one confirm at the end keeps this fast."""
+    with pika.BlockingConnection(pika.URLParameters(amqp_url(name))) as connection:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        props = pika.BasicProperties(delivery_mode=2)
+        for i in range(count):
+            _, body = _event(i)
+            channel.basic_publish("clusteralert.events", "monitor.1.n", body, props)
+
+
+def _declare(name: str) -> None:
+    from shared.config import parse_config
+    from worker.consume import connect_any
+    from worker.declare import declare_topology
+
+    broker = parse_config({"broker": {"urls": [amqp_url(name)]}}, sections=("broker",)).broker
+    with connect_any(broker)[0] as connection:
+        declare_topology(connection.default_channel)
+
+
+def _config(
+    tmp: Path,
+    name: str,
+    relay: BenchRelay,
+    ca: Path,
+    *,
+    connections: int,
+    spool: Path | None = None,
+) -> Path:
+    config = tmp / f"worker-{uuid.uuid4().hex[:6]}.toml"
+    config.write_text(
+        f'[broker]\nurls = ["{amqp_url(name)}"]\n'
+        f'[producer]\nspool_dir = "{spool or tmp / "spool"}"\n'
+        '[mail]\nfrom = "cluster@example.com"\nto = ["ops@example.com"]\n'
+        f'[[smtp]]\nhost = "127.0.0.1"\nport = {relay.port}\nsecurity = "starttls"\n'
+        f'ca_file = "{ca}"\nmax_connections = {connections}\n'
+        "[worker]\nprefetch = 64\n"
+    )
+    return config
+
+
+def _start_worker(config: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [str(BIN / "clusteralert-worker"), "run", "--config", str(config), "--metrics-port", "0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(60)
+
+
+def _rate(relay: BenchRelay, count: int, timeout: float, skip: int = 0) -> float:
+    """Mails/s between the first and the last of ``count`` arrivals after ``skip``."""
+    arrivals = relay.wait_for(skip + count, timeout)[skip : skip + count]
+    span = arrivals[-1].at - arrivals[0].at
+    return (len(arrivals) - 1) / span if span > 0 else float("inf")
+
+
+def _rss_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def workers_rate(
+    tmp: Path, ca: Path, count: int, *, workers: int, connections: int, delay: float
+) -> tuple[float, int]:
+    """Mails/s of ``workers`` processes draining ``count`` events; and the first one's
+    peak RSS (KiB)."""
+    with vhost() as name, BenchRelay(tmp, delay) as relay:
+        _declare(name)
+        _publish(name, count)
+        config = _config(tmp, name, relay, ca, connections=connections)
+        procs = [_start_worker(config) for _ in range(workers)]
+        try:
+            rate = _rate(relay, count, timeout=max(120.0, count / 5))
+            peak = _rss_kib(procs[0].pid, "VmHWM")
+        finally:
+            _stop(procs)
+    return rate, peak
+
+
+# -- baselines ---------------------------------------------------------------------------------
+
+
+def _naive(name: str, port: int, ca: str, count: int) -> None:
+    """The peer's way: per message, connect, STARTTLS, send, quit, then ack."""
+    context = ssl.create_default_context(cafile=ca)
+    with pika.BlockingConnection(pika.URLParameters(amqp_url(name))) as connection:
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=1)
+        for done, (method, _, body) in enumerate(channel.consume("clusteralert.mail"), 1):
+            event = json.loads(body)
+            message = (
+                f"From: cluster@example.com\r\nTo: ops@example.com\r\n"
+                f"Message-ID: <{event['id']}@example.com>\r\nSubject: x\r\n\r\n"
+                f"{event['params']}\r\n"
+            ).encode()
+            with smtplib.SMTP("127.0.0.1", port) as smtp:
+                smtp.starttls(context=context)
+                smtp.sendmail("cluster@example.com", ["ops@example.com"], message)
+            channel.basic_ack(method.delivery_tag)
+            if done == count:
+                break
+        channel.cancel()
+
+
+def naive_rate(tmp: Path, ca: Path, count: int, delay: float) -> float:
+    with vhost() as name, BenchRelay(tmp, delay) as relay:
+        _declare(name)
+        _publish(name, count)
+        proc = multiprocessing.Process(target=_naive, args=(name, relay.port, str(ca), count))
+        proc.start()
+        try:
+            return _rate(relay, count, timeout=max(120.0, count * (delay + 0.05) * 2))
+        finally:
+            proc.join(30)
+
+
+def _ceiling(port: int, ca: str, count: int, connections: int) -> None:
+    import aiosmtplib
+
+    from shared.config import MailConfig
+    from shared.event import new_event
+    from shared.filter import Decision
+    from worker.render import Renderer
+
+    renderer = Renderer(MailConfig(sender="cluster@example.com", to=("ops@example.com",)))
+    mails = [
+        renderer.render(
+            new_event(
+                module="monitor",
+                event_id=1,
+                cluster="c",
+                node="n",
+                source="bench",
+                level="error",
+                text=f"m{i}",
+            ),
+            Decision(True, "error", None, None, "bench"),
+        ).data
+        for i in range(count)
+    ]
+    context = ssl.create_default_context(cafile=ca)
+
+    async def client(share: list[bytes]) -> None:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=True, tls_context=context)
+        await smtp.connect()
+        for data in share:
+            await smtp.sendmail("cluster@example.com", ["ops@example.com"], data)
+        await smtp.quit()
+
+    async def main() -> None:
+        await asyncio.gather(*(client(mails[i::connections]) for i in range(connections)))
+
+    asyncio.run(main())
+
+
+def ceiling_rate(tmp: Path, ca: Path, count: int, connections: int = 8) -> float:
+    with BenchRelay(tmp) as relay:
+        proc = multiprocessing.Process(
+            target=_ceiling, args=(relay.port, str(ca), count, connections)
+        )
+        proc.start()
+        try:
+            return _rate(relay, count, timeout=120)
+        finally:
+            proc.join(30)
+
+
+# -- B3: latency through the whole pipeline ------------------------------------------------------
+
+
+def latency(tmp: Path, ca: Path, seconds: float, per_second: float = 50.0) -> dict[str, float]:
+    from producer.spool import Spool
+    from shared.event import new_event
+
+    spool_dir = tmp / "b3-spool"
+    with vhost() as name, BenchRelay(tmp) as relay:
+        _declare(name)
+        config = _config(tmp, name, relay, ca, connections=4, spool=spool_dir)
+        worker = _start_worker(config)
+        producer = subprocess.Popen(
+            [str(BIN / "clusteralert-producer"), "run", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            # Warm up: the first event waits for connections to open.
+            spool = Spool(spool_dir)
+            spool.write(
+                new_event(
+                    module="monitor",
+                    event_id=1,
+                    cluster="c",
+                    node="n",
+                    source="bench",
+                    params={"monitor": "warm", "detail": "x"},
+                )
+            )
+            relay.wait_for(1, 60)
+            written: dict[str, float] = {}
+            total = int(seconds * per_second)
+            started = time.monotonic()
+            for i in range(total):
+                due = started + i / per_second
+                time.sleep(max(0.0, due - time.monotonic()))  # a steady pace, not a wait
+                event = new_event(
+                    module="monitor",
+                    event_id=1,
+                    cluster="c",
+                    node="n",
+                    source="bench",
+                    params={"monitor": f"m{i}", "detail": "x"},
+                )
+                spool.write(event)
+                written[event.id] = time.time()
+            arrivals = relay.wait_for(1 + total, 120)[1:]
+            lat = sorted(
+                (a.at - written[a.event_id]) * 1000 for a in arrivals if a.event_id in written
+            )
+            # A cold emit, end to end, a few times.
+            cold = []
+            env = {**os.environ, "CLUSTERALERT_CONFIG": str(config)}
+            for _ in range(5):
+                t0 = time.time()
+                out = subprocess.run(
+                    [
+                        str(BIN / "clusteralert-producer"),
+                        "emit",
+                        "--module",
+                        "monitor",
+                        "--event-id",
+                        "1",
+                        "--param",
+                        "monitor=cold",
+                        "detail=x",
+                    ],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                event_id = out.stdout.strip()
+                deadline = time.monotonic() + 30
+                while not any(a.event_id == event_id for a in relay.arrivals()):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("cold emit never arrived")
+                    relay.wait_for(len(relay.arrivals()) + 1, 30)
+                arrival = next(a for a in relay.arrivals() if a.event_id == event_id)
+                cold.append((arrival.at - t0) * 1000)
+        finally:
+            _stop([producer, worker])
+
+    def pct(p: float) -> float:
+        return lat[min(len(lat) - 1, int(p * len(lat)))]
+
+    return {
+        "events": len(lat),
+        "p50_ms": pct(0.5),
+        "p95_ms": pct(0.95),
+        "p99_ms": pct(0.99),
+        "max_ms": lat[-1],
+        "cold_emit_ms_median": statistics.median(cold),
+    }
+
+
+# -- B5: memory growth -------------------------------------------------------------------------
+
+
+def memory_growth(tmp: Path, ca: Path, count: int) -> dict[str, float]:
+    with vhost() as name, BenchRelay(tmp) as relay:
+        _declare(name)
+        publisher = threading.Thread(target=_publish, args=(name, count))
+        publisher.start()
+        worker = _start_worker(_config(tmp, name, relay, ca, connections=4))
+        try:
+            relay.wait_for(count // 5, 600)
+            early = _rss_kib(worker.pid, "VmRSS")
+            relay.wait_for(count, 1200)
+            late = _rss_kib(worker.pid, "VmRSS")
+            peak = _rss_kib(worker.pid, "VmHWM")
+        finally:
+            publisher.join()
+            _stop([worker])
+    return {
+        "mails": count,
+        "rss_after_20pct_kib": early,
+        "rss_at_end_kib": late,
+        "growth_kib": late - early,
+        "peak_kib": peak,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench worker")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: harness check only")
+    args = parser.parse_args(argv)
+    sizes = SMOKE if args.smoke else Sizes()
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        ca = make_certs(tmp)
+        b1, b1_peak = workers_rate(tmp, ca, sizes.b1, workers=1, connections=4, delay=0.0)
+        naive = naive_rate(tmp, ca, sizes.naive, 0.0)
+        ceiling = ceiling_rate(tmp, ca, sizes.b1)
+        b2_default, _ = workers_rate(tmp, ca, sizes.b2, workers=1, connections=4, delay=0.1)
+        b2_wide, _ = workers_rate(tmp, ca, sizes.b2, workers=1, connections=16, delay=0.1)
+        b2_naive = naive_rate(tmp, ca, sizes.b2_naive, 0.1)
+        b3 = latency(tmp, ca, sizes.b3_seconds)
+        b4 = {
+            n: workers_rate(tmp, ca, sizes.b4, workers=n, connections=4, delay=0.1)[0]
+            for n in (1, 2, 4)
+        }
+        b5 = memory_growth(tmp, ca, sizes.b5)
+    figures = {
+        "smoke": args.smoke,
+        "b1": {
+            "worker_per_s": b1,
+            "naive_per_s": naive,
+            "ceiling_per_s": ceiling,
+            "worker_over_naive": b1 / naive,
+            "worker_over_ceiling": b1 / ceiling,
+        },
+        "b2": {
+            "default_4_per_s": b2_default,
+            "connections_16_per_s": b2_wide,
+            "naive_per_s": b2_naive,
+            "wide_over_naive": b2_wide / b2_naive,
+            "wide_over_ideal": b2_wide / (16 / 0.1),
+        },
+        "b3": b3,
+        "b4": {f"{n}_workers_per_s": r for n, r in b4.items()}
+        | {"4_over_1": b4[4] / b4[1], "2_over_1": b4[2] / b4[1]},
+        "b5": b5 | {"b1_peak_kib": b1_peak},
+    }
+    report(
+        "worker-smoke" if args.smoke else "worker",
+        [
+            ("B1 worker, fast relay", f"{b1:.0f} mails/s"),
+            ("B1 naive (connect+STARTTLS per mail)", f"{naive:.0f} mails/s"),
+            ("B1 ceiling (aiosmtplib pool, no broker)", f"{ceiling:.0f} mails/s"),
+            ("B1 worker/naive (target >= 6x)", f"{b1 / naive:.1f}x"),
+            ("B1 worker/ceiling (stretch 0.7x)", f"{b1 / ceiling:.2f}x"),
+            ("B2 100 ms relay, 4 connections", f"{b2_default:.0f} mails/s"),
+            (
+                "B2 100 ms relay, 16 connections",
+                f"{b2_wide:.0f} mails/s ({b2_wide / (16 / 0.1):.2f} of 160/s)",
+            ),
+            ("B2 naive", f"{b2_naive:.1f} mails/s"),
+            ("B2 16 connections/naive (target >= 12x)", f"{b2_wide / b2_naive:.1f}x"),
+            (
+                "B3 spool to relay at 50/s",
+                f"p50 {b3['p50_ms']:.0f} ms, p95 {b3['p95_ms']:.0f} ms, "
+                f"p99 {b3['p99_ms']:.0f} ms, max {b3['max_ms']:.0f} ms",
+            ),
+            ("B3 cold emit end to end", f"{b3['cold_emit_ms_median']:.0f} ms (median of 5)"),
+            (
+                "B4 1/2/4 workers, 100 ms relay",
+                " / ".join(f"{b4[n]:.0f}" for n in (1, 2, 4))
+                + f" mails/s; 4/1 = {b4[4] / b4[1]:.2f}x (target >= 3.5x)",
+            ),
+            ("B5 worker peak RSS in B1", f"{b1_peak / 1024:.1f} MiB"),
+            (
+                f"B5 RSS growth over {b5['mails']} mails",
+                f"{b5['growth_kib'] / 1024:+.1f} MiB (from {b5['rss_after_20pct_kib'] / 1024:.1f})",
+            ),
+        ],
+        figures,
+    )
+
+
+if __name__ == "__main__":
+    main()
