@@ -218,6 +218,13 @@ def _fit(event: Event, params: Mapping[str, str]) -> Event:
         return {k: _truncate_bytes(v, limits[k]) for k, v in params.items()}
 
     fitted = cut()
+    # The common case needs no encoding to know it fits: at most 4 bytes per character,
+    # plus JSON quoting (escapes double a character at most, as \uXXXX is ASCII).
+    rough = sum(len(k) + 6 * len(v) for k, v in fitted.items()) + 6 * (
+        len(event.cluster) + len(event.node) + len(event.text or "")
+    )
+    if rough + 1024 < MAX_EVENT_BYTES:
+        return Event(**{**_fields(event), "params": fitted})
     while len(_encode_unchecked(event, fitted)) > MAX_EVENT_BYTES:
         biggest = max(fitted, key=lambda k: len(fitted[k].encode("utf-8")), default=None)
         if biggest is None or limits[biggest] <= 128:
