@@ -310,6 +310,7 @@ def latency(tmp: Path, ca: Path, seconds: float, per_second: float = 50.0) -> di
             cold = []
             env = {**os.environ, "CLUSTERALERT_CONFIG": str(config)}
             for _ in range(5):
+                before = len(relay.arrivals())
                 t0 = time.time()
                 out = subprocess.run(
                     [
@@ -329,7 +330,7 @@ def latency(tmp: Path, ca: Path, seconds: float, per_second: float = 50.0) -> di
                     check=True,
                 )
                 event_id = out.stdout.strip()
-                arrived = relay.wait_for(len(relay.arrivals()) + 1, 30)
+                arrived = relay.wait_for(before + 1, 30)
                 arrival = next(a for a in arrived if a.event_id == event_id)
                 cold.append((arrival.at - t0) * 1000)
         finally:
