@@ -40,6 +40,8 @@ __all__ = ["LogFollower", "catalog_regex"]
 log = logging.getLogger(__name__)
 
 MAX_LINE: Final = 64 * 1024  # longer lines are cut: a runaway line must not eat memory
+MAX_PER_POLL: Final = 1024 * 1024  # bytes one poll reads, so the I/O loop is never held long
+MAX_BACKMATCH: Final = 2048  # longer messages are not matched back against catalog texts
 _READ_CHUNK: Final = 256 * 1024
 _NS: Final = uuid.UUID("0c7a4f4e-2a5b-4c66-b1a4-8d1f5a0e7c31")
 _PLACEHOLDER_RE: Final = re.compile(r"\{([A-Za-z0-9_]+)\}|%([0-9]+)")
@@ -91,13 +93,19 @@ class LogFollower:
 
     # -- position ------------------------------------------------------------------------
 
-    def _load_state(self) -> tuple[int | None, int]:
+    def _load_state(self) -> tuple[int | None, int, str]:
         try:
             state = json.loads(self._state_path.read_text())
             self._generation = int(state.get("generation", 0))
-            return int(state["inode"]), int(state["offset"])
+            return int(state["inode"]), int(state["offset"]), str(state.get("tail", ""))
         except (OSError, ValueError, KeyError, TypeError):
-            return None, -1
+            return None, -1, ""
+
+    def _tail(self, fd: int, offset: int) -> str:
+        """A fingerprint of the bytes just before ``offset``: a file truncated and
+        written again while we were away has other bytes there."""
+        start = max(0, offset - 64)
+        return hashlib.sha256(os.pread(fd, offset - start, start)).hexdigest()[:16]
 
     def _save_state(self) -> None:
         self._state_path.parent.mkdir(exist_ok=True)
@@ -107,6 +115,7 @@ class LogFollower:
             "inode": self._inode,
             "offset": self._offset,
             "generation": self._generation,
+            "tail": self._tail(self._file, self._offset) if self._file >= 0 else "",
         }
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self._state_path)
@@ -118,13 +127,21 @@ class LogFollower:
             return False
         stat = os.fstat(fd)
         self._file, self._inode = fd, stat.st_ino
-        saved_inode, saved_offset = self._load_state() if first else (None, 0)
-        if first and saved_inode == stat.st_ino and 0 <= saved_offset <= stat.st_size:
+        saved_inode, saved_offset, tail = self._load_state() if first else (None, 0, "")
+        if (
+            first
+            and saved_inode == stat.st_ino
+            and 0 <= saved_offset <= stat.st_size
+            and tail == self._tail(fd, saved_offset)
+        ):
             self._offset = saved_offset  # where we stopped last time
         elif first and saved_offset < 0:
             self._offset = stat.st_size  # never seen: do not mail the file's history
         else:
-            self._offset = 0  # rotated (while we were away, or just now)
+            # Rotated or truncated (while we were away, or just now), or a reused inode:
+            # offsets repeat, so a new generation keeps the new lines' event ids new.
+            self._offset = 0
+            self._generation += 1
         self._partial = b""
         self._save_state()
         return True
@@ -157,20 +174,35 @@ class LogFollower:
         return self.spooled - before
 
     def _read_to_end(self) -> None:
-        while True:
+        """Read what is new, at most ``MAX_PER_POLL`` bytes: this runs on the agent's I/O
+        loop, which must keep serving the broker; the rest comes on the next poll."""
+        budget = MAX_PER_POLL
+        while budget > 0:
             chunk = os.pread(self._file, _READ_CHUNK, self._offset + len(self._partial))
             if not chunk:
                 return
+            budget -= len(chunk)
             data = self._partial + chunk
             start = 0
-            while (end := data.find(b"\n", start)) >= 0:
-                if self._skipping:
-                    self._skipping = False  # the end of an over-long line
-                else:
-                    self._line(data[start:end], self._offset)
-                self._offset += end + 1 - start
-                start = end + 1
+            try:
+                while (end := data.find(b"\n", start)) >= 0:
+                    if self._skipping:
+                        self._skipping = False  # the end of an over-long line
+                    elif self._line(data[start:end], self._offset):
+                        # Position saved only after a spooled line (and per chunk): a
+                        # crash re-reads lines, and their ids make the spool keep one.
+                        self._offset += end + 1 - start
+                        start = end + 1
+                        self._save_state()
+                        continue
+                    self._offset += end + 1 - start
+                    start = end + 1
+            except Exception:
+                # This line is read again next time; what was after it is not yet read.
+                self._partial = b""
                 self._save_state()
+                raise
+            self._save_state()
             self._partial = data[start:]
             if len(self._partial) > MAX_LINE:
                 # A line with no end in sight: handle its start, skip the rest of it.
@@ -181,14 +213,15 @@ class LogFollower:
                 self._partial = b""
                 self._save_state()
 
-    def _line(self, raw: bytes, offset: int) -> None:
+    def _line(self, raw: bytes, offset: int) -> bool:
+        """Spool ``raw`` if it matches; True when an event was spooled."""
         line = raw[:MAX_LINE].decode("utf-8", errors="replace").rstrip("\r")
         for pattern in self.patterns:
             match = pattern.search(line)
             if match is not None:
                 break
         else:
-            return
+            return False
         groups = {k: v for k, v in match.groupdict().items() if v is not None}
         module = groups.pop("module", None) or self.config.module
         event_text = groups.pop("message", None)
@@ -199,7 +232,7 @@ class LogFollower:
         except ValueError:
             event_id = None
         if module is None or event_id is None:
-            return
+            return False
         params = groups
         text = None
         if not params and event_text:
@@ -223,15 +256,18 @@ class LogFollower:
             log.warning(
                 "%s: line at offset %d not turned into an event: %s", self.config.path, offset, exc
             )
-            return
+            return False
         # A failure (a full spool) propagates before the position moves past this line,
         # so the line is tried again on the next poll.
-        self.spool.write_once(event)
-        self.spooled += 1
+        if self.spool.write_once(event) is not None:
+            self.spooled += 1
+        return True
 
     def _params_from_catalog(self, module: str, event_id: int, message: str) -> dict[str, str]:
         entry = self.catalog.lookup(module.lower(), event_id)
-        if entry is None:
+        # Lazy groups make matching polynomial: a long crafted line must not stall the
+        # agent's I/O loop, so long messages go into the text as they are.
+        if entry is None or len(message) > MAX_BACKMATCH:
             return {}
         key = (entry.text, id(entry))
         if key not in self._regex_cache:

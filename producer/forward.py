@@ -113,6 +113,7 @@ class Forwarder:
         self._connection: Any = None
         self._channel: Any = None
         self._ready = False
+        self._opening = False
         self._held = False
         self._stopping = False
         self._backoff = _MIN_BACKOFF
@@ -200,6 +201,7 @@ class Forwarder:
             "connected to broker %s:%s vhost %s", params.host, params.port, params.virtual_host
         )
         self.connected = True
+        self._opening = True
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_open_error(self, connection: Any, error: BaseException) -> None:
@@ -214,6 +216,7 @@ class Forwarder:
         self._connection = None
         self._channel = None
         self._ready = False
+        self._opening = False
         self.connected = False
         self._give_back_in_flight()
         if self._stopping:
@@ -223,17 +226,22 @@ class Forwarder:
         self._loop.call_later(self._next_backoff(), self._connect)
 
     def _on_channel_open(self, channel: Any) -> None:
+        self._opening = False
         self._channel = channel
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
         channel.confirm_delivery(self._on_confirm, callback=self._on_confirm_mode)
 
     def _on_confirm_mode(self, frame: Any) -> None:
+        if self._channel is None or frame.channel_number != self._channel.channel_number:
+            return  # a stale channel's late reply: its tags are not ours
         self._ready = True
         self._next_tag = 1  # delivery tags count from 1 on every channel
         self._pump()
 
     def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
+        if self._channel is not None and channel is not self._channel:
+            return  # not the channel we publish on
         self._channel = None
         self._ready = False
         self._give_back_in_flight()
@@ -243,7 +251,13 @@ class Forwarder:
         self._hold(f"broker closed the channel ({_describe(reason)}); events stay in spool")
 
     def _reopen_channel(self) -> None:
-        if self._connection is not None and self._connection.is_open and self._channel is None:
+        if (
+            self._connection is not None
+            and self._connection.is_open
+            and self._channel is None
+            and not self._opening
+        ):
+            self._opening = True
             self._connection.channel(on_open_callback=self._on_channel_open)
 
     # -- publishing ----------------------------------------------------------------------
@@ -406,11 +420,15 @@ class Forwarder:
 
     def _on_tick(self) -> None:
         """Periodic housekeeping; also covers a missed or unavailable spool watch."""
-        for path, what in self.spool.recover_stale_tmp():
-            log.warning("spool: %s: %s", what, path)
-        if self.spool.release_orphaned_claims():
-            log.info("spool: took back events of a forwarder that died")
-        self.spool.expire_seen()
+        try:
+            for path, what in self.spool.recover_stale_tmp():
+                log.warning("spool: %s: %s", what, path)
+            if self.spool.release_orphaned_claims(own=self._claim):
+                log.info("spool: took back events of a forwarder that died")
+            self.spool.expire_seen()
+        except OSError as exc:
+            # Housekeeping must never take the agent down; it runs again next tick.
+            self._note_error(f"spool housekeeping: {exc}")
         self._dirty = True
         self._pump()
         self._write_status()

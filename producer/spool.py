@@ -75,6 +75,9 @@ class Spool:
             created = not self.directory.exists()
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o2770)
             if created:
+                # mkdir ignores the setgid bit: set it, so files made by the Pacemaker
+                # agent (hacluster) get the directory's group and the agent can read them.
+                os.chmod(self.directory, 0o2770)  # noqa: S103 - shared with the agent's group
                 # The new directory entry itself must survive a power cut too.
                 _fsync_dir(self.directory.parent)
         except OSError as exc:
@@ -84,6 +87,20 @@ class Spool:
         """Make ``event`` durable and return its file. Raises :class:`SpoolError` with a
         one-line reason (spool full, disk full, permissions); a half-written file never
         stays."""
+        written = self._write(event, once=False)
+        assert written is not None
+        return written
+
+    def write_once(self, event: Event) -> Path | None:
+        """Like :meth:`write`, but only the first call for an event id spools it; later
+        ones (Pacemaker runs its agent once per recipient, in parallel) return None.
+        The decision is a hard link of the complete, fsynced temp file to
+        ``.seen/<id>``, made before the rename: whoever links first wins, the event is
+        durable before anyone can see the marker, and a loser's file never reaches the
+        spool. Markers expire after a day."""
+        return self._write(event, once=True)
+
+    def _write(self, event: Event, *, once: bool) -> Path | None:
         self.ensure()
         data = encode_event(event)
         self._check_room(len(data))
@@ -99,6 +116,9 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            if once and not self._mark_seen(tmp, event.id):
+                tmp.unlink()
+                return None
             os.rename(tmp, final)
             _fsync_dir(self.directory)
         except OSError as exc:
@@ -108,29 +128,18 @@ class Spool:
             raise SpoolError(f"cannot write to spool {self.directory}: {reason}") from None
         return final
 
-    def write_once(self, event: Event) -> Path | None:
-        """Like :meth:`write`, but only the first call for an event id spools it; later
-        ones (Pacemaker runs its agent once per recipient, in parallel) return None. A
-        marker per id, created with O_EXCL, decides; markers expire after a day."""
-        self.ensure()
+    def _mark_seen(self, tmp: Path, event_id: str) -> bool:
+        """True if this is the first file for ``event_id``."""
         seen = self.directory / SEEN_DIR
+        if not seen.exists():
+            with contextlib.suppress(FileExistsError):
+                seen.mkdir(mode=0o2770)
+                os.chmod(seen, 0o2770)  # noqa: S103 - mkdir ignores setgid; the group shares it
         try:
-            seen.mkdir(exist_ok=True, mode=0o2770)
-            fd = os.open(
-                seen / event.id, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640
-            )
+            os.link(tmp, seen / event_id)
         except FileExistsError:
-            return None
-        except OSError as exc:
-            raise SpoolError(f"cannot write to spool {self.directory}: {exc.strerror}") from None
-        os.close(fd)
-        try:
-            return self.write(event)
-        except SpoolError:
-            # Not spooled after all: let a retry of the same alert try again.
-            with contextlib.suppress(OSError):
-                (seen / event.id).unlink()
-            raise
+            return False
+        return True
 
     def expire_seen(self, max_age: float = 86400.0, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -222,25 +231,28 @@ class Spool:
                 if now - entry.stat().st_mtime < STALE_TMP_SECONDS:
                     continue
                 data = path.read_bytes()
+                try:
+                    decode_event(data)
+                except Exception:
+                    done.append((self.reject(path), "set aside a half-written event"))
+                    continue
+                target = self.directory / entry.name[len(_TMP_PREFIX) :]
+                os.rename(path, target)
+                done.append((target, "recovered an event whose writer died"))
             except OSError:
-                continue
-            try:
-                decode_event(data)
-            except Exception:
-                done.append((self.reject(path), "set aside a half-written event"))
-                continue
-            target = self.directory / entry.name[len(_TMP_PREFIX) :]
-            os.rename(path, target)
-            done.append((target, "recovered an event whose writer died"))
+                continue  # another forwarder dealt with it first
         return done
 
     def new_claim(self) -> Claim:
         return Claim(self)
 
-    def release_orphaned_claims(self) -> int:
-        """Give back the files of forwarders that died (their lock is free)."""
+    def release_orphaned_claims(self, own: Claim | None = None) -> int:
+        """Give back the files of forwarders that died (their lock is free). Another
+        forwarder may be doing the same at the same moment: a file gone is fine."""
         released = 0
         for directory in self._claim_dirs():
+            if own is not None and directory == own.directory:
+                continue  # flock is per process on some file systems (NFS)
             lock_path = directory.with_suffix(".lock")
             try:
                 fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
@@ -252,10 +264,12 @@ class Spool:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except BlockingIOError:
                         continue  # its forwarder is alive
-                for entry in list(os.scandir(directory)):
-                    os.rename(entry.path, self.directory / entry.name)
-                    released += 1
-                directory.rmdir()
+                with contextlib.suppress(FileNotFoundError):
+                    for entry in list(os.scandir(directory)):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.rename(entry.path, self.directory / entry.name)
+                            released += 1
+                    directory.rmdir()
                 with contextlib.suppress(FileNotFoundError):
                     lock_path.unlink()
             finally:

@@ -3,6 +3,7 @@ truncation and restarts; junk never crashes them."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -103,7 +104,8 @@ def test_a_line_spooled_before_a_crash_is_not_spooled_again(node: Node) -> None:
     saved = json.loads(state.read_text())
     node.follower.close()
     # The crash came after spooling but before the position was saved.
-    state.write_text(json.dumps({**saved, "offset": 0}))
+    empty_tail = hashlib.sha256(b"").hexdigest()[:16]  # the fingerprint at offset 0
+    state.write_text(json.dumps({**saved, "offset": 0, "tail": empty_tail}))
     node.follower = node.new_follower()
     node.follower.poll()
     assert len(node.events()) == 1
@@ -115,11 +117,47 @@ def test_pathological_lines_do_not_crash_the_follower(node: Node) -> None:
     node.append(b"<type: rm><event: 2> bad \xff\xfe utf-8 \x1b[31m")
     node.append(b"<type: rm><event: 99999999999999999999999> too big")
     node.append(b"<type: rm><event: 3> fine")
-    node.follower.poll()
+    for _ in range(4):  # each poll reads at most 1 MiB, to keep the I/O loop responsive
+        node.follower.poll()
     events = node.events()
     assert [e["event_id"] for e in events] == [1, 2, 3]
     assert len(json.dumps(events[0]).encode()) < 64 * 1024
     assert events[1]["text"] == "bad \ufffd\ufffd utf-8 \\x1b[31m"
+
+
+def test_a_failed_spool_write_loses_no_line_and_repeats_none(node: Node) -> None:
+    node.follower.poll()
+    node.append(*(f"<type: rm><event: {i}> line {i}" for i in range(1, 7)))
+    real_write_once = node.spool.write_once
+    calls = 0
+
+    def flaky(event):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            from shared.errors import SpoolError
+
+            raise SpoolError("spool is full")
+        return real_write_once(event)
+
+    node.spool.write_once = flaky  # type: ignore[method-assign]
+    with pytest.raises(Exception, match="spool is full"):
+        node.follower.poll()
+    node.follower.poll()
+    assert [e["event_id"] for e in node.events()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_truncation_while_the_agent_was_down_keeps_new_lines(node: Node) -> None:
+    node.follower.poll()
+    node.append("<type: rm><event: 1> before")
+    node.follower.poll()
+    node.follower.close()
+    with node.log.open("r+b") as fh:
+        fh.truncate(0)
+    node.append("<type: rm><event: 2> after, at the same offset")
+    node.follower = node.new_follower()
+    node.follower.poll()
+    assert [e["event_id"] for e in node.events()] == [1, 2]
 
 
 def test_catalog_regex_handles_positional_and_named_placeholders() -> None:
