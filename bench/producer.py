@@ -24,7 +24,7 @@ from bench.common import amqp_url, report, vhost
 from producer.forward import Forwarder
 from producer.spool import Spool
 from shared.config import parse_config
-from shared.event import decode_event, new_event, routing_key
+from shared.event import new_event, peek_event
 from shared.topology import EVENTS_EXCHANGE
 from worker.consume import connect_any
 from worker.declare import declare_topology
@@ -111,13 +111,14 @@ def _one_by_one(spool: Spool, url: str) -> float:
     started = time.perf_counter()
     for path in spool.pending():
         body = path.read_bytes()
-        event = decode_event(body)
+        # The same light check the agent does, so only the publishing strategy differs.
+        event_id, key = peek_event(body)
         channel.basic_publish(
             EVENTS_EXCHANGE,
-            routing_key(event),
+            key,
             body,
             mandatory=True,
-            properties=pika.BasicProperties(delivery_mode=2, message_id=event.id),
+            properties=pika.BasicProperties(delivery_mode=2, message_id=event_id),
         )
         path.unlink()
     elapsed = time.perf_counter() - started

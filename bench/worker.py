@@ -79,7 +79,7 @@ def _event(i: int) -> tuple[str, bytes]:
 
 
 def _publish(name: str, count: int) -> None:
-    """Pre-publish ``count`` events; one confirm at the end keeps this fast."""
+    """Pre-publish ``count`` events with publisher confirms (pika waits for each)."""
     with pika.BlockingConnection(pika.URLParameters(amqp_url(name))) as connection:
         channel = connection.channel()
         channel.confirm_delivery()
@@ -115,7 +115,6 @@ def _config(
         '[mail]\nfrom = "cluster@example.com"\nto = ["ops@example.com"]\n'
         f'[[smtp]]\nhost = "127.0.0.1"\nport = {relay.port}\nsecurity = "starttls"\n'
         f'ca_file = "{ca}"\nmax_connections = {connections}\n'
-        "[worker]\nprefetch = 64\n"
     )
     return config
 

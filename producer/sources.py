@@ -112,6 +112,9 @@ def pacemaker_event(env: Mapping[str, str], *, cluster: str, fallback_node: str)
             "kind",
             "node",
             "node_sequence",
+            # The formatted timestamp too: Pacemaker 1.1 has no epoch variables, and its
+            # sequence restarts with the daemon.
+            "timestamp",
             "timestamp_epoch",
             "timestamp_usec",
             "rsc",

@@ -118,7 +118,7 @@ def _read_file(path: Path, problems: list[Problem]) -> Catalog:
     from shared.vendor_csv import is_vendor_csv, parse_vendor_csv
 
     if is_vendor_csv(path, raw[:64]):
-        return parse_vendor_csv(raw.decode("utf-8", errors="replace"), str(path), problems)
+        return parse_vendor_csv(decode_csv(raw, str(path), problems), str(path), problems)
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -128,6 +128,22 @@ def _read_file(path: Path, problems: list[Problem]) -> Catalog:
         problems.append(Problem(str(path), f"not valid TOML: {exc}"))
         return Catalog()
     return parse_catalog(data, str(path), problems)
+
+
+def decode_csv(raw: bytes, source: str, problems: list[Problem]) -> str:
+    """UTF-8 (with or without BOM); else the Japanese Windows code page that
+    CLUSTERPRO's Japanese lists use, with a warning; never silent replacement."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    try:
+        text = raw.decode("cp932")
+    except UnicodeDecodeError:
+        problems.append(Problem(source, "neither UTF-8 nor CP932 text; bad bytes replaced"))
+        return raw.decode("utf-8", errors="replace")
+    problems.append(Problem(source, "not UTF-8; read as CP932 (Shift_JIS)", "warning"))
+    return text
 
 
 def builtin_catalog(problems: list[Problem]) -> Catalog:
@@ -154,8 +170,9 @@ def load_catalog(paths: Iterable[Path]) -> Catalog:
 
 
 def _toml_string(value: str) -> str:
-    # A JSON string is a valid TOML basic string: the same quotes and escapes.
-    return json.dumps(value, ensure_ascii=False)
+    # A JSON string is a valid TOML basic string (same quotes and escapes), except that
+    # TOML also forbids a raw DEL.
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def catalog_to_toml(catalog: Catalog, header: str = "") -> str:

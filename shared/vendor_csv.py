@@ -159,7 +159,7 @@ def _row(
         problems.append(Problem(where, f"Module type {module!r:.40} must match [a-z0-9_-]{{1,32}}"))
         return None
     raw_id = row[index["Event ID"]].strip()
-    if not raw_id.isdigit():
+    if not (raw_id.isascii() and raw_id.isdigit()):
         problems.append(Problem(where, f"Event ID {raw_id!r:.20} is not a number"))
         return None
     level = _LEVELS.get(row[index["Event type"]].strip().lower())
@@ -175,7 +175,8 @@ def _row(
         event_id=int(raw_id),
         level=level,
         mail=row[index["mail"]].strip().lower() in _MAIL_ON,
-        text=positional_placeholders(row[index["Message"]].strip()),
+        # Some Message cells hold HTML too (line blocks, entities): one line of text.
+        text=positional_placeholders(" ".join(_plain(row[index["Message"]]).split("\n"))),
         action=positional_placeholders(_plain(row[index["Solution"]])),
         description=positional_placeholders(_plain(row[index["Description"]])),
     )

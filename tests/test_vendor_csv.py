@@ -73,10 +73,14 @@ def test_html_in_solutions_becomes_plain_text(vendor: tuple[Catalog, list[Proble
     entry = catalog.lookup("pm", 22)
     assert entry is not None
     assert entry.action == 'The event process may not yet have been started. See "Troubleshooting".'
-    everything = "".join(catalog[k].action + catalog[k].description for k in catalog)
+    everything = "".join(
+        catalog[k].action + catalog[k].description + catalog[k].text for k in catalog
+    )
     for tag in ("<a ", "<span", "<div", "</", "&quot;", "&amp;"):
         assert tag not in everything
     assert html_to_text("a&amp;b<br/>c&quot;") == 'a&b\nc"'
+    mirror = catalog.lookup("mdctrl", 1)
+    assert mirror is not None and mirror.text == "Failed to activate mirror disk.{1} (Device:{2})"
 
 
 def test_decisions_follow_the_csv_layered_over_the_shipped_catalog() -> None:

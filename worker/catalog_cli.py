@@ -68,8 +68,9 @@ def _list(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     module, _, raw_id = args.key.partition(":")
-    if not raw_id.isdigit():
+    if not (raw_id.isascii() and raw_id.isdigit()):
         raise ClusteralertError(f"{args.key!r}: expected MODULE:ID, e.g. rm:9")
+    module = module.lower()
     catalog, filters = _loaded(args.config)
     entry: CatalogEntry | None = catalog.lookup(module, int(raw_id))
     decision = _decision(module, int(raw_id), catalog, filters, args.level)
@@ -91,13 +92,14 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
+    from shared.catalog import decode_csv
     from shared.vendor_csv import parse_vendor_csv
 
+    problems: list[Problem] = []
     try:
-        text = args.file.read_bytes().decode("utf-8", errors="replace")
+        text = decode_csv(args.file.read_bytes(), str(args.file), problems)
     except OSError as exc:
         raise ClusteralertError(f"cannot read {args.file}: {exc.strerror}") from None
-    problems: list[Problem] = []
     catalog = parse_vendor_csv(text, str(args.file), problems)
     for problem in problems:
         print(problem, file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import logging
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -52,6 +53,20 @@ def _values(event: Event, level: str) -> dict[str, str]:
     }
     values.update(event.params)
     return values
+
+
+def _subject_values(event: Event, level: str, message: str) -> dict[str, str]:
+    """For the subject the event's own fields win over params of the same name: a
+    ``level`` param must not make an error mail's subject say info."""
+    return {
+        **event.params,
+        "node": event.node,
+        "cluster": event.cluster,
+        "module": event.module,
+        "event_id": str(event.event_id),
+        "level": level,
+        "message": message,
+    }
 
 
 def _message(event: Event, decision: Decision, values: dict[str, str]) -> str:
@@ -143,9 +158,13 @@ class Renderer:
     def render(self, event: Event, decision: Decision) -> Mail:
         values = _values(event, decision.level)
         message = _message(event, decision, values)
-        subject = one_line(render_template(self.config.subject, {**values, "message": message}))
+        subject = one_line(
+            render_template(self.config.subject, _subject_values(event, decision.level, message))
+        )
         if len(subject) > MAX_SUBJECT_CHARS:
-            subject = subject[: MAX_SUBJECT_CHARS - 1] + "\u2026"
+            # An ellipsis the charset cannot encode would force the whole mail to utf-8.
+            ellipsis = "\u2026" if _fits(self.config.charset, "\u2026") else "..."
+            subject = subject[: MAX_SUBJECT_CHARS - len(ellipsis)] + ellipsis
         body = _body(event, decision, message, values)
         html_body = _html(event, decision, message, values) if self.config.html else ""
 
@@ -201,11 +220,10 @@ def _part(text: str, subtype: str, charset: str) -> bytes:
 
 def _content(body: str, html_body: str, charset: str, event_id: str) -> bytes:
     """The Content-* headers and the body: plain text, or plain text and HTML as
-    multipart/alternative (the boundary is derived from the event id, which never
-    appears in a base64 or 7bit line of its own)."""
+    multipart/alternative with a random boundary: event text cannot guess it."""
     if not html_body:
         return _part(body, "plain", charset)
-    boundary = f"=_clusteralert_{event_id}"
+    boundary = f"=_clusteralert_{uuid.uuid4().hex}"
     return (
         f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n\r\n'.encode("ascii")
         + f"--{boundary}\r\n".encode("ascii")

@@ -11,9 +11,10 @@ password() {  # $1: file; keep an existing password so restarts do not lock user
   [ -s "$1" ] || head -c 48 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 32 > "$1"
 }
 # RabbitMQ's rabbit_password_hashing_sha256: base64(salt ++ sha256(salt ++ password)).
+# clusteralert strips one trailing newline from password files, so hash without it.
 hash_password() {
   head -c 4 /dev/urandom > /tmp/salt
-  { cat /tmp/salt; cat "$1"; } | openssl dgst -sha256 -binary > /tmp/digest
+  { cat /tmp/salt; printf '%s' "$(cat "$1")"; } | openssl dgst -sha256 -binary > /tmp/digest
   cat /tmp/salt /tmp/digest | base64 | tr -d '\n'
   rm -f /tmp/salt /tmp/digest
 }
@@ -25,15 +26,20 @@ password grafana_admin_password
 
 # Definitions RabbitMQ imports at boot: these users (00-), then the topology and the
 # least-privilege permissions from the repository (10-), which name these users.
+# Hashes first, in assignments: set -e does not see failures inside a heredoc.
+producer_hash=$(hash_password producer_amqp_password)
+worker_hash=$(hash_password worker_amqp_password)
+admin_hash=$(hash_password admin_amqp_password)
+[ -n "$producer_hash" ] && [ -n "$worker_hash" ] && [ -n "$admin_hash" ]
 mkdir -p /rabbitmq-definitions
 cat > /rabbitmq-definitions/00-users.json <<JSON
 {
   "users": [
-    {"name": "clusteralert-producer", "password_hash": "$(hash_password producer_amqp_password)",
+    {"name": "clusteralert-producer", "password_hash": "$producer_hash",
      "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": []},
-    {"name": "clusteralert-worker", "password_hash": "$(hash_password worker_amqp_password)",
+    {"name": "clusteralert-worker", "password_hash": "$worker_hash",
      "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": []},
-    {"name": "admin", "password_hash": "$(hash_password admin_amqp_password)",
+    {"name": "admin", "password_hash": "$admin_hash",
      "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": ["administrator"]}
   ],
   "vhosts": [{"name": "/"}],
