@@ -246,8 +246,18 @@ def test_every_metric_in_dashboard_and_rules_is_exported(
     from worker.declare import declare_topology
 
     relay = smtp_server("starttls")
-    _, port = start_worker(processes, write_config(tmp_path, vhost, [relay], certs, auth=False))
+    config = write_config(tmp_path, vhost, [relay], certs, auth=False)
+    _, port = start_worker(processes, config)
     exported = {re.sub(r"\{.*", "", k) for k in scrape(port)}
+    # The node agent's own endpoint (the spool rules use it).
+    agent_port = free_port()
+    agent_config = tmp_path / "agent.toml"
+    agent_config.write_text(
+        config.read_text().replace("[producer]", f"[producer]\nmetrics_port = {agent_port}")
+    )
+    processes("clusteralert-producer", "run", "--config", str(agent_config))
+    wait_until(lambda: scrape(agent_port), 30, "the node agent's metrics")
+    exported |= {re.sub(r"\{.*", "", k) for k in scrape(agent_port)}
     exported |= {re.sub(r"_(bucket|count|sum|total|created)$", "", k) for k in exported}
     used = _used_metric_names("clusteralert")
     assert used, "the dashboard and rules use clusteralert metrics"
