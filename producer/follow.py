@@ -32,7 +32,7 @@ from typing import Final
 from producer.spool import Spool
 from shared.catalog import Catalog
 from shared.config import FollowConfig
-from shared.errors import InvalidEvent
+from shared.errors import ClusteralertError, InvalidEvent
 from shared.event import new_event
 
 __all__ = ["LogFollower", "catalog_regex"]
@@ -88,6 +88,7 @@ class LogFollower:
         self._partial = b""
         self._skipping = False
         self._generation = 0
+        self._open_error = "-"  # "-": nothing said yet; "" after a successful open
         self._regex_cache: dict[tuple[str, int], re.Pattern[str] | None] = {}
         self.spooled = 0
 
@@ -123,8 +124,10 @@ class LogFollower:
     def _open(self, *, first: bool) -> bool:
         try:
             fd = os.open(self.config.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False  # not there (yet): a log appears when its program first writes
         except OSError:
-            return False
+            raise
         stat = os.fstat(fd)
         self._file, self._inode = fd, stat.st_ino
         saved_inode, saved_offset, tail = self._load_state() if first else (None, 0, "")
@@ -151,8 +154,20 @@ class LogFollower:
     def poll(self) -> int:
         """Read what is new, spool matching lines; returns how many were spooled."""
         before = self.spooled
-        if self._file < 0 and not self._open(first=self._inode is None):
-            return 0
+        if self._file < 0:
+            try:
+                opened = self._open(first=self._inode is None)
+            except OSError as exc:
+                opened, error = False, exc.strerror or str(exc)
+            else:
+                error = "" if opened else "cannot open it"
+            if not opened:
+                if error != self._open_error:
+                    # Said once per distinct problem (polls run four times a second).
+                    self._open_error = error
+                    raise ClusteralertError(f"{self.config.path}: {error}")
+                return 0
+            self._open_error = ""
         self._read_to_end()
         try:
             current = os.stat(self.config.path)

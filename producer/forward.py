@@ -23,7 +23,7 @@ import socket
 import ssl
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -119,7 +119,9 @@ class Forwarder:
         self._backoff = _MIN_BACKOFF
         self._next_tag = 1
         self._in_flight: dict[int, tuple[Path, str]] = {}
-        self._returned: set[str] = set()
+        # Returned (unroutable) publishes by event id, counted: two copies of one event
+        # may be in flight at once.
+        self._returned: Counter[str] = Counter()
         self._queue: deque[Path] = deque()
         self._dirty = True
 
@@ -307,7 +309,7 @@ class Forwarder:
 
     def _on_return(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         # basic.return precedes the ack of the same message; the ack settles it.
-        self._returned.add(properties.message_id)
+        self._returned[properties.message_id] += 1
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
@@ -324,13 +326,14 @@ class Forwarder:
             if entry is None:
                 continue
             claimed, event_id = entry
-            if acked and event_id not in self._returned:
+            if acked and not self._returned[event_id]:
                 self.published += 1
                 self._remover.remove(claimed)
                 self.last_publish_time = time.time()
                 log.info("forwarded event %s", event_id)
                 continue
-            self._returned.discard(event_id)
+            if self._returned[event_id]:
+                self._returned[event_id] -= 1
             self._claim.give_back(claimed)
             problem = (
                 f"event {event_id} reached no queue (is a worker running to declare "
