@@ -20,7 +20,6 @@ import logging
 import queue
 import random
 import socket
-import ssl
 import threading
 import time
 from collections import Counter, deque
@@ -36,7 +35,7 @@ from producer.follow import LogFollower
 from producer.spool import Claim, Spool
 from producer.watch import SpoolWatcher
 from shared.config import BrokerConfig
-from shared.errors import ClusteralertError
+from shared.errors import ClusteralertError, describe
 from shared.event import peek_event
 from shared.tls import client_context
 from shared.topology import EVENTS_EXCHANGE
@@ -208,7 +207,7 @@ class Forwarder:
 
     def _on_open_error(self, connection: Any, error: BaseException) -> None:
         self._connection = None
-        self._note_error(f"broker {self._describe_url()} unreachable: {_describe(error)}")
+        self._note_error(f"broker {self._describe_url()} unreachable: {describe(error)}")
         # Try the next broker; the backoff grows once the whole list has failed.
         self._url_index = (self._url_index + 1) % len(self._params)
         delay = 0.0 if self._url_index else self._next_backoff()
@@ -224,7 +223,7 @@ class Forwarder:
         if self._stopping:
             self._loop.stop()
             return
-        self._note_error(f"broker connection lost: {_describe(reason)}")
+        self._note_error(f"broker connection lost: {describe(reason)}")
         self._loop.call_later(self._next_backoff(), self._connect)
 
     def _on_channel_open(self, channel: Any) -> None:
@@ -250,7 +249,7 @@ class Forwarder:
         if self._stopping or self._connection is None or not self._connection.is_open:
             return
         # Typically 404: the exchange does not exist yet (fresh install).
-        self._hold(f"broker closed the channel ({_describe(reason)}); events stay in spool")
+        self._hold(f"broker closed the channel ({describe(reason)}); events stay in spool")
 
     def _reopen_channel(self) -> None:
         if (
@@ -372,7 +371,7 @@ class Forwarder:
         log.error(
             "spool file %s is not a valid event (%s); moved to %s",
             claimed.name,
-            _describe(error),
+            describe(error),
             target,
         )
 
@@ -491,11 +490,3 @@ class Remover:
     def close(self) -> None:
         self._paths.put(None)
         self._thread.join()
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    # ssl errors are long and repeat the reason; keep the log line to one line.
-    if isinstance(exc, ssl.SSLError):
-        text = exc.reason or text
-    return text.replace("\n", " ")[:300]

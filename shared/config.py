@@ -419,12 +419,7 @@ class _Reader:
         sender = t.text("from", DEFAULT_SENDER)
         if not _ADDRESS_RE.fullmatch(sender):
             t.error("from", f"not a plain e-mail address: {sender!r:.80}")
-        to = t.str_list("to", (), allow_single=True)
-        if not to:
-            t.error("to", "at least one recipient is required")
-        for i, address in enumerate(to):
-            if not _ADDRESS_RE.fullmatch(address):
-                t.error(f"to[{i}]", f"not a plain e-mail address: {address!r:.80}")
+        to = _recipients(t)
         subject = t.text("subject", DEFAULT_SUBJECT)
         if "\n" in subject or "\r" in subject:
             t.error("subject", "must be one line")
@@ -467,33 +462,15 @@ class _Reader:
         return relay
 
     def route(self, t: Table) -> Route:
-        to = t.str_list("to", allow_single=True)
-        if not to:
-            t.error("to", "at least one recipient is required")
-        for i, address in enumerate(to):
-            if not _ADDRESS_RE.fullmatch(address):
-                t.error(f"to[{i}]", f"not a plain e-mail address: {address!r:.80}")
-        match = t.str_list("match", (), allow_single=True)
-        for i, pattern in enumerate(match):
-            if not _KEY_PATTERN_RE.fullmatch(pattern):
-                t.error(
-                    f"match[{i}]",
-                    f"expected module:event_id (wildcards allowed), got {pattern!r:.60}",
-                )
+        to = _recipients(t)
+        match = _key_patterns(t, "match", allow_single=True)
         route = Route(to=to, match=match, min_level=t.choice("min_level", LEVELS, "info"))
         t.finish()
         return route
 
     def filter(self, t: Table) -> FilterConfig:
-        enable = t.str_list("enable", ())
-        disable = t.str_list("disable", ())
-        for key, patterns in (("enable", enable), ("disable", disable)):
-            for i, pattern in enumerate(patterns):
-                if not _KEY_PATTERN_RE.fullmatch(pattern):
-                    t.error(
-                        f"{key}[{i}]",
-                        f"expected module:event_id (wildcards allowed), got {pattern!r:.60}",
-                    )
+        enable = _key_patterns(t, "enable")
+        disable = _key_patterns(t, "disable")
         for both in sorted(set(enable) & set(disable)):
             t.error("enable", f"{both!r} is in both enable and disable")
         config = FilterConfig(
@@ -510,6 +487,28 @@ class _Reader:
         paths = tuple(p if p.is_absolute() else self.base / p for p in (Path(r) for r in raw if r))
         t.finish()
         return CatalogConfig(paths=paths)
+
+
+def _recipients(t: Table) -> tuple[str, ...]:
+    """``to``: one or more plain addresses (shared by [mail] and [[route]])."""
+    to: tuple[str, ...] = t.str_list("to", (), allow_single=True)
+    if not to:
+        t.error("to", "at least one recipient is required")
+    for i, address in enumerate(to):
+        if not _ADDRESS_RE.fullmatch(address):
+            t.error(f"to[{i}]", f"not a plain e-mail address: {address!r:.80}")
+    return to
+
+
+def _key_patterns(t: Table, key: str, *, allow_single: bool = False) -> tuple[str, ...]:
+    """A list of ``module:event_id`` patterns (wildcards allowed)."""
+    patterns: tuple[str, ...] = t.str_list(key, (), allow_single=allow_single)
+    for i, pattern in enumerate(patterns):
+        if not _KEY_PATTERN_RE.fullmatch(pattern):
+            t.error(
+                f"{key}[{i}]", f"expected module:event_id (wildcards allowed), got {pattern!r:.60}"
+            )
+    return patterns
 
 
 def _parse_broker_url(raw: str, where: str, problems: list[Problem]) -> BrokerUrl | None:

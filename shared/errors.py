@@ -23,6 +23,7 @@ __all__ = [
     "SpoolError",
     "TlsRefusedError",
     "TransientError",
+    "describe",
 ]
 
 Reason = Literal[
@@ -40,6 +41,12 @@ TlsCause = Literal["not_offered", "rejected", "handshake", "verify"]
 
 FAILURE_REASONS: Final[tuple[Reason, ...]] = get_args(Reason)
 TLS_CAUSES: Final[tuple[TlsCause, ...]] = get_args(TlsCause)
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as one short line for logs and error headers."""
+    text = str(exc) or type(exc).__name__
+    return text.replace("\r", " ").replace("\n", " ")[:300]
 
 
 class ClusteralertError(Exception):

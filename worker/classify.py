@@ -11,7 +11,13 @@ import ssl
 
 import aiosmtplib
 
-from shared.errors import DeliveryError, PermanentError, TlsRefusedError, TransientError
+from shared.errors import (
+    DeliveryError,
+    PermanentError,
+    TlsRefusedError,
+    TransientError,
+    describe,
+)
 
 __all__ = [
     "classify_auth",
@@ -41,10 +47,6 @@ def _tls_refusal(error: ssl.SSLError) -> TlsRefusedError:
     return TlsRefusedError("handshake", error.reason or type(error).__name__)
 
 
-def _line(exc: BaseException) -> str:
-    return (str(exc) or type(exc).__name__).replace("\r", " ").replace("\n", " ")[:300]
-
-
 def classify_response(code: int, message: str) -> DeliveryError:
     """A reply code: 4xx is worth retrying, anything else is final."""
     detail = f"{code} {message}".replace("\r", " ").replace("\n", " ")[:300]
@@ -55,12 +57,12 @@ def classify_response(code: int, message: str) -> DeliveryError:
 
 def _classify_network(exc: BaseException) -> DeliveryError:
     if isinstance(exc, (aiosmtplib.SMTPTimeoutError, TimeoutError)):
-        return TransientError("timeout", _line(exc))
+        return TransientError("timeout", describe(exc))
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         return classify_response(exc.code, exc.message)
     if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
-        return TransientError("disconnected", _line(exc))
-    return TransientError("connect", _line(exc))
+        return TransientError("disconnected", describe(exc))
+    return TransientError("connect", describe(exc))
 
 
 def classify_connect(exc: BaseException) -> DeliveryError:
@@ -91,7 +93,7 @@ def classify_auth(exc: BaseException) -> DeliveryError:
         exc, aiosmtplib.SMTPServerDisconnected | aiosmtplib.SMTPTimeoutError
     ):
         # e.g. "No suitable authentication method found": no retry will change that.
-        return PermanentError("auth", _line(exc))
+        return PermanentError("auth", describe(exc))
     return _classify_network(exc)
 
 
@@ -105,7 +107,7 @@ def classify_transaction(exc: BaseException) -> DeliveryError:
             return TransientError("rejected_4xx", f"all recipients refused: {detail}"[:300])
         return PermanentError("rejected_5xx", f"all recipients refused: {detail}"[:300])
     if isinstance(exc, aiosmtplib.SMTPNotSupported | ValueError):
-        return PermanentError("rejected_5xx", _line(exc))
+        return PermanentError("rejected_5xx", describe(exc))
     return _classify_network(exc)
 
 

@@ -27,7 +27,7 @@ from kombu import Connection, Queue
 from kombu import Consumer as KombuConsumer
 
 from shared.config import BrokerConfig, BrokerUrl
-from shared.errors import ClusteralertError
+from shared.errors import ClusteralertError, describe
 from shared.topology import WORK_QUEUE
 from worker.declare import declare_topology
 from worker.metrics import Metrics
@@ -86,7 +86,7 @@ def connect_any(config: BrokerConfig, start: int = 0) -> tuple[Connection, int]:
             connection.connect()
         except (*connection.connection_errors, OSError) as exc:
             last = exc
-            log.warning("broker %s unreachable: %s", config.urls[index], _one_line(exc))
+            log.warning("broker %s unreachable: %s", config.urls[index], describe(exc))
             _close_quietly(connection)
             continue
         return connection, index
@@ -132,7 +132,7 @@ class Consumer:
                 self.metrics.broker_connected.set(0)
                 delay = backoff * random.uniform(0.5, 1.0)  # noqa: S311 - jitter
                 log.warning(
-                    "broker connection failed: %s; reconnecting in %.1fs", _one_line(exc), delay
+                    "broker connection failed: %s; reconnecting in %.1fs", describe(exc), delay
                 )
                 backoff = min(backoff * 2, _MAX_BACKOFF)
                 # Deliveries of the lost channel come back as redeliveries; let their
@@ -248,10 +248,6 @@ _PRECONDITION_FAILED: type[BaseException] = amqp.exceptions.PreconditionFailed
 # Anything that means "this connection is no good": reconnect with backoff. A failed
 # settle publish is one too, as its message must stay unacked and come back.
 _RECONNECT_ON: tuple[type[BaseException], ...] = (*_BROKER_ERRORS, OSError, SettleError)
-
-
-def _one_line(exc: BaseException) -> str:
-    return (str(exc) or type(exc).__name__).replace("\n", " ")[:300]
 
 
 def _close_quietly(connection: Connection) -> None:

@@ -31,6 +31,7 @@ from worker.retry_policy import (
     HEADER_LAST_FAILURE,
     HEADER_REASON,
     HEADER_REPLAYED,
+    without_broker_headers,
 )
 from worker.settle import Settler, copy_properties
 
@@ -45,7 +46,6 @@ _FAILURE_HEADERS: Final = (
     HEADER_CAUSE,
     HEADER_LAST_ERROR,
 )
-_BROKER_HEADERS: Final = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
 _DURATION_RE: Final = re.compile(r"(\d+)([smhd])")
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -184,8 +184,8 @@ class DlqSession:
         """Back to the work queue (confirmed), then out of the DLQ."""
         headers = {
             k: v
-            for k, v in message.headers.items()
-            if k not in _FAILURE_HEADERS and not k.startswith(_BROKER_HEADERS)
+            for k, v in without_broker_headers(message.headers).items()
+            if k not in _FAILURE_HEADERS
         }
         replayed = message.headers.get(HEADER_REPLAYED, 0)
         headers[HEADER_REPLAYED] = (replayed if isinstance(replayed, int) else 0) + 1

@@ -30,6 +30,7 @@ __all__ = [
     "RetryState",
     "decide_failure",
     "failure_headers",
+    "without_broker_headers",
 ]
 
 _PREFIX: Final = "x-clusteralert-"
@@ -42,6 +43,12 @@ HEADER_LAST_ERROR: Final = _PREFIX + "last-error"
 HEADER_WORKER: Final = _PREFIX + "worker"
 HEADER_REPLAYED: Final = _PREFIX + "replayed"
 _BROKER_HEADERS: Final = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
+
+
+def without_broker_headers(headers: Mapping[str, object] | None) -> dict[str, object]:
+    """The headers minus the broker's own bookkeeping (x-death, x-first-death-*,
+    x-delivery-count), which would grow with every trip through the ladder or the DLQ."""
+    return {k: v for k, v in (headers or {}).items() if not k.startswith(_BROKER_HEADERS)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,9 +111,7 @@ def failure_headers(
 ) -> dict[str, object]:
     """The message's headers updated with this failure, for the retry queue or the DLQ.
     ``detail`` is the error text with secrets already scrubbed."""
-    # The broker's own bookkeeping (x-death, x-first-death-*, x-delivery-count) would grow
-    # with every round trip through the ladder; our headers carry what matters.
-    updated = {k: v for k, v in (headers or {}).items() if not k.startswith(_BROKER_HEADERS)}
+    updated = without_broker_headers(headers)
     updated.update(
         {
             HEADER_ATTEMPTS: state.attempts + 1,
