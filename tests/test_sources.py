@@ -304,7 +304,7 @@ def test_every_recipient_run_of_one_alert_gives_the_same_event_id() -> None:
         {k: v for k, v in env.items() if not k.startswith("CRM_alert_timestamp_")}
         for env in REAL_RUNS
     ]
-    ids = {pacemaker_event(env, cluster="c", fallback_node="n").id for env in old}  # type: ignore[union-attr]
+    ids = {pacemaker_event(env, cluster="c", fallback_node="n").id for env in old}
     assert len(ids) == 1
 
 
