@@ -26,7 +26,7 @@ import pytest
 from producer.sources import PACEMAKER_EVENTS
 from shared.catalog import load_catalog
 from shared.placeholders import render_template
-from tests.ha_agent import AGENT_GROUP, agent_bin, lab_dir
+from tests.ha_agent import AGENT_GROUP, ROOT, agent_bin, lab_dir
 from tests.pacemaker_lab import PacemakerLab, tree_contents
 from tests.waiting import wait_until
 
@@ -34,7 +34,8 @@ __all__ = ["agent_bin", "lab_dir"]  # fixtures
 
 pytestmark = pytest.mark.cluster
 
-RECIPIENTS = ("ops1", "ops2")
+RECIPIENTS = ("ops", "oncall")  # as in the README
+README_AGENT = "/usr/local/bin/clusteralert-alert"
 # What differs between the runs of one alert for its recipients.
 PER_RUN = ("CRM_alert_recipient", "CRM_alert_node_sequence")
 # Variables that are not kept as params.
@@ -42,14 +43,13 @@ NOT_PARAMS = ("CRM_alert_timestamp",)
 
 
 def alert_xml(agent: Path) -> str:
-    """The README's cibadmin form: every kind, attributes included, two recipients."""
-    return (
-        f'<configuration><alerts><alert id="clusteralert" path="{agent}">'
-        "<select><select_nodes/><select_fencing/><select_resources/><select_attributes/>"
-        "</select>"
-        + "".join(f'<recipient id="clusteralert-{r}" value="{r}"/>' for r in RECIPIENTS)
-        + "</alert></alerts></configuration>"
-    )
+    """The README's cibadmin command (every kind, attributes included, two recipients),
+    with the recorder for the agent's path."""
+    readme = (ROOT / "README.md").read_text()
+    (command,) = [line for line in readme.splitlines() if line.startswith("cibadmin --modify")]
+    xml = command.split("'")[1]
+    assert README_AGENT in xml
+    return xml.replace(README_AGENT, str(agent))
 
 
 DUMMY = (
