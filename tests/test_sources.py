@@ -392,16 +392,17 @@ def test_the_pacemaker_agent_spools_once_per_alert_and_reaches_the_broker(
     )
     env = {**os.environ, "CLUSTERALERT_CONFIG": str(config)}
     fencing = CASES[3][1]
-    # Pacemaker runs the agent once per recipient, with no arguments, in parallel.
+    # Pacemaker runs the agent once per recipient, with no arguments, in parallel, and
+    # gives every run a node_sequence of its own.
     runs = [
         subprocess.Popen(
             [str(BIN / "clusteralert-pacemaker-alert")],
-            env={**env, **env_for(fencing, recipient=r)},
+            env={**env, **env_for(fencing, recipient=r, node_sequence=str(17 + i))},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for r in ("a@example.com", "b@example.com", "c@example.com")
+        for i, r in enumerate(("a@example.com", "b@example.com", "c@example.com"))
     ]
     outputs = [run.communicate(timeout=30) for run in runs]
     assert [run.returncode for run in runs] == [0, 0, 0], outputs
