@@ -100,12 +100,12 @@ def test_keepalived_notify_calls_become_one_event_each(lab_dir: Path, namespace:
     try:
         masters = {f"0 INSTANCE VI_{i} MASTER" for i in (1, 2, 3)}
         wait_until(
-            lambda: masters <= {" ".join(c.split()[:4]) for c in called()}, 60, "three MASTERs"
+            lambda: masters <= {" ".join(c.split()[:4]) for c in called()}, 120, "three MASTERs"
         )
         conf.write_text(keepalived_conf(notify, with_removed=False))
         os.kill(pid, signal.SIGHUP)
         wait_until(lambda: len([c for c in called() if " VI_2 " in c or " VI_3 " in c]) >= 6,
-                   60, "VI_2 and VI_3 removed")  # fmt: skip
+                   120, "VI_2 and VI_3 removed")  # fmt: skip
     finally:
         namespace.stop(pid, 60)
     wait_until(lambda: any(" VI_1 STOP " in c for c in called()), 30, "VI_1 stopped")

@@ -151,36 +151,36 @@ def test_one_event_per_alert_as_pacemaker_really_runs_the_agent(
 
     # A node joins (its first join since the alert exists).
     lab.start_corosync(pcmk2)
-    wait_until(lambda: recorder.has(kind="node", node="pcmk2", desc="member"), 60, "member")
+    wait_until(lambda: recorder.has(kind="node", node="pcmk2", desc="member"), 120, "member")
     # A resource starts, fails, is recovered; a refresh probes it and finds it running.
     pcmk1.run("cibadmin", "--create", "-o", "resources", "--xml-text", DUMMY)
-    wait_until(lambda: recorder.has(rsc="dummy1", task="start", rc="0"), 60, "dummy1 start")
+    wait_until(lambda: recorder.has(rsc="dummy1", task="start", rc="0"), 120, "dummy1 start")
     pcmk1.run("crm_resource", "--fail", "-r", "dummy1", "-N", "pcmk1")
-    wait_until(lambda: recorder.has(rsc="dummy1", task="asyncmon", rc="1"), 60, "the failure")
+    wait_until(lambda: recorder.has(rsc="dummy1", task="asyncmon", rc="1"), 120, "the failure")
     lab.wait_idle(pcmk1)
     pcmk1.run("crm_resource", "--refresh", "-r", "dummy1", "-N", "pcmk1")
     wait_until(
         lambda: recorder.has(rsc="dummy1", task="monitor", interval="0", rc="0", target_rc="7"),
-        60,
+        120,
         "the probe finding dummy1 running",
     )
     # A node attribute set, then deleted.
     pcmk1.run("attrd_updater", "-n", "clusteralert-test", "-U", "5")
     wait_until(
-        lambda: recorder.has(attribute_name="clusteralert-test", attribute_value="5"), 60, "attr"
+        lambda: recorder.has(attribute_name="clusteralert-test", attribute_value="5"), 120, "attr"
     )
     pcmk1.run("attrd_updater", "-n", "clusteralert-test", "-D")
     wait_until(
-        lambda: recorder.has(attribute_name="clusteralert-test", attribute_value=""), 60, "del"
+        lambda: recorder.has(attribute_name="clusteralert-test", attribute_value=""), 120, "del"
     )
     # A node fenced by a fence device.
     pcmk1.run("cibadmin", "--create", "-o", "resources", "--xml-text", FENCE)
-    wait_until(lambda: recorder.has(rsc="fence-ghost", task="start"), 60, "fence device start")
+    wait_until(lambda: recorder.has(rsc="fence-ghost", task="start"), 120, "fence device start")
     pcmk1.run("stonith_admin", "--reboot", "ghost", "--timeout", "60", timeout=120)
-    wait_until(lambda: recorder.has(kind="fencing", node="ghost", rc="0"), 60, "fencing")
+    wait_until(lambda: recorder.has(kind="fencing", node="ghost", rc="0"), 120, "fencing")
     # The node leaves.
     lab.stop_corosync(pcmk2)
-    wait_until(lambda: recorder.has(kind="node", node="pcmk2", desc="lost"), 60, "lost")
+    wait_until(lambda: recorder.has(kind="node", node="pcmk2", desc="lost"), 120, "lost")
 
     # A consistent picture: Pacemaker idle, every run ended, and no run started while the
     # spool was read.
