@@ -28,11 +28,12 @@ __all__ = ["Namespace"]
 class Namespace:
     def __init__(self, name: str, binds: Mapping[str, Path]):
         self.name = name
+        # mount -n: libmount would otherwise record the mounts under the host's /run.
         script = ["set -e"]
         for target, source in binds.items():
-            script.append(f"mount --bind '{source}' '{target}'")
+            script.append(f"mount -n --bind '{source}' '{target}'")
         script += [
-            "mount -t tmpfs -o mode=1777 tmpfs /dev/shm",
+            "mount -n -t tmpfs -o mode=1777 tmpfs /dev/shm",
             "ip link set lo up",
             "echo ready",
             "exec sleep infinity",
