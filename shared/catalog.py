@@ -44,6 +44,14 @@ class CatalogEntry:
     description: str = ""
     # Other texts the same event has had (vendor lists repeat keys with variants).
     alternates: tuple[str, ...] = ()
+    # The message as the cluster software writes it to its log, when our mail text says it
+    # in other words: log followers match lines against this to recover the params.
+    log_text: str = ""
+
+    @property
+    def logged_texts(self) -> tuple[str, ...]:
+        """What a log line of this kind may read, for the follower's match-back."""
+        return ((self.log_text,) if self.log_text else (self.text, *self.alternates))
 
     @property
     def key(self) -> str:
@@ -92,6 +100,7 @@ def parse_catalog(data: object, source: str, problems: list[Problem]) -> Catalog
         action = table.text("action", "")
         description = table.text("description", "")
         alternates = table.str_list("alternates", ())
+        log_text = table.text("log_text", "")
         table.finish()
         if isinstance(module, str) and not MODULE_RE.fullmatch(module):
             table.error("module", f"{module!r:.40} must match [a-z0-9_-]{{1,32}}")
@@ -103,7 +112,9 @@ def parse_catalog(data: object, source: str, problems: list[Problem]) -> Catalog
             continue
         seen[key] = len(entries)
         entries.append(
-            CatalogEntry(module, event_id, level, entry_mail, text, action, description, alternates)
+            CatalogEntry(
+                module, event_id, level, entry_mail, text, action, description, alternates, log_text
+            )
         )
     root.finish()
     return Catalog(entries)
@@ -195,4 +206,6 @@ def catalog_to_toml(catalog: Catalog, header: str = "") -> str:
             out.append(f"action = {_toml_string(entry.action)}")
         if entry.alternates:
             out.append(f"alternates = [{', '.join(map(_toml_string, entry.alternates))}]")
+        if entry.log_text:
+            out.append(f"log_text = {_toml_string(entry.log_text)}")
     return "\n".join(out).lstrip("\n") + "\n"
