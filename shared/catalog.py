@@ -51,7 +51,7 @@ class CatalogEntry:
     @property
     def logged_texts(self) -> tuple[str, ...]:
         """What a log line of this kind may read, for the follower's match-back."""
-        return ((self.log_text,) if self.log_text else (self.text, *self.alternates))
+        return (self.log_text,) if self.log_text else (self.text, *self.alternates)
 
     @property
     def key(self) -> str:
