@@ -41,6 +41,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=("text", "json"), default="text")
     check = sub.add_parser("check-config", help="validate config and catalog")
     check.add_argument("--config", help="config file")
+    check.add_argument(
+        "--probe",
+        action="store_true",
+        help="also connect to each relay (TLS, certificate, AUTH) without sending",
+    )
+    test_mail = sub.add_parser(
+        "test-mail", help="send one test mail through each relay, showing every step"
+    )
+    test_mail.add_argument("--config", help="config file")
+    test_mail.add_argument("--relay", type=int, metavar="N", help="only relay N (1 = first)")
+    test_mail.add_argument(
+        "--to", action="append", default=[], metavar="ADDR", help="recipient (default [mail] to)"
+    )
     add_dlq_parser(sub)
     add_catalog_parser(sub)
     return parser
@@ -67,7 +80,29 @@ def _check_config(args: argparse.Namespace) -> int:
     errors = sum(1 for p in problems if p.severity == "error")
     warnings = len(problems) - errors
     print(f"{errors} error(s), {warnings} warning(s)", file=sys.stderr)
+    if args.probe and not errors:
+        from worker.mail_probe import probe_relays
+
+        if not probe_relays(config, _say, send=False):
+            return 1
     return 1 if errors else 0
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _test_mail(args: argparse.Namespace) -> int:
+    from worker.mail_probe import probe_relays
+
+    config = load_config(args.config, sections=WORKER_SECTIONS)
+    if args.relay is not None and not 1 <= args.relay <= len(config.smtp):
+        raise ConfigError([Problem("--relay", f"there are {len(config.smtp)} relay(s)")])
+    to = tuple(args.to)
+    if not to and not config.mail.to:
+        raise ConfigError([Problem("--to", "no recipient: give --to or set [mail] to")])
+    ok = probe_relays(config, _say, send=True, relay_index=args.relay, to=to)
+    return 0 if ok else 1
 
 
 def _dlq(args: argparse.Namespace) -> int:
@@ -147,7 +182,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"run": _run, "check-config": _check_config, "dlq": _dlq, "catalog": run_catalog}
+    commands = {
+        "run": _run,
+        "check-config": _check_config,
+        "test-mail": _test_mail,
+        "dlq": _dlq,
+        "catalog": run_catalog,
+    }
     return report_errors(PROG, lambda: commands[args.command](args))
 
 
