@@ -10,11 +10,13 @@ import sys
 import threading
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import cast
 
 from shared.catalog import load_catalog, load_catalog_checked
 from shared.cli import on_stop_signal, report_errors
 from shared.config import Config, config_secrets, load_config
 from shared.errors import ConfigError, Problem
+from shared.levels import Level, level_rank
 from shared.logs import setup_logging
 from worker.catalog_cli import add_catalog_parser, run_catalog
 from worker.dlq_cli import add_dlq_parser
@@ -75,6 +77,7 @@ def _check_config(args: argparse.Namespace) -> int:
             catalog_paths = ()
     _, catalog_problems = load_catalog_checked(catalog_paths)
     problems.extend(catalog_problems)
+    problems.extend(_follower_warnings(args.config))
     for problem in problems:
         print(problem)
     errors = sum(1 for p in problems if p.severity == "error")
@@ -86,6 +89,37 @@ def _check_config(args: argparse.Namespace) -> int:
         if not probe_relays(config, _say, send=False):
             return 1
     return 1 if errors else 0
+
+
+def _follower_warnings(config_path: str | None) -> list[Problem]:
+    """A followed log whose events carry no level of their own: kinds missing from the
+    catalog count as info there, and the unknown-event policy may filter every one of
+    them. Say so before the first alert goes missing."""
+    try:
+        config = load_config(config_path, sections=("producer", "filter"))
+    except ConfigError:
+        return []  # reported by the main check when these sections are wrong
+    policy = config.filter.unknown
+    warnings = []
+    for i, follow in enumerate(config.producer.follow):
+        if any("(?P<level>" in pattern for pattern in follow.patterns):
+            continue  # each line says its level
+        # The config reader only accepts known levels here.
+        level = cast(Level, follow.level or "info")
+        if policy != "never" and level_rank(level) >= level_rank(policy):
+            continue
+        warnings.append(
+            Problem(
+                f"producer.follow[{i}]",
+                f"events from {follow.path} of kinds not in the catalog have level {level}, "
+                f"and [filter] unknown = {policy!r} filters them (counted, not mailed); "
+                "the shipped catalog knows CLUSTERPRO's kinds (see 'catalog list'); for "
+                "others add catalog entries, set this follower's level, or lower "
+                "[filter] unknown",
+                "warning",
+            )
+        )
+    return warnings
 
 
 def _say(line: str) -> None:
