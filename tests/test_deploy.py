@@ -13,7 +13,7 @@ import subprocess
 import tomllib
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,9 +21,20 @@ import yaml
 from compose_spec import PyCompose
 
 from shared.config import parse_config
-from shared.topology import BINDINGS, EXCHANGES, QUEUES
-from tests.conftest import Certs, Process, free_port, scrape
-from tests.pipeline import publish_events, start_worker, write_config
+from shared.topology import (
+    BINDINGS,
+    DEAD_QUEUE,
+    DLX_EXCHANGE,
+    EVENTS_EXCHANGE,
+    EXCHANGES,
+    QUEUES,
+    RETRY_DELAYS,
+    RETRY_EXCHANGE,
+    WORK_QUEUE,
+    retry_queue_name,
+)
+from tests.conftest import Certs, Process, amqp_url, free_port, scrape, wait_metric
+from tests.pipeline import dlq, publish_events, start_worker, write_config
 from tests.smtpserver import SmtpServer
 from tests.waiting import wait_until
 
@@ -129,7 +140,82 @@ def test_rabbitmq_definitions_declare_exactly_our_topology() -> None:
     assert not re.fullmatch(policy["pattern"], "clusteralert.mail")
 
 
+@pytest.fixture
+def definition_users(vhost: str) -> Iterator[dict[str, str]]:
+    """The definitions' users, made in the test's vhost with exactly the definitions'
+    permissions: user name to AMQP URL."""
+    defs = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())
+    users = {p["user"]: p for p in defs["permissions"]}
+    assert set(users) == {"clusteralert-producer", "clusteralert-worker"}
+    init = (DEPLOY / "dev" / "init.sh").read_text()
+    assert all(f'"name": "{user}"' in init for user in users)
+    urls, made = {}, []
+    try:
+        for user, perms in users.items():
+            name = f"{user}-{vhost[-6:]}"
+            subprocess.run(
+                ["rabbitmqctl", "-q", "add_user", name, "pw-" + name],
+                check=True,
+                capture_output=True,
+            )
+            made.append(name)
+            subprocess.run(
+                [
+                    *("rabbitmqctl", "-q", "set_permissions", "-p", vhost, name),
+                    *(perms["configure"], perms["write"], perms["read"]),
+                ],
+                check=True,
+                capture_output=True,
+            )
+            urls[user] = f"amqp://{name}:pw-{name}@127.0.0.1:5672/{vhost}"
+        yield urls
+    finally:
+        for name in made:
+            subprocess.run(["rabbitmqctl", "-q", "delete_user", name], capture_output=True)
+
+
+def _config_as(url: str, tmp_path: Path, vhost: str, relay: SmtpServer, certs: Certs) -> Path:
+    """The pipeline's config, connecting with ``url`` (user and password in it)."""
+    config = write_config(tmp_path, vhost, [relay], certs, auth=False)
+    config.write_text(
+        config.read_text()
+        .replace('password_file = "amqp_password"', "")
+        .replace(f"amqp://guest@127.0.0.1:5672/{vhost}", url)
+    )
+    return config
+
+
+def _publish_event(url: str, event_id: str, routing_key: str = "node.1.n") -> None:
+    """One valid event to the events exchange as ``url``'s user, confirmed."""
+    import pika
+
+    body = json.dumps(
+        {
+            "v": 1,
+            "id": event_id,
+            "time": "2026-11-26T03:00:00Z",
+            "cluster": "c",
+            "node": "n",
+            "module": "node",
+            "event_id": 1,
+            "params": {"server": "s"},
+            "source": "t",
+        }
+    ).encode()
+    with pika.BlockingConnection(pika.URLParameters(url)) as connection:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(
+            "clusteralert.events",
+            routing_key,
+            body,
+            mandatory=True,
+            properties=pika.BasicProperties(delivery_mode=2, message_id=event_id),
+        )
+
+
 def test_least_privilege_permissions_are_enough_and_no_more(
+    definition_users: dict[str, str],
     vhost: str,
     tmp_path: Path,
     certs: Certs,
@@ -140,74 +226,97 @@ def test_least_privilege_permissions_are_enough_and_no_more(
     producer's user can do nothing but publish events."""
     import pika
 
+    relay = smtp_server("starttls")
+    config = _config_as(definition_users["clusteralert-worker"], tmp_path, vhost, relay, certs)
+    start_worker(processes, config)
+    producer_url = definition_users["clusteralert-producer"]
+    _publish_event(producer_url, "6f1c7f4e-4b7e-4a8e-9d55-0f4c3bfe2a10")
+    assert relay.wait_for(lambda got: len(got) == 1, timeout=30)
+    # And nothing else: reading or declaring is refused for the producer.
+    params = pika.URLParameters(producer_url)
+    refused = pytest.raises(pika.exceptions.ChannelClosedByBroker, match="403")
+    with pika.BlockingConnection(params) as connection, refused:
+        connection.channel().basic_get("clusteralert.mail")
+    refused = pytest.raises(pika.exceptions.ChannelClosedByBroker, match="403")
+    with pika.BlockingConnection(params) as connection, refused:
+        connection.channel().queue_declare("clusteralert.sneaky")
+
+
+def test_worker_permissions_are_the_minimum_its_operations_need() -> None:
+    """Derived from the topology with RabbitMQ's rules: declaring needs configure on the
+    name, and a queue with a dead-letter exchange also write on that exchange and read
+    on the queue; binding needs write on the queue and read on the exchange; consuming
+    and the DLQ commands read their queue; retries, dead letters and replays write to
+    clusteralert.retry, clusteralert.dlx and the default exchange (amq.default). The
+    events exchange is not among them: only producers publish events."""
     defs = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())
-    users = {p["user"]: p for p in defs["permissions"]}
-    assert set(users) == {"clusteralert-producer", "clusteralert-worker"}
-    init = (DEPLOY / "dev" / "init.sh").read_text()
-    assert all(f'"name": "{user}"' in init for user in users)
-    names = {}
-    for user, perms in users.items():
-        name = f"{user}-{vhost[-6:]}"
-        names[user] = name
-        subprocess.run(
-            ["rabbitmqctl", "-q", "add_user", name, "pw-" + name], check=True, capture_output=True
-        )
-        subprocess.run(
-            [
-                "rabbitmqctl",
-                "-q",
-                "set_permissions",
-                "-p",
-                vhost,
-                name,
-                perms["configure"],
-                perms["write"],
-                perms["read"],
-            ],
-            check=True,
-            capture_output=True,
-        )
-    try:
-        relay = smtp_server("starttls")
-        worker_url = f"amqp://{names['clusteralert-worker']}:pw-{names['clusteralert-worker']}@127.0.0.1:5672/{vhost}"
-        producer_url = f"amqp://{names['clusteralert-producer']}:pw-{names['clusteralert-producer']}@127.0.0.1:5672/{vhost}"
-        config = write_config(tmp_path, vhost, [relay], certs, auth=False)
-        worker_config = tmp_path / "worker.toml"
-        worker_config.write_text(
-            config.read_text()
-            .replace('password_file = "amqp_password"', "")
-            .replace(f"amqp://guest@127.0.0.1:5672/{vhost}", worker_url)
-        )
-        start_worker(processes, worker_config)
-        params = pika.URLParameters(producer_url)
-        with pika.BlockingConnection(params) as connection:
-            channel = connection.channel()
-            channel.confirm_delivery()
-            body = json.dumps(
-                {
-                    "v": 1,
-                    "id": "6f1c7f4e-4b7e-4a8e-9d55-0f4c3bfe2a10",
-                    "time": "2026-11-26T03:00:00Z",
-                    "cluster": "c",
-                    "node": "n",
-                    "module": "node",
-                    "event_id": 1,
-                    "params": {"server": "s"},
-                    "source": "t",
-                }
-            ).encode()
-            channel.basic_publish("clusteralert.events", "node.1.n", body, mandatory=True)
-        assert relay.wait_for(lambda got: len(got) == 1, timeout=30)
-        # And nothing else: reading or declaring is refused for the producer.
-        refused = pytest.raises(pika.exceptions.ChannelClosedByBroker, match="403")
-        with pika.BlockingConnection(params) as connection, refused:
-            connection.channel().basic_get("clusteralert.mail")
-        refused = pytest.raises(pika.exceptions.ChannelClosedByBroker, match="403")
-        with pika.BlockingConnection(params) as connection, refused:
-            connection.channel().queue_declare("clusteralert.sneaky")
-    finally:
-        for name in names.values():
-            subprocess.run(["rabbitmqctl", "-q", "delete_user", name], capture_output=True)
+    perms = {p["user"]: p for p in defs["permissions"]}["clusteralert-worker"]
+    need: dict[str, set[str]] = {
+        "configure": {e.name for e in EXCHANGES} | {q.name for q in QUEUES},
+        "write": {RETRY_EXCHANGE, DLX_EXCHANGE, "amq.default"},
+        "read": {WORK_QUEUE, DEAD_QUEUE},
+    }
+    for queue in QUEUES:
+        if "x-dead-letter-exchange" in queue.arguments:
+            need["write"].add(str(queue.arguments["x-dead-letter-exchange"]) or "amq.default")
+            need["read"].add(queue.name)
+    for binding in BINDINGS:
+        need["write"].add(binding.queue)
+        need["read"].add(binding.exchange)
+    assert EVENTS_EXCHANGE not in need["write"]
+    others = {"amq.default", "amq.topic", "clusteralert.incoming", "clusteralert.sneaky"}
+    candidates = need["configure"] | others
+    for kind, needed in need.items():
+        # RabbitMQ searches (re:run) rather than matching the whole name.
+        allowed = {name for name in candidates if re.search(perms[kind], name)}
+        assert allowed == needed, f"{kind}: {sorted(allowed ^ needed)}"
+
+
+def test_the_worker_user_retries_dead_letters_and_replays_but_cannot_publish_events(
+    definition_users: dict[str, str],
+    vhost: str,
+    tmp_path: Path,
+    certs: Certs,
+    smtp_server: Callable[..., SmtpServer],
+    processes: Callable[..., Process],
+) -> None:
+    """Everything the worker does, as the worker's user on a fresh vhost: declare the
+    topology, consume, climb the retry ladder, dead-letter, replay from the DLQ. And it
+    can no longer publish to clusteralert.events."""
+    import pika
+
+    worker_url = definition_users["clusteralert-worker"]
+    producer_url = definition_users["clusteralert-producer"]
+    relay = smtp_server("starttls")
+    relay.handler.data_replies = ["451 4.3.0 try again later"] * 20
+    config = _config_as(worker_url, tmp_path, vhost, relay, certs)
+    _, port = start_worker(processes, config)  # declares the whole topology as this user
+
+    def queued(queue: str) -> int:
+        with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
+            declared = connection.channel().queue_declare(queue, passive=True)
+            return int(declared.method.message_count)
+
+    retried, dead = "0c7d2a51-3f4e-4b6a-8c1d-2e5f6a7b8c90", "1d8e3b62-4a5f-4c7b-9d2e-3f6a7b8c9d01"
+    _publish_event(producer_url, retried)
+    wait_metric(port, 'clusteralert_retries_total{stage="delayed"}', lambda v: v == 1, 30)
+    wait_until(lambda: queued(retry_queue_name(RETRY_DELAYS[0][0])) == 1, 10, "the retry rung")
+
+    relay.handler.data_replies = ["550 5.7.1 refused"]
+    _publish_event(producer_url, dead)
+    wait_metric(
+        port, 'clusteralert_dead_lettered_total{reason="rejected_5xx"}', lambda v: v == 1, 30
+    )
+    replay = dlq(config, "replay", "--id", dead)
+    assert replay.returncode == 0, replay.stderr
+    assert relay.wait_for(lambda got: [m.event_id for m in got] == [dead], timeout=30)
+    assert queued(DEAD_QUEUE) == 0
+
+    refused = pytest.raises(pika.exceptions.ChannelClosedByBroker, match="403")
+    with pika.BlockingConnection(pika.URLParameters(worker_url)) as connection, refused:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish("clusteralert.events", "node.1.n", b"{}", mandatory=True)
 
 
 def test_prometheus_config_and_rules_pass_promtool(tmp_path: Path) -> None:
@@ -241,7 +350,6 @@ def test_every_metric_in_dashboard_and_rules_is_exported(
     smtp_server: Callable[..., SmtpServer],
     processes: Callable[..., Process],
 ) -> None:
-    from tests.conftest import amqp_url
     from worker.consume import connect_any
     from worker.declare import declare_topology
 
