@@ -5,7 +5,10 @@ exported by a real worker. No Docker engine runs here, so these are the checks w
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import os
 import re
 import shlex
 import shutil
@@ -472,3 +475,154 @@ def test_prometheus_scrapes_two_workers_and_the_dashboard_queries_answer(
     ratio = exprs["Failure ratio"].replace("$instance", ".*")
     [value] = query(ratio)
     assert float(value["value"][1]) == 0.0  # type: ignore[index]
+
+
+# The users the images run as: ours from deploy/Dockerfile; Grafana's image runs as 472;
+# RabbitMQ's entrypoint drops to its rabbitmq user (999); Mailpit's image runs as root.
+_OUR_UID = re.search(r"--uid (\d+)", (DEPLOY / "Dockerfile").read_text())
+assert _OUR_UID is not None
+IMAGE_USERS = {
+    "clusteralert": int(_OUR_UID.group(1)),
+    "grafana/grafana": 472,
+    "rabbitmq": 999,
+    "axllent/mailpit": 0,
+}
+
+
+def _compose_services() -> dict[str, dict[str, object]]:
+    services: dict[str, dict[str, object]] = yaml.safe_load(COMPOSE.read_text())["services"]
+    return services
+
+
+def _mounts(service: dict[str, object]) -> list[tuple[str, str, str]]:
+    """(source, target, "ro" or "rw") of each volume; ./ starts a bind mount's source."""
+    volumes: list[str] = service.get("volumes", [])  # type: ignore[assignment]
+    mounts = []
+    for volume in volumes:
+        source, target, *options = volume.split(":")
+        mounts.append((source, target, "ro" if options == ["ro"] else "rw"))
+    return mounts
+
+
+def _secret_volumes() -> set[str]:
+    return {v for v in yaml.safe_load(COMPOSE.read_text())["volumes"] if v.startswith("secrets")}
+
+
+def test_each_service_mounts_only_its_own_secrets_volume() -> None:
+    secret_volumes = _secret_volumes()
+    own = {
+        "mailpit": {"secrets-mailpit"},
+        "worker": {"secrets-worker"},
+        "producer": {"secrets-producer"},
+        "grafana": {"secrets-grafana"},
+    }
+    for name, service in _compose_services().items():
+        mounts = [m for m in _mounts(service) if m[0] in secret_volumes]
+        # init makes them all; the broker admin's password volume is for the operator.
+        expected = secret_volumes if name == "init" else own.get(name, set())
+        assert {source for source, _, _ in mounts} == expected, name
+        assert all(options == ("rw" if name == "init" else "ro") for _, _, options in mounts)
+
+
+def _referenced_secrets(service: dict[str, object]) -> set[str]:
+    """The /secrets paths a service's environment and mounted configs name."""
+    environment: dict[str, object] = service.get("environment", {})  # type: ignore[assignment]
+    paths = {str(v) for v in environment.values() if str(v).startswith("/secrets/")}
+    for source, _, _ in _mounts(service):
+        if source.startswith("./") and source.endswith(".toml"):
+            text = (ROOT / source).read_text()
+            paths |= set(re.findall(r'"(/secrets/[^"]+)"', text))
+    return paths
+
+
+def _as_root(script: str, env: dict[str, str] | None = None) -> str:
+    """Run ``script`` as root: for real when we are, else under fakeroot."""
+    command = ["sh", "-c", script] if os.geteuid() == 0 else ["fakeroot", "sh", "-c", script]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})}
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _run_init(tree: Path) -> dict[str, tuple[int, int, str]]:
+    """Run deploy/dev/init.sh in ``tree``, which mirrors the init container's mounts, as
+    on a first start and then a restart (keeping a copy of what the first start made in
+    ``tree``/../first), and list every path in the tree as (uid, mode, type). Under
+    fakeroot when we are not root, which fakes only the owners."""
+    init = _compose_services()["init"]
+    for source, target, _ in _mounts(init):
+        path = tree / target.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if source.startswith("./"):
+            path.symlink_to(ROOT / source)
+        else:
+            path.mkdir()  # a fresh named volume: an empty directory
+    run = f"sh {shlex.quote(str(tree / 'init.sh'))} >/dev/null"
+    first = shlex.quote(str(tree.parent / "first"))
+    script = (
+        f"{run} && cp -a {shlex.quote(str(tree / 'secrets'))} {first} && {run} && "
+        f"find {shlex.quote(str(tree))} -mindepth 1 -printf '%P\\t%U\\t%m\\t%y\\n'"
+    )
+    listing = {}
+    for line in _as_root(script, env={"INIT_ROOT": str(tree)}).splitlines():
+        path, uid, mode, kind = line.split("\t")
+        listing[path] = (int(uid), int(mode, 8), kind)
+    return listing
+
+
+def _hash_matches(password_hash: str, password: str) -> bool:
+    """RabbitMQ's rabbit_password_hashing_sha256: base64(salt ++ sha256(salt ++ pw))."""
+    raw = base64.b64decode(password_hash)
+    return raw[4:] == hashlib.sha256(raw[:4] + password.encode()).digest()
+
+
+def test_init_makes_one_secret_set_per_service_readable_only_by_its_user(tmp_path: Path) -> None:
+    """deploy/dev/init.sh for real (openssl from Debian), then what each service would
+    see through its own mounts: exactly the secrets its config names, owned by the user
+    its image runs as, readable by nobody else; the broker admin's password and the
+    relay's key reach no other service."""
+    tree = tmp_path / "init"
+    listing = _run_init(tree)
+    services = _compose_services()
+    init_targets = {s: t.lstrip("/") for s, t, _ in _mounts(services["init"])}
+    secrets = tree / "secrets"
+
+    def secret(name: str) -> Path:
+        return next(secrets.rglob(name))
+
+    admin_password = secret("admin_amqp_password").read_text()
+    relay_key = secret("smtp-key.pem").read_text()
+    assert len(admin_password) == 32 and "PRIVATE KEY" in relay_key
+    seen: dict[str, dict[str, tuple[int, int, str]]] = {}  # container path -> (uid, mode, type)
+    for name, service in services.items():
+        if name == "init":
+            continue
+        visible = seen[name] = {}
+        contents = ""
+        for source, target, _ in _mounts(service):
+            if source not in init_targets:
+                continue
+            volume = init_targets[source]
+            visible[target] = listing[volume]
+            for path, entry in listing.items():
+                if path.startswith(volume + "/"):
+                    visible[target + path[len(volume) :]] = entry
+                    contents += (tree / path).read_text()
+        files = {path for path, (_, _, kind) in visible.items() if kind == "f"}
+        assert {p for p in files if p.startswith("/secrets/")} == _referenced_secrets(service), name
+        assert admin_password not in contents, name
+        assert (relay_key in contents) == (name == "mailpit"), name
+    for name, visible in seen.items():
+        uid = IMAGE_USERS.get(str(services[name]["image"]).split(":")[0])
+        for path, (owner, mode, kind) in visible.items():
+            assert (owner, mode) == (uid, 0o700 if kind == "d" else 0o400), (name, path, oct(mode))
+    # RabbitMQ gets salted hashes of the very passwords the services read (and the
+    # operator's admin password); the restart kept every password.
+    users = json.loads((tree / "rabbitmq-definitions" / "00-users.json").read_text())["users"]
+    hashes = {u["name"]: u["password_hash"] for u in users}
+    for user in ("clusteralert-producer", "clusteralert-worker", "admin"):
+        path = secret(user.removeprefix("clusteralert-") + "_amqp_password")
+        password = path.read_text()
+        assert _hash_matches(hashes[user], password), user
+        assert (tmp_path / "first" / path.relative_to(secrets)).read_text() == password, user
