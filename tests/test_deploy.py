@@ -13,6 +13,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import tempfile
 import tomllib
 import urllib.parse
 import urllib.request
@@ -36,7 +37,7 @@ from shared.topology import (
     WORK_QUEUE,
     retry_queue_name,
 )
-from tests.conftest import Certs, Process, amqp_url, free_port, scrape, wait_metric
+from tests.conftest import BIN, Certs, Process, amqp_url, free_port, scrape, wait_metric
 from tests.pipeline import dlq, publish_events, start_worker, write_config
 from tests.smtpserver import SmtpServer
 from tests.waiting import wait_until
@@ -626,3 +627,111 @@ def test_init_makes_one_secret_set_per_service_readable_only_by_its_user(tmp_pat
         password = path.read_text()
         assert _hash_matches(hashes[user], password), user
         assert (tmp_path / "first" / path.relative_to(secrets)).read_text() == password, user
+
+
+# A node's users as the README's install makes them (ids are arbitrary).
+CLUSTERALERT_UID, HACLUSTER_UID, HACLIENT_GID = 10001, 10002, 10003
+TMPFILES = DEPLOY / "systemd" / "clusteralert.tmpfiles.conf"
+
+
+def test_bare_node_install_gives_the_broker_password_to_the_agent_alone() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Installing the producer on a bare node", 1)[1]
+    block = section.split("```sh", 1)[1].split("```", 1)[0]
+    lines = [shlex.split(line.split("#", 1)[0]) for line in block.splitlines()]
+    [install] = [words for words in lines if "/etc/clusteralert/amqp_password" in words]
+    options = dict(zip(install[1::2], install[2::2], strict=False))
+    assert (install[0], options.get("-m"), options.get("-o")) == ("install", "0400", "clusteralert")
+    assert "-g" not in options  # the group, haclient for the Pacemaker agent, gets nothing
+    # The tmpfiles.d entry is installed and applied, so every boot restores the modes.
+    assert [
+        "install",
+        "-m",
+        "0644",
+        str(TMPFILES.relative_to(ROOT)),
+        "/etc/tmpfiles.d/clusteralert.conf",
+    ] in lines
+    assert ["systemd-tmpfiles", "--create", "/etc/tmpfiles.d/clusteralert.conf"] in lines
+    example = (DEPLOY / "producer.example.toml").read_text()
+    assert re.search(r"password_file = .*# owner clusteralert, mode 0400", example)
+
+
+def test_tmpfiles_entry_makes_the_broker_password_the_agents_alone(tmp_path: Path) -> None:
+    """Debian's systemd-tmpfiles applies the entry to a node's tree that an older install
+    left group-readable: the password becomes clusteralert's alone, while the Pacemaker
+    agent's group still reaches the config directory."""
+    tool = shutil.which("systemd-tmpfiles")
+    if tool is None:
+        pytest.fail("systemd-tmpfiles is missing: install Debian's systemd package")
+    root = tmp_path / "node"
+    (root / "etc" / "clusteralert").mkdir(parents=True)
+    (root / "etc" / "passwd").write_text(
+        "root:x:0:0::/root:/bin/sh\n"
+        f"clusteralert:x:{CLUSTERALERT_UID}:{HACLIENT_GID}::/var/lib/clusteralert:/bin/false\n"
+        f"hacluster:x:{HACLUSTER_UID}:{HACLIENT_GID}::/var/lib/pacemaker:/bin/false\n"
+    )
+    (root / "etc" / "group").write_text(f"root:x:0:\nhaclient:x:{HACLIENT_GID}:hacluster\n")
+    password = root / "etc" / "clusteralert" / "amqp_password"
+    password.write_text("secret\n")
+    listing = _as_root(
+        f"chown 0:{HACLIENT_GID} {password} && chmod 0640 {password} && "
+        f"{tool} --create --root={root} {TMPFILES} && "
+        f"stat -c '%u %g %a' {password.parent} {password}"
+    )
+    assert listing.split("\n")[:2] == [f"0 {HACLIENT_GID} 750", f"{CLUSTERALERT_UID} 0 400"]
+
+
+def test_the_pacemaker_agent_spools_without_the_broker_password() -> None:
+    """Pacemaker runs the agent wrapper as hacluster (group haclient). The node's broker
+    password is clusteralert's alone, and the agent never needs it: it only spools."""
+    # Not under pytest's tmp_path, which only root may enter.
+    base = Path(tempfile.mkdtemp(prefix="clusteralert-node-"))
+    try:
+        base.chmod(0o755)
+        password = base / "amqp_password"
+        password.write_text("secret\n")
+        spool = base / "spool"
+        spool.mkdir()
+        config = base / "clusteralert.toml"
+        config.write_text(
+            '[broker]\nurls = ["amqp://producer@127.0.0.1:5672/%2F"]\n'
+            f'password_file = "{password}"\n'
+            f'[producer]\nspool_dir = "{spool}"\ncluster = "prod"\n'
+        )
+        agent = base / "clusteralert-alert"
+        wrapper = (DEPLOY / "pacemaker" / "clusteralert-alert").read_text()
+        assert "exec /opt/clusteralert/bin/clusteralert-producer pacemaker" in wrapper
+        agent.write_text(wrapper.replace("/opt/clusteralert/bin/", f"{BIN}/"))
+        agent.chmod(0o755)
+        if os.geteuid() == 0:
+            os.chown(password, CLUSTERALERT_UID, 0)
+            password.chmod(0o400)
+            os.chown(spool, CLUSTERALERT_UID, HACLIENT_GID)
+            spool.chmod(0o2770)
+            # In group haclient without any capability, so that file modes bind it like
+            # hacluster. It keeps uid 0 only because this machine's Python lives in /root.
+            as_hacluster = ["setpriv", f"--regid={HACLIENT_GID}", "--clear-groups"]
+            as_hacluster += ["--bounding-set=-all", "--inh-caps=-all"]
+        else:
+            password.chmod(0)  # no owner we could hand it to: unreadable for us too
+            as_hacluster = []
+        peek = subprocess.run([*as_hacluster, "cat", str(password)], capture_output=True)
+        assert peek.returncode != 0 and b"secret" not in peek.stdout
+        alert = {
+            "CRM_alert_version": "2.1.5",
+            "CRM_alert_recipient": "ops@example.com",
+            "CRM_alert_node_sequence": "17",
+            "CRM_alert_timestamp": "2026-11-26 03:00:00.123456",
+            "CRM_alert_kind": "node",
+            "CRM_alert_node": "node2",
+            "CRM_alert_nodeid": "2",
+            "CRM_alert_desc": "lost",
+        }
+        env = {"PATH": os.environ["PATH"], "CLUSTERALERT_CONFIG": str(config), **alert}
+        run = subprocess.run(
+            [*as_hacluster, str(agent)], capture_output=True, text=True, timeout=60, env=env
+        )
+        assert run.returncode == 0, run.stderr
+        assert len(list(spool.glob("0*.json"))) == 1
+    finally:
+        shutil.rmtree(base)
