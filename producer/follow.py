@@ -250,7 +250,7 @@ class LogFollower:
                 return 0
             self._open_error = ""
         # Before reading: a read that fails (a full spool) must not hide a rotation.
-        self._notice_new_file()
+        problem = self._notice_new_file()
         if self._truncated():
             # Truncated in place (copytruncate): start over at the beginning. Offsets
             # repeat now, so a new generation keeps the new lines' event ids new.
@@ -265,23 +265,32 @@ class LogFollower:
             if self.clock() - max(self._grew_at, self._newer[0].noticed) < self.rotate_wait:
                 break
             self._next_file()
+        if problem != self._open_error:
+            # Said once; the old file was read meanwhile, and the new one is tried again.
+            self._open_error = problem
+            if problem:
+                raise ClusteralertError(f"{self.config.path}: {problem}")
         return self.spooled - before
 
-    def _notice_new_file(self) -> None:
-        """Open a file that replaced the newest one we know, so it is kept for us."""
+    def _notice_new_file(self) -> str:
+        """Open a file that replaced the newest one we know, so it is kept for us.
+        Returns why a new file cannot be opened, or ""."""
         known = self._known()
         try:
             if os.stat(self.config.path).st_ino in known:
-                return
+                return ""
             fd = os.open(self.config.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return  # gone between two rotations steps, or unreadable: looked at next poll
+        except FileNotFoundError:
+            return ""  # between two steps of a rotation: looked at again next poll
+        except OSError as exc:
+            return f"cannot open the new file: {exc.strerror or exc}"
         inode = os.fstat(fd).st_ino
         if inode in known:
             os.close(fd)
         else:
             self._newer.append(_Newer(fd, inode, self.clock()))
             self._save_state()  # a restart finds it again by its inode
+        return ""
 
     def _truncated(self) -> bool:
         """Whether the bytes last read are gone (the file shrank or was written anew)."""

@@ -164,6 +164,54 @@ def test_a_failed_spool_write_loses_no_line_and_repeats_none(node: Node) -> None
     assert [e["event_id"] for e in node.events()] == [1, 2, 3, 4, 5, 6]
 
 
+def test_the_old_file_is_read_until_the_daemon_has_reopened(node: Node) -> None:
+    """logrotate creates the new file, then signals the daemon, which writes to the old
+    file until then: the follower stays with the old file until it has been quiet."""
+    now = [0.0]
+    node.follower = LogFollower(
+        FollowConfig(node.log), node.spool, CATALOG, cluster="c", node="n1", clock=lambda: now[0]
+    )
+    node.follower.poll()
+    rotated = node.log.with_suffix(".1")
+    os.rename(node.log, rotated)
+    node.log.touch()
+    node.follower.poll()
+    now[0] += 1.5
+    node.append(syslog("<type: rm><event: 1> before the daemon reopened"), path=rotated)
+    node.follower.poll()
+    now[0] += 1.5  # 1.5 s quiet: not yet
+    node.append(syslog("<type: rm><event: 2> after the signal"))
+    node.follower.poll()
+    assert [e["event_id"] for e in node.events()] == [1]
+    now[0] += 0.5
+    node.follower.poll()
+    assert [e["event_id"] for e in node.events()] == [1, 2]
+
+
+def test_an_unreadable_new_file_is_said_once_and_the_old_one_is_still_read(node: Node) -> None:
+    from shared.errors import ClusteralertError
+
+    node.follower.poll()
+    rotated = node.log.with_suffix(".1")
+    os.rename(node.log, rotated)
+    node.append(syslog("<type: rm><event: 1> last line of the old file"), path=rotated)
+    node.append(syslog("<type: rm><event: 2> in the new file"))
+    real_open = os.open
+
+    def refuse_the_new_file(path, *args):  # type: ignore[no-untyped-def]
+        if Path(path) == node.log:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args)
+
+    with mock.patch("producer.follow.os.open", refuse_the_new_file):
+        with pytest.raises(ClusteralertError, match="cannot open the new file: Permission denied"):
+            node.follower.poll()
+        assert node.follower.poll() == 0  # said once
+    assert [e["event_id"] for e in node.events()] == [1]
+    node.follower.poll()
+    assert [e["event_id"] for e in node.events()] == [1, 2]
+
+
 def test_truncation_while_the_agent_was_down_keeps_new_lines(node: Node) -> None:
     node.follower.poll()
     node.append(syslog("<type: rm><event: 1> before"))
@@ -292,7 +340,7 @@ OPERATIONS = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=75, deadline=None)
 @given(absent_at_start=st.booleans(), operations=OPERATIONS)
 def test_no_line_is_skipped_or_repeated(
     absent_at_start: bool, operations: list[tuple[int | str, ...]]
