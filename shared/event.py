@@ -1,4 +1,4 @@
-"""The cluster event and its JSON wire codec (DESIGN.md, "The event on the wire").
+"""The cluster event and its JSON wire codec (docs/design.md, "The event").
 
 Two kinds of bad input are treated differently on purpose:
 

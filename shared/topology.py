@@ -1,4 +1,4 @@
-"""The RabbitMQ topology as data (DESIGN.md, "RabbitMQ topology").
+"""The RabbitMQ topology as data (docs/design.md, "Queues").
 
 The worker declares exactly this, and ``deploy/rabbitmq`` definitions must match it; a
 test compares the two. Keeping it as plain data means neither side imports a client.

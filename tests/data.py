@@ -1,21 +1,25 @@
-"""Where tests find the team's real-world inputs: ``../shared/data`` beside the
-repository (CI has it too), or ``$CLUSTERALERT_SHARED_DATA``."""
+"""Where tests find vendor inputs: our own fixture in the vendor's format (always), and the
+vendor's full published list (only when ``CLUSTERALERT_VENDOR_LIST`` names a copy; it is not
+ours to redistribute, so it never lives in the repository)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import pytest
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+VENDOR_SAMPLE = FIXTURES / "vendor_sample.csv"
+VENDOR_LIST_ENV = "CLUSTERALERT_VENDOR_LIST"
 
 
-def shared_data(name: str) -> Path:
-    base = os.environ.get("CLUSTERALERT_SHARED_DATA")
-    root = Path(base) if base else Path(__file__).resolve().parents[2] / "shared" / "data"
-    path = root / name
-    if not path.exists():
-        pytest.fail(
-            f"{path} is missing: tests read real-world inputs from ../shared/data "
-            "(or $CLUSTERALERT_SHARED_DATA)"
-        )
+def vendor_list_path() -> Path | None:
+    value = os.environ.get(VENDOR_LIST_ENV)
+    return Path(value) if value else None
+
+
+def vendor_list() -> Path:
+    path = vendor_list_path()
+    # conftest collects the module only when the variable is set; a wrong path must fail.
+    assert path is not None, f"{VENDOR_LIST_ENV} is not set"
+    assert path.is_file(), f"{VENDOR_LIST_ENV}={path} is not a file"
     return path

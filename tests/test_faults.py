@@ -5,7 +5,6 @@ restarted. No alert may be lost, and none may go out in plaintext."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 from collections import Counter
 from collections.abc import Callable
@@ -95,8 +94,10 @@ def test_bad_password_is_dead_lettered_with_reason_auth_and_never_shown(
     doc = json.loads(shown.stdout)
     assert doc["reason"] == "auth"
     assert doc["headers"]["x-clusteralert-worker"]
+    # Scraped while the worker runs: the exposition must be real, and hold the auth failure.
+    exposition = json.dumps(scrape(port))
+    assert 'clusteralert_dead_lettered_total{reason=\\"auth\\"}' in exposition
     assert worker.stop() == 0
-    exposition = json.dumps(scrape(port)) if worker.proc.poll() is None else ""
     for text in (shown.stdout, worker.output(), exposition):
         assert SMTP_PASSWORD not in text
 
@@ -170,8 +171,7 @@ def test_a_worker_stopped_mid_load_loses_nothing(
     ids = publish_events(vhost, 300)
     assert relay.wait_for(lambda got: len(got) >= 60, timeout=60)
     if stop == "kill":
-        worker.proc.send_signal(signal.SIGKILL)
-        worker.proc.wait(10)
+        worker.kill()
     else:
         assert worker.stop() == 0
         assert "shutting down" in worker.output()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import timedelta
+
+import pytest
 
 from shared.catalog import load_catalog
 from shared.config import FilterConfig, MailConfig
@@ -100,3 +103,24 @@ def test_invalid_json_is_dead_lettered_as_invalid_event() -> None:
     pipeline, metrics = make(FakeSender())
     outcome = run(pipeline, b"\xff{")
     assert (outcome.action, outcome.reason) == ("dead_letter", "invalid_event")
+
+
+def test_an_unknown_kind_that_is_filtered_is_explained_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pipeline, metrics = make(FakeSender())
+
+    def unknown(event_id: int, level: str = "info") -> bytes:
+        event = new_event(
+            module="zz", event_id=event_id, cluster="c", node="n", source="t", level=level
+        )
+        return encode_event(event)
+
+    with caplog.at_level(logging.WARNING, logger="worker.pipeline"):
+        for body in (unknown(1), unknown(1), unknown(2), unknown(1)):
+            assert run(pipeline, body).action == "ack"
+    explained = [r.getMessage() for r in caplog.records if "counted but not mailed" in r.message]
+    assert len(explained) == 2
+    assert explained[0].startswith("zz:1 is not in the catalog; level info is below")
+    assert "add zz:1 to a catalog ([catalog] path)" in explained[0]
+    assert "zz:2" in explained[1]

@@ -1,4 +1,6 @@
-"""The vendor's published message list, taken as it is."""
+"""The vendor's message-list format, read as it is, on a fixture of our own that carries
+every quirk of the published list: repeated keys with different levels and texts, HTML and
+entities in cells, ``%1`` params beside printf tokens, empty cells, and CP932 bytes."""
 
 from __future__ import annotations
 
@@ -8,40 +10,61 @@ from pathlib import Path
 
 import pytest
 
-from shared.catalog import Catalog, load_catalog, load_catalog_checked, parse_catalog
+from shared.catalog import (
+    Catalog,
+    decode_csv,
+    load_catalog,
+    load_catalog_checked,
+    parse_catalog,
+)
 from shared.config import FilterConfig, MailConfig
 from shared.errors import Problem
 from shared.event import new_event
 from shared.filter import decide
 from shared.vendor_csv import html_to_text, parse_vendor_csv
 from tests.conftest import BIN
-from tests.data import shared_data
+from tests.data import VENDOR_SAMPLE, vendor_list_path
 from worker.render import Renderer
 
-CSV = "X42_alertDestList_org.csv"
+# Every list the CLI round trip runs on: our sample always, the vendor's full published list
+# too when CLUSTERALERT_VENDOR_LIST names it (with its warning count and its rm:9 text).
+LISTS = [pytest.param(VENDOR_SAMPLE, 2, "Monitor {1} reported a fault. ({2} : {3})", id="sample")]
+if (_published := vendor_list_path()) is not None:
+    LISTS.append(
+        pytest.param(
+            _published, 4, "Detected an error in monitoring {1}. ({2} : {3})", id="published"
+        )
+    )
 
 
 @pytest.fixture(scope="module")
 def vendor() -> tuple[Catalog, list[Problem]]:
     problems: list[Problem] = []
-    path = shared_data(CSV)
-    return parse_vendor_csv(path.read_text(encoding="utf-8"), str(path), problems), problems
+    text = VENDOR_SAMPLE.read_text(encoding="utf-8")
+    return parse_vendor_csv(text, str(VENDOR_SAMPLE), problems), problems
 
 
-def test_the_published_list_loads_with_its_merges(vendor: tuple[Catalog, list[Problem]]) -> None:
+def test_the_sample_loads_with_its_merges(vendor: tuple[Catalog, list[Problem]]) -> None:
     catalog, problems = vendor
-    assert len(catalog) == 745
+    assert len(catalog) == 11
     assert all(p.severity == "warning" for p in problems)
-    merges = sorted(str(p).split(": ", 2)[2].split(" appears")[0] for p in problems)
-    assert merges == ["mdadmn:2", "sra:301", "sra:302", "sra:304"]
-    assert any(
-        "sra:301 appears on lines 733, 734, 735, 736, 737, 738, 739" in str(p) for p in problems
-    )
-    assert sum(1 for key in catalog if catalog[key].mail) == 14
+    assert [str(p).split(": ", 2)[2] for p in problems] == [
+        "sra:301 appears on lines 10, 11, 12; merged (level error, mail off, 2 alternate text(s))",
+        "mdadmn:2 appears on lines 13, 14; merged (level error, mail on, 1 alternate text(s))",
+    ]
+    assert sorted(f"{m}:{n}" for (m, n) in catalog if catalog[(m, n)].mail) == [
+        "mdadmn:2",
+        "nm:2",
+        "pm:11",
+        "pm:22",
+        "rm:9",
+    ]
     mdadmn = catalog.lookup("mdadmn", 2)
-    assert mdadmn is not None and mdadmn.level == "error"  # Error beats Info
+    assert mdadmn is not None and mdadmn.level == "error"  # Error beats Info, mail wins
     sra = catalog.lookup("sra", 301)
-    assert sra is not None and len(sra.alternates) == 6
+    assert sra is not None and len(sra.alternates) == 2
+    empty = catalog.lookup("lamp", 6)
+    assert empty is not None and (empty.description, empty.action) == ("", "")
 
 
 def render(catalog: Catalog, module: str, event_id: int, **params: str) -> str:
@@ -55,36 +78,58 @@ def render(catalog: Catalog, module: str, event_id: int, **params: str) -> str:
     return mail.data.decode("ascii")
 
 
-def test_rm_9_renders_the_monitor_and_the_detail(vendor: tuple[Catalog, list[Problem]]) -> None:
+def test_rm_9_renders_positional_params_and_the_action(
+    vendor: tuple[Catalog, list[Problem]],
+) -> None:
     catalog, _ = vendor
     data = render(catalog, "rm", 9, **{"1": "httpw", "2": "11", "3": "timeout"})
-    assert "Subject: [error] c n1: Detected an error in monitoring httpw. (11 : timeout)" in data
-    assert 'Suggested action:\r\nSee "Detailed info of monitor resource errors".' in data
+    assert "Subject: [error] c n1: Monitor httpw reported a fault. (11 : timeout)" in data
+    assert "Suggested action:\r\nCheck the target of httpw.\r\nThen read the monitor log." in data
 
 
 def test_printf_tokens_stay_literal(vendor: tuple[Catalog, list[Problem]]) -> None:
     catalog, _ = vendor
-    key = next(k for k in catalog if "0x%08x" in catalog[k].text)
-    assert "0x%08x" in render(catalog, *key)
+    entry = catalog.lookup("apisv", 101)
+    assert entry is not None and entry.text == "Cluster stop request failed(0x%08x)."
+    assert "0x%08x" in render(catalog, "apisv", 101)
+    lamp = catalog.lookup("lamp", 6)
+    assert lamp is not None and "(%d)" in lamp.text
 
 
-def test_html_in_solutions_becomes_plain_text(vendor: tuple[Catalog, list[Problem]]) -> None:
-    catalog, _ = vendor
-    entry = catalog.lookup("pm", 22)
-    assert entry is not None
-    assert entry.action == 'The event process may not yet have been started. See "Troubleshooting".'
+def assert_no_markup(catalog: Catalog) -> None:
     everything = "".join(
         catalog[k].action + catalog[k].description + catalog[k].text for k in catalog
     )
     for tag in ("<a ", "<span", "<div", "</", "&quot;", "&amp;"):
         assert tag not in everything
+
+
+def test_html_in_cells_becomes_plain_text(vendor: tuple[Catalog, list[Problem]]) -> None:
+    catalog, _ = vendor
+    entry = catalog.lookup("pm", 22)
+    assert entry is not None
+    assert entry.action == 'Maybe the event process is not running yet. Read "Troubleshooting".'
+    assert_no_markup(catalog)
     assert html_to_text("a&amp;b<br/>c&quot;") == 'a&b\nc"'
     mirror = catalog.lookup("mdctrl", 1)
-    assert mirror is not None and mirror.text == "Failed to activate mirror disk.{1} (Device:{2})"
+    assert mirror is not None and mirror.text == "Mirror disk did not activate.{1} (Device:{2})"
+    assert mirror.action == "Check the mirror disk & its network."
+
+
+def test_a_cp932_list_loads_with_a_warning(tmp_path: Path) -> None:
+    text = VENDOR_SAMPLE.read_text(encoding="utf-8").replace(
+        "Cluster daemon is up.", "クラスタデーモンが起動しました。"
+    )
+    cp932 = tmp_path / "list-sjis.csv"
+    cp932.write_bytes(text.encode("cp932"))
+    catalog, problems = load_catalog_checked([cp932])
+    assert f"warning: {cp932}: not UTF-8; read as CP932 (Shift_JIS)" in [str(p) for p in problems]
+    entry = catalog.lookup("pm", 1)
+    assert entry is not None and entry.text == "クラスタデーモンが起動しました。"
 
 
 def test_decisions_follow_the_csv_layered_over_the_shipped_catalog() -> None:
-    catalog = load_catalog([shared_data(CSV)])
+    catalog = load_catalog([VENDOR_SAMPLE])
     assert catalog.lookup("pacemaker", 12) is not None  # shipped entries survive
     mailed = decide(
         new_event(module="rm", event_id=9, cluster="c", node="n", source="t"),
@@ -136,21 +181,20 @@ def test_broken_csv_reports_line_numbers(tmp_path: Path) -> None:
     ]
 
 
-def test_import_round_trips_every_decision(
-    tmp_path: Path, vendor: tuple[Catalog, list[Problem]]
-) -> None:
+@pytest.mark.parametrize(("path", "warnings", "rm9"), LISTS)
+def test_import_round_trips_every_decision(path: Path, warnings: int, rm9: str) -> None:
     result = subprocess.run(
-        [str(BIN / "clusteralert-worker"), "catalog", "import", str(shared_data(CSV))],
+        [str(BIN / "clusteralert-worker"), "catalog", "import", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stderr.count("warning:") == 4
+    assert result.stderr.count("warning:") == warnings
     problems: list[Problem] = []
     imported = parse_catalog(tomllib.loads(result.stdout), "imported", problems)
     assert problems == []
-    csv_catalog, _ = vendor
+    csv_catalog = parse_vendor_csv(decode_csv(path.read_bytes(), str(path), []), str(path), [])
     assert set(imported) == set(csv_catalog)
     for key in csv_catalog:
         assert imported[key] == csv_catalog[key], key
@@ -159,9 +203,12 @@ def test_import_round_trips_every_decision(
             assert decide(event, imported, filters) == decide(event, csv_catalog, filters)
 
 
-def test_catalog_show_and_list_explain_decisions(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("path", "warnings", "rm9"), LISTS)
+def test_catalog_show_and_list_explain_decisions(
+    tmp_path: Path, path: Path, warnings: int, rm9: str
+) -> None:
     config = tmp_path / "c.toml"
-    config.write_text(f'[catalog]\npath = "{shared_data(CSV)}"\n[filter]\ndisable = ["rm:9"]\n')
+    config.write_text(f'[catalog]\npath = "{path}"\n[filter]\ndisable = ["rm:9"]\n')
 
     def cli(*args: str) -> str:
         result = subprocess.run(
@@ -174,7 +221,7 @@ def test_catalog_show_and_list_explain_decisions(tmp_path: Path) -> None:
         return result.stdout
 
     shown = cli("show", "rm:9")
-    assert "text:        Detected an error in monitoring {1}. ({2} : {3})" in shown
+    assert f"text:        {rm9}" in shown
     assert "decision:    not mailed (rm:9 matches disable 'rm:9')" in shown
     listed = cli("list", "--mail-only", "--module", "pm").splitlines()
     assert listed and all(line.startswith("pm:") and " MAIL " in line for line in listed)

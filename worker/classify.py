@@ -112,7 +112,7 @@ def classify_transaction(exc: BaseException) -> DeliveryError:
 
 
 def combine_attempts(errors: list[DeliveryError]) -> DeliveryError:
-    """One attempt tried every relay; classify it only now (DESIGN.md): transient if any
+    """One attempt tried every relay; classify it only now: transient if any
     relay failed transiently, TLS refused if every relay refused TLS, else permanent."""
     if not errors:
         raise ValueError("no relay was tried")

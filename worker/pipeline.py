@@ -32,6 +32,8 @@ from worker.send import Sender
 
 __all__ = ["Outcome", "Pipeline"]
 
+MAX_EXPLAINED = 1000  # bounded: a flood of made-up kinds must not grow memory
+
 log = logging.getLogger(__name__)
 
 
@@ -68,6 +70,21 @@ class Pipeline:
         self.retry_window = retry_window
         self.worker_name = worker_name
         self.scrub = scrub
+        # Kinds already explained at warning level: one line per kind, not per event.
+        self._unknown_explained: set[str] = set()
+
+    def _explain_unknown(self, key: str, why: str) -> None:
+        """The first unknown kind that is filtered says, once, why and what to do: an
+        operator whose alerts silently never arrive needs this more than a counter."""
+        if key in self._unknown_explained or len(self._unknown_explained) >= MAX_EXPLAINED:
+            return
+        self._unknown_explained.add(key)
+        log.warning(
+            "%s; its events are counted but not mailed. To mail them, add %s to a catalog "
+            "([catalog] path), list it in [filter] enable, or lower [filter] unknown",
+            why,
+            key,
+        )
 
     async def handle(self, body: bytes, headers: Mapping[str, object] | None = None) -> Outcome:
         self.metrics.in_flight.inc()
@@ -95,6 +112,8 @@ class Pipeline:
         if not decision.mail:
             assert decision.reason is not None
             self.metrics.filtered.labels(decision.reason).inc()
+            if decision.reason == "unknown":
+                self._explain_unknown(event.key, decision.why)
             log.info(
                 "filtered event %s %s from %s: %s", event.id, event.key, event.node, decision.why
             )

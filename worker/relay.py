@@ -17,6 +17,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Callable
 
 import aiosmtplib
 
@@ -26,7 +27,10 @@ from shared.tls import client_context
 from worker.classify import classify_auth, classify_connect, classify_starttls, classify_transaction
 from worker.render import Mail
 
-__all__ = ["Relay"]
+__all__ = ["Relay", "StepHook", "quit_client"]
+
+# Called with the stage a new connection reached ("connect", "tls", "auth") and the client.
+StepHook = Callable[[str, aiosmtplib.SMTP], None]
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +130,9 @@ class Relay:
             return client
         return None
 
-    async def _open(self) -> aiosmtplib.SMTP:
+    async def _open(self, step: StepHook | None = None) -> aiosmtplib.SMTP:
+        """A connected, TLS-protected (unless ``security = "none"``) and logged-in client.
+        ``step`` is told of each stage reached, for ``test-mail`` to show them."""
         cfg = self.config
         smtps = cfg.security == "smtps"
         client = aiosmtplib.SMTP(
@@ -142,13 +148,19 @@ class Relay:
                 await client.connect()
             except Exception as exc:
                 raise classify_connect(exc) from None
+            if step:
+                step("connect", client)
             if cfg.security == "starttls":
                 await self._starttls(client)
+            if step and cfg.security != "none":
+                step("tls", client)
             if cfg.username is not None and cfg.password is not None:
                 try:
                     await client.login(cfg.username, cfg.password.reveal())
                 except Exception as exc:
                     raise classify_auth(exc) from None
+                if step:
+                    step("auth", client)
         except BaseException:
             client.close()
             raise
@@ -180,10 +192,10 @@ class Relay:
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
-        await asyncio.gather(*(_quit(client) for client, _ in idle))
+        await asyncio.gather(*(quit_client(client) for client, _ in idle))
 
 
-async def _quit(client: aiosmtplib.SMTP) -> None:
+async def quit_client(client: aiosmtplib.SMTP) -> None:
     """Say QUIT politely, but never wait long for it."""
     try:
         await asyncio.wait_for(client.quit(), timeout=2)
