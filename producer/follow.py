@@ -407,13 +407,16 @@ class LogFollower:
         return True
 
     def _params_from_catalog(self, module: str, event_id: int, message: str) -> dict[str, str]:
+        """Params of the first of the entry's logged wordings the message matches."""
         entry = self.catalog.lookup(module.lower(), event_id)
-        if entry is None:
-            return {}
-        if entry.text not in self._templates:
-            self._templates[entry.text] = Template.parse(entry.text)
-        template = self._templates[entry.text]
-        return (template.match(message.strip()) if template else None) or {}
+        for text in entry.logged_texts if entry is not None else ():
+            if text not in self._templates:
+                self._templates[text] = Template.parse(text)
+            template = self._templates[text]
+            params = template.match(message.strip()) if template else None
+            if params:
+                return params
+        return {}
 
     def _close_file(self) -> None:
         if self._file >= 0:

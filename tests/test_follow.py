@@ -241,6 +241,26 @@ def test_match_back_handles_positional_and_named_placeholders() -> None:
     assert template.match("x. (y : z") is None
 
 
+def test_match_back_uses_the_logged_wording_then_the_alternates(tmp_path: Path) -> None:
+    from shared.catalog import load_catalog
+
+    node = Node(tmp_path)
+    catalog = load_catalog([]).layered(
+        Catalog([CatalogEntry("rm", 70, "error", True, "Now {a}.", alternates=("Was {b}.",))])
+    )
+    node.follower = LogFollower(FollowConfig(node.log), node.spool, catalog, cluster="c", node="n")
+    node.follower.poll()
+    node.append(
+        syslog("<type: rm><event: 9> Detected an error in monitoring httpw. (11 : timeout)"),
+        syslog("<type: rm><event: 70> Was here."),
+    )
+    node.follower.poll()
+    assert [e["params"] for e in node.events()] == [
+        {"monitor": "httpw", "code": "11", "detail": "timeout"},
+        {"b": "here"},
+    ]
+
+
 HOSTILE_TEXTS = [
     "{1} {2} {3} {4} {5} {6}.",
     "Detected an error in monitoring {1}. ({2} : {3})",
