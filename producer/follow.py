@@ -369,6 +369,8 @@ class LogFollower:
         module = groups.pop("module", None) or self.config.module
         event_text = groups.pop("message", None)
         level = groups.pop("level", None) or self.config.level
+        # The line's host: on a central syslog server it is the node the line came from.
+        node = groups.pop("node", None) or self.node
         raw_id = groups.pop("event_id", None)
         try:
             event_id = int(raw_id) if raw_id is not None else self.config.event_id
@@ -390,7 +392,7 @@ class LogFollower:
                 event_id=event_id,
                 level=level,
                 cluster=self.cluster,
-                node=self.node,
+                node=node,
                 params=params,
                 text=text,
                 source="log",

@@ -126,7 +126,8 @@ def clusterpro_pattern(tags: Sequence[str]) -> str:
     Linear: no two adjacent repeats can take the same characters."""
     tag = "|".join(re.escape(t) for t in tags)
     return (
-        r"^(?:[A-Z][a-z]{2} +[0-9]{1,2} +[0-9:]{8}|[0-9]{4}-[0-9]{2}-[0-9]{2}T[^ ]+) +[^ ]+ +"
+        r"^(?:[A-Z][a-z]{2} +[0-9]{1,2} +[0-9:]{8}|[0-9]{4}-[0-9]{2}-[0-9]{2}T[^ ]+) +"
+        r"(?P<node>[^ ]{1,255}) +"
         rf"(?:{tag})[^ :\[]*(?:\[[0-9]{{1,10}}\])?: +"
         r"<type: ?(?P<module>[a-z0-9_-]{1,32})><event: ?(?P<event_id>[0-9]{1,18})> ?"
         r"(?P<message>.*)"
