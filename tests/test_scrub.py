@@ -31,6 +31,8 @@ def test_every_form_of_the_secret_is_masked() -> None:
         "AUTH LOGIN": b64(raw),
         "AUTH PLAIN": b64(b"\0alert\0" + raw),
         "AUTH PLAIN with an authzid": b64(b"admin\0alert\0" + raw),
+        # The secret starts at each offset modulo 3 in one of these encodings.
+        "AUTH PLAIN, user abc": b64(b"\0abc\0" + raw),
         "percent-encoded, as in a URL": "s3cret%2Fpass%2Bword",
     }
     for name, form in forms.items():
