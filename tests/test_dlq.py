@@ -230,8 +230,9 @@ def test_purge_streams_in_bounded_memory(tmp_path: Path, vhost: str, certs: Cert
     peak, purged = _peak_rss_kib("dlq", "purge", "--yes", "--config", str(config))
     assert purged.returncode == 0, purged.stderr
     assert f"purged {count} dead letter(s)" in purged.stderr
-    assert queue_depth(vhost, DEAD_QUEUE) == 0
+    # Peak RSS in KiB: what it holds must not grow with the dead letters it purges.
     assert (peak - baseline) * 1024 < count * size / 4, (baseline, peak)
+    wait_until(lambda: queue_depth(vhost, DEAD_QUEUE) == 0, 15, "the acks to apply")
 
 
 class _Stall:
@@ -316,7 +317,8 @@ def test_a_broker_that_does_not_answer_gives_one_line_within_a_bound(
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert elapsed < 10, elapsed
+    assert "timed out" in result.stderr, result.stderr
+    assert elapsed < 5, elapsed  # connect_timeout is 1 s
     if broker == "stalls":
         assert stall.stalled.is_set()
     # Whatever it had taken goes back: nothing lost.

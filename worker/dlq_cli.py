@@ -74,7 +74,8 @@ def _connect(config: BrokerConfig) -> Any:
     for url in config.urls:
         connection = kombu_connection(config, url)
         try:
-            connection.connect()
+            # One attempt: kombu's connect() would try twice, two seconds apart.
+            connection.ensure_connection(max_retries=0, reraise_as_library_errors=False)
         except Exception as exc:  # every failure is reported, all on one line
             failures.append(f"{url}: {describe(exc)}")
             connection.collect()
@@ -98,11 +99,14 @@ def _session(config_path: str | None) -> Iterator[DlqSession]:
         yield session
         session.close()
         connection.release()
-    except (OSError, amqp.exceptions.AMQPError) as exc:
+    except OSError as exc:
         # Dropped, not closed politely: a broker that stopped answering would not answer
         # a close either. It requeues whatever was taken and not settled.
         connection.collect()
         raise ClusteralertError(f"the broker stopped answering: {describe(exc)}") from None
+    except amqp.exceptions.AMQPError as exc:
+        connection.collect()
+        raise ClusteralertError(f"broker error: {describe(exc)}") from None
     except BaseException:
         connection.collect()
         raise
