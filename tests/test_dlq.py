@@ -352,3 +352,56 @@ def test_control_characters_in_dead_letters_are_shown_escaped(
     assert len(outputs["replay"].stdout.splitlines()) == 1
     assert queue_depth(vhost, DEAD_QUEUE) == 1
     assert queue_depth(vhost, WORK_QUEUE) == 0
+
+
+def _peek(vhost: str) -> tuple[bytes, dict[str, object]]:
+    """The head of the DLQ, given back at once (one delivery, far below any limit)."""
+    connection = _connection(vhost)
+    try:
+        message = connection.channel().basic_get(DEAD_QUEUE, no_ack=False)
+        assert message is not None
+        properties = dict(message.properties)
+        headers = dict(properties.pop("application_headers"))
+        headers.pop("x-delivery-count", None)
+        return message.body, {**properties, "headers": headers}
+    finally:
+        connection.close()
+
+
+def test_a_browsed_dead_letter_is_kept_identical(tmp_path: Path, vhost: str, certs: Certs) -> None:
+    seed(vhost, 0)
+    connection = _connection(vhost)
+    try:
+        channel = connection.channel()
+        # Dead-lettered by the broker itself, so it carries a real x-death history.
+        channel.queue_declare(
+            "expiring",
+            durable=True,
+            auto_delete=False,
+            arguments={"x-message-ttl": 0, "x-dead-letter-exchange": DLX_EXCHANGE},
+        )
+        channel.confirm_select()
+        message = amqp.Message(
+            b"\x00\xffnot json",
+            delivery_mode=2,
+            priority=3,
+            message_id="m-1",
+            correlation_id="c-1",
+            reply_to="nowhere",
+            type="alert",
+            app_id="elsewhere",
+            content_type="application/octet-stream",
+            content_encoding="binary",
+            timestamp=1_767_322_800,
+            application_headers={"nested": {"a": [1, "two", 3.5, True]}, "n": -7},
+        )
+        channel.basic_publish_confirm(message, exchange="", routing_key="expiring")
+    finally:
+        connection.close()
+    wait_until(lambda: queue_depth(vhost, DEAD_QUEUE) == 1, 10, "the broker to dead-letter it")
+    before = _peek(vhost)
+    assert "x-death" in before[1]["headers"]  # type: ignore[operator]
+    config = write_config(tmp_path, vhost, [], certs)
+    for _ in range(2):
+        assert len(dlq_list(config)) == 1
+    assert _peek(vhost) == before

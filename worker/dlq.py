@@ -20,13 +20,15 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import amqp
+import amqp.exceptions
 
-from shared.errors import ClusteralertError
+from shared.errors import ClusteralertError, describe
 from shared.topology import DEAD_QUEUE, WORK_QUEUE
 from worker.retry_policy import (
     HEADER_ATTEMPTS,
@@ -181,7 +183,8 @@ class DlqFilter:
 
 
 class DlqError(ClusteralertError):
-    """The broker refused or did not confirm a copy; its original was not acked."""
+    """The broker failed, refused or did not answer. Nothing was acked that should not
+    have been: what is unsettled goes back when the connection is dropped."""
 
 
 class DlqSession:
@@ -189,9 +192,11 @@ class DlqSession:
 
     def __init__(self, connection: Any, timeout: float):
         self._connection = connection.connection  # py-amqp's, for raw confirm events
+        self._user = connection.userid
         self._timeout = timeout
-        self._channel = self._connection.channel()
-        self._channel.confirm_select()
+        with _talking():
+            self._channel = self._connection.channel()
+            self._channel.confirm_select()
         self._channel.events["basic_ack"].add(self._on_ack)
         self._channel.events["basic_nack"].add(self._on_nack)
         self._channel.events["basic_return"].add(self._on_return)
@@ -204,10 +209,12 @@ class DlqSession:
         """Every message now in the DLQ, once each, in queue order. Callers must exhaust
         it: a message neither replayed nor purged by the time the next one is asked for
         is kept (copied to the back of the DLQ)."""
-        queued = self._channel.queue_declare(DEAD_QUEUE, passive=True).message_count
+        with _talking():
+            queued = self._channel.queue_declare(DEAD_QUEUE, passive=True).message_count
         # Exactly as many as were queued: the copies behind them are not taken again.
         for _ in range(queued):
-            raw = self._channel.basic_get(DEAD_QUEUE, no_ack=False)
+            with _talking():
+                raw = self._channel.basic_get(DEAD_QUEUE, no_ack=False)
             if raw is None:
                 break
             message = DeadMessage.from_message(raw)
@@ -220,8 +227,8 @@ class DlqSession:
         properties = {
             k: v
             for k, v in message.raw.properties.items()
-            # A user_id other than our own login would be refused by the broker.
-            if k not in ("application_headers", "user_id")
+            # The broker refuses a user_id other than the publisher's own login.
+            if k != "application_headers" and (k != "user_id" or v == self._user)
         }
         headers = {k: v for k, v in message.headers.items() if k not in _PER_DELIVERY_HEADERS}
         properties["application_headers"] = headers
@@ -242,12 +249,14 @@ class DlqSession:
 
     def purge(self, message: DeadMessage) -> None:
         message.settled = True
-        self._channel.basic_ack(message.raw.delivery_tag)
+        with _talking():
+            self._channel.basic_ack(message.raw.delivery_tag)
 
     def _publish(self, message: DeadMessage, queue: str, properties: dict[str, Any]) -> None:
         message.settled = True
         copy = amqp.Message(message.raw.body, **properties)
-        self._channel.basic_publish(copy, exchange="", routing_key=queue, mandatory=True)
+        with _talking():
+            self._channel.basic_publish(copy, exchange="", routing_key=queue, mandatory=True)
         self._published += 1
         self._awaiting[self._published] = message.raw.delivery_tag
         # Confirms are waited for in batches: one round trip per message would make a
@@ -258,13 +267,8 @@ class DlqSession:
     def _flush(self) -> None:
         """Wait until every copy is confirmed (and its original acked)."""
         while self._awaiting and self._failure is None:
-            try:
+            with _talking():
                 self._connection.drain_events(timeout=self._timeout)
-            except TimeoutError:
-                raise DlqError(
-                    f"the broker confirmed nothing for {self._timeout:g}s; "
-                    "unconfirmed dead letters stay in the DLQ"
-                ) from None
         if self._failure is not None:
             raise DlqError(self._failure)
 
@@ -285,5 +289,19 @@ class DlqSession:
         self._failure = f"queue {routing_key} is missing; the dead letter stays in the DLQ"
 
     def close(self) -> None:
-        """Close the channel: anything taken and not settled goes back, once."""
-        self._channel.close()
+        """Close the channel: anything taken and not settled goes back, once. Its
+        close-ok also tells that the broker has processed every ack before it."""
+        with _talking():
+            self._channel.close()
+
+
+@contextmanager
+def _talking() -> Iterator[None]:
+    """Broker failures as one line. Only around broker calls: the caller's own errors
+    (a closed stdout, say) must stay what they are."""
+    try:
+        yield
+    except OSError as exc:
+        raise DlqError(f"the broker stopped answering: {describe(exc)}") from None
+    except amqp.exceptions.AMQPError as exc:
+        raise DlqError(f"broker error: {describe(exc)}") from None

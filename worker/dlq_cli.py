@@ -10,7 +10,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, Final
 
 from shared.config import BrokerConfig, load_config
@@ -88,8 +88,6 @@ def _connect(config: BrokerConfig) -> Any:
 @contextmanager
 def _session(config_path: str | None) -> Iterator[DlqSession]:
     # Broker client imports wait until needed, so the parser stays cheap for other commands.
-    import amqp.exceptions
-
     from worker.dlq import DlqSession
 
     broker = load_config(config_path, sections=("broker",)).broker
@@ -98,18 +96,14 @@ def _session(config_path: str | None) -> Iterator[DlqSession]:
         session = DlqSession(connection, broker.connect_timeout)
         yield session
         session.close()
-        connection.release()
-    except OSError as exc:
+    except BaseException:
         # Dropped, not closed politely: a broker that stopped answering would not answer
         # a close either. It requeues whatever was taken and not settled.
         connection.collect()
-        raise ClusteralertError(f"the broker stopped answering: {describe(exc)}") from None
-    except amqp.exceptions.AMQPError as exc:
-        connection.collect()
-        raise ClusteralertError(f"broker error: {describe(exc)}") from None
-    except BaseException:
-        connection.collect()
         raise
+    # Everything is settled (the channel's close-ok says so): a failing close is harmless.
+    with suppress(Exception):
+        connection.release()
 
 
 def _matching(session: DlqSession, args: argparse.Namespace) -> Iterator[DeadMessage]:
