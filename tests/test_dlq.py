@@ -189,11 +189,10 @@ def test_purge_prompt_outlasts_the_heartbeat(tmp_path: Path, vhost: str, certs: 
     try:
         assert purge.stdout is not None and purge.stdin is not None
         assert first in purge.stdout.readline()
-        # The operator thinks for longer than the broker waits for a silent client.
+        # The operator thinks for longer than the broker waits for a silent client (two
+        # heartbeats): a connection held open while asking is gone by then.
         wait_until(lambda: _connections(vhost) == 0, 20, "no connection while it asks")
-        probe = time.monotonic() + 3
-        wait_until(lambda: time.monotonic() > probe, 5, "three heartbeats of thinking")
-        stdout, stderr = purge.communicate("y\n", timeout=30)
+        _, stderr = purge.communicate("y\n", timeout=30)
     finally:
         purge.kill()
     assert purge.returncode == 0, stderr
