@@ -140,6 +140,8 @@ def test_parse_since() -> None:
     assert parse_since("2026-11-26T01:00:00Z", NOW) == NOW - timedelta(hours=2)
     with pytest.raises(ClusteralertError, match="expected a duration"):
         parse_since("yesterday", NOW)
+    with pytest.raises(ClusteralertError, match="too long ago"):
+        parse_since("99999999999d", NOW)
 
 
 def test_since_takes_a_time_without_offset_as_utc() -> None:

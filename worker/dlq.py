@@ -139,7 +139,10 @@ def parse_since(value: str, now: datetime | None = None) -> datetime:
     match = _DURATION_RE.fullmatch(value.strip())
     now = now or datetime.now(UTC)
     if match:
-        return now - timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+        try:
+            return now - timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+        except OverflowError:
+            raise ClusteralertError(f"--since {value!r}: too long ago") from None
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
