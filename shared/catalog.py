@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import json
 import tomllib
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Final
 
+from shared.catalog_entry import Catalog, CatalogEntry
 from shared.errors import ConfigError, Problem
 from shared.event import MODULE_RE
-from shared.levels import LEVELS, Level
+from shared.levels import LEVELS
 from shared.tables import Table
+from shared.vendor_csv import is_vendor_csv, parse_vendor_csv
 
 __all__ = [
     "BUILTIN_NAME",
@@ -31,48 +32,6 @@ __all__ = [
 ]
 
 BUILTIN_NAME: Final = "builtin_catalog.toml"
-
-
-@dataclass(frozen=True, slots=True)
-class CatalogEntry:
-    module: str
-    event_id: int
-    level: Level
-    mail: bool
-    text: str
-    action: str = ""
-    description: str = ""
-    # Other texts the same event has had (vendor lists repeat keys with variants).
-    alternates: tuple[str, ...] = ()
-
-    @property
-    def key(self) -> str:
-        return f"{self.module}:{self.event_id}"
-
-
-class Catalog(Mapping[tuple[str, int], CatalogEntry]):
-    """Entries by ``(module, event_id)``."""
-
-    def __init__(self, entries: Iterable[CatalogEntry] = ()):
-        self._entries: dict[tuple[str, int], CatalogEntry] = {}
-        for entry in entries:
-            self._entries[(entry.module, entry.event_id)] = entry
-
-    def __getitem__(self, key: tuple[str, int]) -> CatalogEntry:
-        return self._entries[key]
-
-    def __iter__(self) -> Iterator[tuple[str, int]]:
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def lookup(self, module: str, event_id: int) -> CatalogEntry | None:
-        return self._entries.get((module, event_id))
-
-    def layered(self, over: Catalog) -> Catalog:
-        """This catalog with ``over``'s entries replacing or adding to it."""
-        return Catalog([*self._entries.values(), *over._entries.values()])
 
 
 def parse_catalog(data: object, source: str, problems: list[Problem]) -> Catalog:
@@ -92,6 +51,7 @@ def parse_catalog(data: object, source: str, problems: list[Problem]) -> Catalog
         action = table.text("action", "")
         description = table.text("description", "")
         alternates = table.str_list("alternates", ())
+        log_text = table.text("log_text", "")
         table.finish()
         if isinstance(module, str) and not MODULE_RE.fullmatch(module):
             table.error("module", f"{module!r:.40} must match [a-z0-9_-]{{1,32}}")
@@ -103,7 +63,9 @@ def parse_catalog(data: object, source: str, problems: list[Problem]) -> Catalog
             continue
         seen[key] = len(entries)
         entries.append(
-            CatalogEntry(module, event_id, level, entry_mail, text, action, description, alternates)
+            CatalogEntry(
+                module, event_id, level, entry_mail, text, action, description, alternates, log_text
+            )
         )
     root.finish()
     return Catalog(entries)
@@ -115,8 +77,6 @@ def _read_file(path: Path, problems: list[Problem]) -> Catalog:
     except OSError as exc:
         problems.append(Problem(str(path), f"cannot read catalog: {exc.strerror}"))
         return Catalog()
-    from shared.vendor_csv import is_vendor_csv, parse_vendor_csv
-
     if is_vendor_csv(path, raw[:64]):
         return parse_vendor_csv(decode_csv(raw, str(path), problems), str(path), problems)
     try:
@@ -195,4 +155,6 @@ def catalog_to_toml(catalog: Catalog, header: str = "") -> str:
             out.append(f"action = {_toml_string(entry.action)}")
         if entry.alternates:
             out.append(f"alternates = [{', '.join(map(_toml_string, entry.alternates))}]")
+        if entry.log_text:
+            out.append(f"log_text = {_toml_string(entry.log_text)}")
     return "\n".join(out).lstrip("\n") + "\n"

@@ -1,5 +1,5 @@
-"""The filter decision: is this event mailed, and at what level? (DESIGN.md, "Filter
-decision"). Pure and ordered exactly as the contract says, so it is easy to test."""
+"""The filter decision: is this event mailed, and at what level? (README,
+"Filter decision"). Pure and ordered exactly as the contract says, so it is easy to test."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Final
 
-from shared.catalog import Catalog, CatalogEntry
+from shared.catalog_entry import Catalog, CatalogEntry
 from shared.errors import Problem
 from shared.event import MODULE_RE
 from shared.levels import Level, level_rank

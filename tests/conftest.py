@@ -128,6 +128,9 @@ class Process:
     ):
         self.name = name
         self.log = log
+        self.killed = False
+        self.hung = False
+        self.expected_exit = 0
         self._fh = log.open("wb")
         self.proc = subprocess.Popen(
             [str(bin_dir / name), *args],
@@ -139,20 +142,34 @@ class Process:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def kill(self) -> None:
+        """SIGKILL on purpose: teardown then accepts whatever exit code it left."""
+        self.killed = True
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
     def stop(self, timeout: float = 30) -> int:
+        """SIGTERM, then the exit code; a process that outlives ``timeout`` is killed and
+        marked as hung, which fails the test at teardown."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            self.hung = True
             self.proc.kill()
             code = self.proc.wait(10)
-        self._fh.close()
+        if not self._fh.closed:
+            self._fh.close()
         return code
 
 
 @pytest.fixture
 def processes(tmp_path: Path) -> Iterator[Callable[..., Process]]:
+    """Factory for real processes. Every process a test did not kill on purpose
+    (``Process.kill``) must exit with ``expected_exit`` (0 unless the test says otherwise)
+    within its grace period, or the test fails at teardown: a worker that crashes or hangs
+    at shutdown must not go unnoticed."""
     started: list[Process] = []
 
     def start(
@@ -163,8 +180,20 @@ def processes(tmp_path: Path) -> Iterator[Callable[..., Process]]:
         return process
 
     yield start
+    problems = []
     for process in started:
-        process.stop()
+        code = process.stop()
+        if process.killed:
+            continue
+        if process.hung:
+            problems.append(f"{process.name} did not exit within its grace period")
+        elif code != process.expected_exit:
+            problems.append(
+                f"{process.name} exited {code} (expected {process.expected_exit}); "
+                f"log {process.log}:\n{process.output()[-2000:]}"
+            )
+    if problems:
+        pytest.fail("\n".join(problems))
 
 
 def scrape(port: int) -> dict[str, float]:

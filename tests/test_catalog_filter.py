@@ -1,4 +1,4 @@
-"""Catalog loading and the filter decision, in DESIGN.md's order."""
+"""Catalog loading and the filter decision, in the documented order."""
 
 from __future__ import annotations
 

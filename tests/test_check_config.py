@@ -63,3 +63,29 @@ def test_missing_config_file(tmp_path: Path) -> None:
     result = check(tmp_path / "nope.toml")
     assert result.returncode == 1
     assert "config file not found" in result.stdout
+
+
+def test_a_follower_whose_unknown_kinds_would_be_filtered_is_warned_about(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "c.toml"
+    followers = """
+[[producer.follow]]
+path = "/var/log/messages"
+[[producer.follow]]
+path = "/var/log/app.log"
+level = "error"
+[[producer.follow]]
+path = "/var/log/levelled.log"
+patterns = ['<type: (?P<module>[a-z]+)><event: (?P<event_id>[0-9]+)><(?P<level>[a-z]+)>']
+"""
+    config.write_text(GOOD + followers)
+    result = check(config)
+    assert result.returncode == 0, result.stdout
+    [warning] = result.stdout.splitlines()
+    assert warning.startswith(
+        "warning: producer.follow[0]: events from /var/log/messages of kinds not in the "
+        "catalog have level info, and [filter] unknown = 'error' filters them"
+    )
+    config.write_text(GOOD + followers + '[filter]\nunknown = "info"\n')
+    assert check(config).stdout == ""

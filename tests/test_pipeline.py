@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import timedelta
+
+import pytest
 
 from shared.catalog import load_catalog
 from shared.config import FilterConfig, MailConfig
@@ -11,8 +14,17 @@ from shared.errors import TransientError
 from shared.event import encode_event, new_event
 from worker.metrics import Metrics
 from worker.pipeline import Outcome, Pipeline
+from worker.relay import Refusal
 from worker.render import Mail, Renderer
-from worker.retry_policy import HEADER_ATTEMPTS, HEADER_REASON, HEADER_REPLAYED
+from worker.retry_policy import (
+    HEADER_ATTEMPTS,
+    HEADER_FIRST_FAILURE,
+    HEADER_LAST_ERROR,
+    HEADER_REASON,
+    HEADER_RECIPIENTS,
+    HEADER_REPLAYED,
+)
+from worker.send import Sent
 
 
 class FakeSender:
@@ -20,11 +32,11 @@ class FakeSender:
         self.error = error
         self.sent: list[Mail] = []
 
-    async def send(self, mail: Mail) -> str:
+    async def send(self, mail: Mail) -> Sent:
         if self.error:
             raise self.error
         self.sent.append(mail)
-        return "relay:25"
+        return Sent("relay:25")
 
 
 class ExplodingRenderer(Renderer):
@@ -100,3 +112,97 @@ def test_invalid_json_is_dead_lettered_as_invalid_event() -> None:
     pipeline, metrics = make(FakeSender())
     outcome = run(pipeline, b"\xff{")
     assert (outcome.action, outcome.reason) == ("dead_letter", "invalid_event")
+
+
+def test_an_unknown_kind_that_is_filtered_is_explained_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pipeline, metrics = make(FakeSender())
+
+    def unknown(event_id: int, level: str = "info") -> bytes:
+        event = new_event(
+            module="zz", event_id=event_id, cluster="c", node="n", source="t", level=level
+        )
+        return encode_event(event)
+
+    with caplog.at_level(logging.WARNING, logger="worker.pipeline"):
+        for body in (unknown(1), unknown(1), unknown(2), unknown(1)):
+            assert run(pipeline, body).action == "ack"
+    explained = [r.getMessage() for r in caplog.records if "counted but not mailed" in r.message]
+    assert len(explained) == 2
+    assert explained[0].startswith("zz:1 is not in the catalog; level info is below")
+    assert "add zz:1 to a catalog ([catalog] path)" in explained[0]
+    assert "zz:2" in explained[1]
+
+
+class DeferringSender(FakeSender):
+    """Accepts the mail, and refuses the addresses in ``later`` for now (450)."""
+
+    def __init__(self, later: tuple[str, ...]):
+        super().__init__()
+        self.later = later
+
+    async def send(self, mail: Mail) -> Sent:
+        self.sent.append(mail)
+        deferred = {r: Refusal(450, "450 4.2.0 greylisted") for r in mail.recipients}
+        return Sent("relay:25", {r: v for r, v in deferred.items() if r in self.later})
+
+
+def make_routed(sender: FakeSender) -> Pipeline:
+    mail = MailConfig(sender="c@example.com", to=("a@example.com", "b@example.com"))
+    pipeline, _ = make(sender, Renderer(mail))
+    return pipeline
+
+
+def test_recipients_refused_for_now_get_a_retry_copy_of_their_own() -> None:
+    sender = DeferringSender(later=("b@example.com",))
+    outcome = run(make_routed(sender), BODY, {"custom": "kept"})
+    assert (outcome.action, outcome.reason, outcome.rung) == ("retry", "rejected_4xx", "30s")
+    assert outcome.headers is not None
+    assert outcome.headers[HEADER_RECIPIENTS] == "b@example.com"
+    assert outcome.headers[HEADER_ATTEMPTS] == 1 and outcome.headers["custom"] == "kept"
+    assert "greylisted" in str(outcome.headers[HEADER_LAST_ERROR])
+    assert [m.recipients for m in sender.sent] == [("a@example.com", "b@example.com")]
+
+
+def test_a_retry_copy_goes_to_its_recipients_only() -> None:
+    sender = FakeSender()
+    outcome = run(make_routed(sender), BODY, {HEADER_RECIPIENTS: b"b@example.com"})
+    assert outcome == Outcome("ack")
+    [mail] = sender.sent
+    assert mail.recipients == ("b@example.com",)
+    assert b"To: a@example.com,\r\n b@example.com\r\n" in mail.data  # the same mail as before
+
+
+def test_the_recipients_header_cannot_add_a_recipient() -> None:
+    sender = FakeSender()
+    headers = {HEADER_RECIPIENTS: "evil@attacker.example, b@example.com"}
+    assert run(make_routed(sender), BODY, headers) == Outcome("ack")
+    assert [m.recipients for m in sender.sent] == [("b@example.com",)]
+    # None of them configured any more: nothing is sent, and the copy is done.
+    sender.sent.clear()
+    headers = {HEADER_RECIPIENTS: "evil@attacker.example"}
+    assert run(make_routed(sender), BODY, headers) == Outcome("ack")
+    assert sender.sent == []
+
+
+def test_a_garbled_recipients_header_means_every_recipient() -> None:
+    sender = FakeSender()
+    for garbled in (7, "", " , "):
+        run(make_routed(sender), BODY, {HEADER_RECIPIENTS: garbled})
+    assert {m.recipients for m in sender.sent} == {("a@example.com", "b@example.com")}
+
+
+def test_recipients_still_refused_when_the_window_is_over_are_dead_lettered() -> None:
+    sender = DeferringSender(later=("b@example.com",))
+    headers = {
+        HEADER_RECIPIENTS: "b@example.com",
+        HEADER_ATTEMPTS: 3,
+        HEADER_FIRST_FAILURE: "2000-01-01T00:00:00+00:00",
+    }
+    outcome = run(make_routed(sender), BODY, headers)
+    assert (outcome.action, outcome.reason) == ("dead_letter", "rejected_4xx")
+    assert outcome.headers is not None
+    assert outcome.headers[HEADER_RECIPIENTS] == "b@example.com"
+    assert outcome.headers[HEADER_ATTEMPTS] == 4
+    assert [m.recipients for m in sender.sent] == [("b@example.com",)]

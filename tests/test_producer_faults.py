@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import signal
 import subprocess
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -120,8 +119,7 @@ def test_kill_9_mid_backlog_loses_nothing(
     spooled = spool_events(config, 5000)
     first = processes("clusteralert-producer", "run", "--config", str(config))
     wait_until(lambda: queued(vhost) >= 1000, 60, "part of the backlog forwarded")
-    first.proc.send_signal(signal.SIGKILL)
-    first.proc.wait(10)
+    first.kill()
     second = processes("clusteralert-producer", "run", "--config", str(config))
     wait_until(
         lambda: Spool(config.parent / "spool").stats().events == 0,

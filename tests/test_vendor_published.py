@@ -6,12 +6,15 @@ checked on every run against tests/fixtures/vendor_sample.csv."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from shared.catalog import Catalog
+from shared.catalog import Catalog, builtin_catalog
 from shared.errors import Problem
 from shared.vendor_csv import parse_vendor_csv
 from tests.data import vendor_list
+from tests.test_clusterpro_catalog import RECOVERIES
 from tests.test_vendor_csv import assert_no_markup, render
 
 
@@ -59,3 +62,26 @@ def test_html_in_solutions_becomes_plain_text(vendor: tuple[Catalog, list[Proble
     assert_no_markup(catalog)
     mirror = catalog.lookup("mdctrl", 1)
     assert mirror is not None and mirror.text == "Failed to activate mirror disk.{1} (Device:{2})"
+
+
+def test_shipped_clusterpro_entries_agree_with_the_published_list(
+    vendor: tuple[Catalog, list[Problem]],
+) -> None:
+    """Our CLUSTERPRO entries use our own words, but their levels, mail flags and logged
+    wording are facts of the vendor's list: check each against it."""
+    published, _ = vendor
+    problems: list[Problem] = []
+    shipped = builtin_catalog(problems)
+    checked = 0
+    for key in shipped:
+        entry = shipped[key]
+        if not entry.log_text:
+            continue
+        theirs = published.lookup(*key)
+        assert theirs is not None, key
+        assert entry.level == theirs.level, key
+        assert entry.mail == theirs.mail or key in RECOVERIES, key
+        shape = re.sub(r"\{\w+\}", "{}", entry.log_text)
+        assert shape == re.sub(r"\{\w+\}", "{}", theirs.text), key
+        checked += 1
+    assert checked >= 30

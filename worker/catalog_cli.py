@@ -83,6 +83,8 @@ def _show(args: argparse.Namespace) -> int:
         print(f"text:        {entry.text}")
         for alternate in entry.alternates:
             print(f"alternate:   {alternate}")
+        if entry.log_text:
+            print(f"log text:    {entry.log_text}")
         if entry.description:
             print(f"description: {entry.description}")
         if entry.action:

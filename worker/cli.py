@@ -10,11 +10,13 @@ import sys
 import threading
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import cast
 
 from shared.catalog import load_catalog, load_catalog_checked
 from shared.cli import on_stop_signal, report_errors
 from shared.config import Config, config_secrets, load_config
 from shared.errors import ConfigError, Problem
+from shared.levels import Level, level_rank
 from shared.logs import setup_logging
 from worker.catalog_cli import add_catalog_parser, run_catalog
 from worker.dlq_cli import add_dlq_parser
@@ -41,6 +43,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=("text", "json"), default="text")
     check = sub.add_parser("check-config", help="validate config and catalog")
     check.add_argument("--config", help="config file")
+    check.add_argument(
+        "--probe",
+        action="store_true",
+        help="also connect to each relay (TLS, certificate, AUTH) without sending",
+    )
+    test_mail = sub.add_parser(
+        "test-mail", help="send one test mail through each relay, showing every step"
+    )
+    test_mail.add_argument("--config", help="config file")
+    test_mail.add_argument("--relay", type=int, metavar="N", help="only relay N (1 = first)")
+    test_mail.add_argument(
+        "--to", action="append", default=[], metavar="ADDR", help="recipient (default [mail] to)"
+    )
     add_dlq_parser(sub)
     add_catalog_parser(sub)
     return parser
@@ -62,12 +77,66 @@ def _check_config(args: argparse.Namespace) -> int:
             catalog_paths = ()
     _, catalog_problems = load_catalog_checked(catalog_paths)
     problems.extend(catalog_problems)
+    problems.extend(_follower_warnings(args.config))
     for problem in problems:
         print(problem)
     errors = sum(1 for p in problems if p.severity == "error")
     warnings = len(problems) - errors
     print(f"{errors} error(s), {warnings} warning(s)", file=sys.stderr)
+    if args.probe and not errors:
+        from worker.mail_probe import probe_relays
+
+        if not probe_relays(config, _say, send=False):
+            return 1
     return 1 if errors else 0
+
+
+def _follower_warnings(config_path: str | None) -> list[Problem]:
+    """A followed log whose events carry no level of their own: kinds missing from the
+    catalog count as info there, and the unknown-event policy may filter every one of
+    them. Say so before the first alert goes missing."""
+    try:
+        config = load_config(config_path, sections=("producer", "filter"))
+    except ConfigError:
+        return []  # reported by the main check when these sections are wrong
+    policy = config.filter.unknown
+    warnings = []
+    for i, follow in enumerate(config.producer.follow):
+        if any("(?P<level>" in pattern for pattern in follow.patterns):
+            continue  # each line says its level
+        # The config reader only accepts known levels here.
+        level = cast(Level, follow.level or "info")
+        if policy != "never" and level_rank(level) >= level_rank(policy):
+            continue
+        warnings.append(
+            Problem(
+                f"producer.follow[{i}]",
+                f"events from {follow.path} of kinds not in the catalog have level {level}, "
+                f"and [filter] unknown = {policy!r} filters them (counted, not mailed); "
+                "the shipped catalog knows CLUSTERPRO's kinds (see 'catalog list'); for "
+                "others add catalog entries, set this follower's level, or lower "
+                "[filter] unknown",
+                "warning",
+            )
+        )
+    return warnings
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _test_mail(args: argparse.Namespace) -> int:
+    from worker.mail_probe import probe_relays
+
+    config = load_config(args.config, sections=WORKER_SECTIONS)
+    if args.relay is not None and not 1 <= args.relay <= len(config.smtp):
+        raise ConfigError([Problem("--relay", f"there are {len(config.smtp)} relay(s)")])
+    to = tuple(args.to)
+    if not to and not config.mail.to:
+        raise ConfigError([Problem("--to", "no recipient: give --to or set [mail] to")])
+    ok = probe_relays(config, _say, send=True, relay_index=args.relay, to=to)
+    return 0 if ok else 1
 
 
 def _dlq(args: argparse.Namespace) -> int:
@@ -84,11 +153,14 @@ def _run(args: argparse.Namespace) -> int:
     from worker.metrics import Metrics
     from worker.pipeline import Pipeline
     from worker.render import Renderer
-    from worker.scrub import Scrubber
+    from worker.scrub import Scrubber, scrub_logs
     from worker.send import Sender
 
     setup_logging(args.verbose, args.log_format)
     config: Config = load_config(args.config, sections=WORKER_SECTIONS)
+    scrub = Scrubber(config_secrets(config))
+    # Whatever a library or a relay puts in a log line, the secrets come out masked.
+    scrub_logs(scrub)
     for warning in config.warnings:
         log.warning("%s", warning)
     catalog = load_catalog(config.catalog.paths)
@@ -110,7 +182,7 @@ def _run(args: argparse.Namespace) -> int:
         metrics,
         retry_window=timedelta(seconds=config.worker.retry_window),
         worker_name=socket.gethostname(),
-        scrub=Scrubber(config_secrets(config)),
+        scrub=scrub,
     )
     consumer = Consumer(
         config.broker,
@@ -147,7 +219,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"run": _run, "check-config": _check_config, "dlq": _dlq, "catalog": run_catalog}
+    commands = {
+        "run": _run,
+        "check-config": _check_config,
+        "test-mail": _test_mail,
+        "dlq": _dlq,
+        "catalog": run_catalog,
+    }
     return report_errors(PROG, lambda: commands[args.command](args))
 
 

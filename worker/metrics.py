@@ -1,4 +1,4 @@
-"""Prometheus metrics of the worker (DESIGN.md, "Metrics").
+"""Prometheus metrics of the worker (README, "Metrics").
 
 Everything lives in an injectable registry, so tests build a fresh one. Every label value
 is created at zero up front, so dashboards and alert rules see 0 rather than no series.

@@ -3,6 +3,9 @@ result is an :class:`Outcome` that the settle stage carries out on the broker's 
 
 Every outcome is logged as one line with the event id, its module:event key, the attempt
 and the latency, so an operator can follow one alert through the logs.
+
+Recipients a relay refused for now (4xx) while it took the mail for others get a copy of
+their own on the retry ladder, addressed to them alone (see :mod:`worker.retry_policy`).
 """
 
 from __future__ import annotations
@@ -10,17 +13,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from shared.catalog import Catalog
 from shared.config import FilterConfig
-from shared.errors import DeliveryError, InvalidEvent, PermanentError
+from shared.errors import DeliveryError, InvalidEvent, PermanentError, TransientError
 from shared.event import Event, decode_event
 from shared.filter import decide
 from worker.metrics import Metrics
-from worker.render import Renderer
+from worker.render import Mail, Renderer
 from worker.retry_policy import (
     HEADER_REPLAYED,
     DeadLetter,
@@ -28,9 +31,11 @@ from worker.retry_policy import (
     decide_failure,
     failure_headers,
 )
-from worker.send import Sender
+from worker.send import Sender, Sent
 
 __all__ = ["Outcome", "Pipeline"]
+
+MAX_EXPLAINED = 1000  # bounded: a flood of made-up kinds must not grow memory
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,21 @@ class Pipeline:
         self.retry_window = retry_window
         self.worker_name = worker_name
         self.scrub = scrub
+        # Kinds already explained at warning level: one line per kind, not per event.
+        self._unknown_explained: set[str] = set()
+
+    def _explain_unknown(self, key: str, why: str) -> None:
+        """The first unknown kind that is filtered says, once, why and what to do: an
+        operator whose alerts silently never arrive needs this more than a counter."""
+        if key in self._unknown_explained or len(self._unknown_explained) >= MAX_EXPLAINED:
+            return
+        self._unknown_explained.add(key)
+        log.warning(
+            "%s; its events are counted but not mailed. To mail them, add %s to a catalog "
+            "([catalog] path), list it in [filter] enable, or lower [filter] unknown",
+            why,
+            key,
+        )
 
     async def handle(self, body: bytes, headers: Mapping[str, object] | None = None) -> Outcome:
         self.metrics.in_flight.inc()
@@ -95,6 +115,8 @@ class Pipeline:
         if not decision.mail:
             assert decision.reason is not None
             self.metrics.filtered.labels(decision.reason).inc()
+            if decision.reason == "unknown":
+                self._explain_unknown(event.key, decision.why)
             log.info(
                 "filtered event %s %s from %s: %s", event.id, event.key, event.node, decision.why
             )
@@ -108,25 +130,45 @@ class Pipeline:
             error = PermanentError("render", f"{type(exc).__name__}: {exc}")
             return self._fail(error, event, state, headers)
 
+        if state.recipients is not None:
+            narrowed = _still_to_reach(mail, state.recipients)
+            if narrowed is None:
+                return Outcome("ack")
+            mail = narrowed
+
         try:
-            relay = await self.sender.send(mail)
+            sent = await self.sender.send(mail)
         except DeliveryError as exc:
             return self._fail(exc, event, state, headers)
         latency = (datetime.now(UTC) - event.time).total_seconds()
         self.metrics.event_to_mail.observe(max(latency, 0.0))
         log.info(
-            "sent event %s %s level %s from %s via %s, attempt %d, in %.3fs "
+            "sent event %s %s level %s from %s via %s%s, attempt %d, in %.3fs "
             "(%.3fs after the event)",
             event.id,
             event.key,
             decision.level,
             event.node,
-            relay,
+            sent.relay,
+            f" to {len(mail.recipients) - len(sent.deferred)} of {len(mail.recipients)}"
+            if sent.deferred
+            else "",
             state.attempts + 1,
             time.monotonic() - started,
             latency,
         )
+        if sent.deferred:
+            return self._defer(sent, event, state, headers)
         return Outcome("ack")
+
+    def _defer(
+        self, sent: Sent, event: Event, state: RetryState, headers: Mapping[str, object]
+    ) -> Outcome:
+        """A copy for the recipients refused for now, through the retry ladder (or the DLQ
+        once the window is over) like any transient failure."""
+        detail = "; ".join(f"{rcpt}: {r.text}" for rcpt, r in sent.deferred.items())
+        error = TransientError("rejected_4xx", f"recipients refused for now: {detail}")
+        return self._fail(error, event, state, headers, recipients=tuple(sent.deferred))
 
     def _fail(
         self,
@@ -134,12 +176,19 @@ class Pipeline:
         event: Event | None,
         state: RetryState,
         headers: Mapping[str, object],
+        recipients: tuple[str, ...] | None = None,
     ) -> Outcome:
         now = datetime.now(UTC)
         step = decide_failure(error, state, now, self.retry_window)
         detail = self.scrub(error.detail)
         updated = failure_headers(
-            headers, error, state=state, now=now, worker=self.worker_name, detail=detail
+            headers,
+            error,
+            state=state,
+            now=now,
+            worker=self.worker_name,
+            detail=detail,
+            recipients=recipients,
         )
         what = f"event {event.id} {event.key}" if event else "undecodable event"
         if isinstance(step, DeadLetter):
@@ -160,3 +209,23 @@ class Pipeline:
             detail,
         )
         return Outcome("retry", error.reason, step.rung, updated)
+
+
+def _still_to_reach(mail: Mail, remaining: tuple[str, ...]) -> Mail | None:
+    """``mail`` addressed only to the recipients a retry copy names, or None when none of
+    them is a recipient any more. The header can only narrow what the config chose: a
+    recipient it names that the config does not (changed config, or a forged header) is
+    left out, as no event may choose where mail goes."""
+    wanted = set(remaining)
+    kept = tuple(r for r in mail.recipients if r in wanted)
+    dropped = sorted(wanted.difference(mail.recipients))
+    if dropped:
+        log.warning(
+            "event %s: not sending to %s: not a recipient of this event under the config",
+            mail.event_id,
+            ", ".join(repr(a) for a in dropped)[:500],  # header text: repr shows it safely
+        )
+    if not kept:
+        log.info("event %s: none of its remaining recipients is configured; done", mail.event_id)
+        return None
+    return replace(mail, recipients=kept)

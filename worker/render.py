@@ -1,5 +1,5 @@
-"""Render stage: an event and its filter decision become the bytes of one mail
-(DESIGN.md, "Mail").
+"""Render stage: an event and its filter decision become the bytes of one mail (docs/design.md,
+"The mail").
 
 The Message-ID is derived from the event id, so every copy of a mail (after a crash or a
 replay) carries the same one and mail clients can collapse duplicates.

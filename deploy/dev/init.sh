@@ -3,9 +3,24 @@
 # must not live in the repository: random broker passwords (one per user), RabbitMQ's user
 # definitions with salted hashes of them, and a private CA plus a certificate for the
 # Mailpit relay, so that mail goes out over verified STARTTLS.
+#
+# Each service gets a secrets volume of its own, which no other service mounts, holding
+# only what it uses, owned by the user its image runs as and readable by nobody else:
+#   volume (mounted here at)  what                                       owner
+#   /secrets/worker           worker_amqp_password, smtp-ca.pem          10001 (deploy/Dockerfile)
+#   /secrets/producer         producer_amqp_password                     10001
+#   /secrets/mailpit          smtp-cert.pem, smtp-key.pem                0 (Mailpit runs as root)
+#   /secrets/grafana          grafana_admin_password                     472 (Grafana's image)
+#   /secrets/admin            admin_amqp_password, for the operator only root (no service mounts it)
+#   /rabbitmq-definitions     users (salted hashes only) and topology    999 (RabbitMQ's image)
 set -eu
-umask 022
-cd /secrets
+umask 077  # nothing is readable by others, not even while it is being written
+# INIT_ROOT: run against a directory tree that mirrors the container's mounts (tests).
+root=${INIT_ROOT:-}
+secrets=$root/secrets
+definitions=$root/rabbitmq-definitions
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
 
 password() {  # $1: file; keep an existing password so restarts do not lock users out
   [ -s "$1" ] || head -c 48 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 32 > "$1"
@@ -13,26 +28,24 @@ password() {  # $1: file; keep an existing password so restarts do not lock user
 # RabbitMQ's rabbit_password_hashing_sha256: base64(salt ++ sha256(salt ++ password)).
 # clusteralert strips one trailing newline from password files, so hash without it.
 hash_password() {
-  head -c 4 /dev/urandom > /tmp/salt
-  { cat /tmp/salt; printf '%s' "$(cat "$1")"; } | openssl dgst -sha256 -binary > /tmp/digest
-  cat /tmp/salt /tmp/digest | base64 | tr -d '\n'
-  rm -f /tmp/salt /tmp/digest
+  head -c 4 /dev/urandom > "$scratch/salt"
+  { cat "$scratch/salt"; printf '%s' "$(cat "$1")"; } | openssl dgst -sha256 -binary > "$scratch/digest"
+  cat "$scratch/salt" "$scratch/digest" | base64 | tr -d '\n'
 }
 
-password producer_amqp_password
-password worker_amqp_password
-password admin_amqp_password
-password grafana_admin_password
+password "$secrets/producer/producer_amqp_password"
+password "$secrets/worker/worker_amqp_password"
+password "$secrets/admin/admin_amqp_password"
+password "$secrets/grafana/grafana_admin_password"
 
 # Definitions RabbitMQ imports at boot: these users (00-), then the topology and the
 # least-privilege permissions from the repository (10-), which name these users.
 # Hashes first, in assignments: set -e does not see failures inside a heredoc.
-producer_hash=$(hash_password producer_amqp_password)
-worker_hash=$(hash_password worker_amqp_password)
-admin_hash=$(hash_password admin_amqp_password)
+producer_hash=$(hash_password "$secrets/producer/producer_amqp_password")
+worker_hash=$(hash_password "$secrets/worker/worker_amqp_password")
+admin_hash=$(hash_password "$secrets/admin/admin_amqp_password")
 [ -n "$producer_hash" ] && [ -n "$worker_hash" ] && [ -n "$admin_hash" ]
-mkdir -p /rabbitmq-definitions
-cat > /rabbitmq-definitions/00-users.json <<JSON
+cat > "$definitions/00-users.json" <<JSON
 {
   "users": [
     {"name": "clusteralert-producer", "password_hash": "$producer_hash",
@@ -48,17 +61,33 @@ cat > /rabbitmq-definitions/00-users.json <<JSON
   ]
 }
 JSON
-cp /deploy/rabbitmq/definitions.json /rabbitmq-definitions/10-topology.json
+cp "$root/deploy/rabbitmq/definitions.json" "$definitions/10-topology.json"
 
-if [ ! -s smtp-ca.pem ]; then
+# The relay's certificate and key go to Mailpit only, the CA certificate to the worker
+# only; the CA's key is thrown away once it has signed.
+if [ ! -s "$secrets/mailpit/smtp-key.pem" ] || [ ! -s "$secrets/worker/smtp-ca.pem" ]; then
+  cd "$scratch"
   openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=clusteralert dev CA" \
     -keyout smtp-ca-key.pem -out smtp-ca.pem
   openssl req -newkey rsa:2048 -nodes -subj "/CN=mailpit" -keyout smtp-key.pem -out smtp.csr
   printf 'subjectAltName=DNS:mailpit\nextendedKeyUsage=serverAuth\n' > smtp.ext
   openssl x509 -req -in smtp.csr -CA smtp-ca.pem -CAkey smtp-ca-key.pem -CAcreateserial \
     -days 825 -extfile smtp.ext -out smtp-cert.pem
-  rm -f smtp.csr smtp.ext smtp-ca-key.pem smtp-ca.srl
+  mv smtp-cert.pem smtp-key.pem "$secrets/mailpit/"
+  mv smtp-ca.pem "$secrets/worker/"
+  cd /
 fi
-# Readable by the non-root clusteralert containers (uid 10001), Mailpit and RabbitMQ.
-chmod 0644 ./*_password smtp-ca.pem smtp-cert.pem smtp-key.pem /rabbitmq-definitions/*
+
+# Owner and modes on every start, so a volume from an older layout is fixed too.
+own() {  # $1: uid, $2: directory (a volume's root)
+  chown -R "$1:0" "$2"
+  chmod 0700 "$2"
+  find "$2" -mindepth 1 -type f -exec chmod 0400 {} +
+}
+own 10001 "$secrets/worker"
+own 10001 "$secrets/producer"
+own 0 "$secrets/mailpit"
+own 472 "$secrets/grafana"
+own 0 "$secrets/admin"
+own 999 "$definitions"
 echo "secrets and definitions ready"

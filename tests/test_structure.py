@@ -1,0 +1,68 @@
+"""The layering the docs describe, checked from the source: ``shared`` stands alone, and
+no two of our modules import each other (even lazily, inside a function)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("shared", "producer", "worker")
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> our modules it imports anywhere in its body."""
+    graph: dict[str, set[str]] = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            deps: set[str] = set()
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = (
+                    [node.module or ""]
+                    if isinstance(node, ast.ImportFrom) and node.level == 0
+                    else [alias.name for alias in node.names]
+                    if isinstance(node, ast.Import)
+                    else []
+                )
+                deps.update(n for n in names if n.split(".")[0] in PACKAGES)
+            graph[module] = deps - {module}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found: list[list[str]] = []
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        for dep in sorted(graph.get(module, ())):
+            if dep in path:
+                found.append([*path[path.index(dep) :], dep])
+            elif dep not in done:
+                visit(dep, [*path, dep])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [module])
+    return found
+
+
+def test_the_graph_sees_lazy_imports_and_finds_cycles() -> None:
+    graph = import_graph()
+    assert "shared.vendor_csv" in graph["shared.catalog"]
+    assert "worker.dlq_cli" in graph["worker.cli"]  # imported inside a function there
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def test_no_import_cycles() -> None:
+    assert cycles(import_graph()) == []
+
+
+def test_shared_imports_nothing_from_producer_or_worker() -> None:
+    outside = {
+        module: sorted(d for d in deps if not d.startswith("shared"))
+        for module, deps in import_graph().items()
+        if module.startswith("shared")
+    }
+    assert {m: d for m, d in outside.items() if d} == {}
