@@ -4,7 +4,8 @@ README says, the agent run as hacluster, and real events: a resource started, fa
 (crm_resource --fail), recovered and probed again (crm_resource --refresh), a node
 attribute set and deleted, a node fenced through fence_dummy (stonith_admin), and a node
 joining and leaving. A wrapper records the environment Pacemaker really passed to every
-run, and the spool is checked against those records.
+run, and the spool is checked against those records. A second alert without ``<select>``
+(what pcs makes) shows which kinds Pacemaker sends such an alert.
 
 It takes a minute or two (Pacemaker's first election alone waits 20 s), so it is marked
 ``cluster``: ``python -m pytest -m cluster`` runs it, after the main suite.
@@ -148,6 +149,18 @@ def test_one_event_per_alert_as_pacemaker_really_runs_the_agent(
         "cibadmin", "--modify", "--allow-create", "--scope", "configuration",
         "--xml-text", alert_xml(recorder.path),
     )  # fmt: skip
+    # An alert without <select>, as pcs makes it: which kinds does Pacemaker send it?
+    kinds = lab_dir / "kinds"
+    kinds.touch()
+    kinds.chmod(0o666)
+    kinds_agent = lab_dir / "record-kind"
+    kinds_agent.write_text(f'#!/bin/sh\necho "$CRM_alert_kind" >> {kinds}\n')
+    kinds_agent.chmod(0o755)
+    pcmk1.run(
+        "cibadmin", "--create", "-o", "alerts", "--xml-text",
+        f'<alert id="no-select" path="{kinds_agent}"><recipient id="no-select-r" value="r"/>'
+        "</alert>",
+    )  # fmt: skip
 
     # A node joins (its first join since the alert exists).
     lab.start_corosync(pcmk2)
@@ -247,6 +260,9 @@ def test_one_event_per_alert_as_pacemaker_really_runs_the_agent(
     assert the(attribute_name="clusteralert-test", attribute_value="")["event_id"] == 32
     assert the(kind="node", node="pcmk2", desc="member")["event_id"] == 2
     assert the(kind="node", node="pcmk2", desc="lost")["event_id"] == 1
+
+    # The alert without <select> got every kind but attributes (the README says so).
+    assert set(kinds.read_text().split()) == {"node", "resource", "fencing"}
 
     # Every text reads right.
     catalog = load_catalog([])
