@@ -37,7 +37,7 @@ PACEMAKER_EVENTS: Final = {
     "other": 99,
 }
 # DELETED: an instance removed by a reload, sent instead of FAULT when the instance has
-# notify_deleted (keepalived 2.2 and later); without it keepalived reports FAULT.
+# notify_deleted (keepalived 2.2.7 has it); without it keepalived reports FAULT.
 KEEPALIVED_EVENTS: Final = {"MASTER": 1, "BACKUP": 2, "FAULT": 3, "STOP": 4, "DELETED": 5}
 KEEPALIVED_OTHER: Final = 9
 
@@ -121,7 +121,7 @@ def _pacemaker_outcome(kind: str, get: Mapping[str, str]) -> tuple[str, str] | N
             return "resource_ok", "info"
         return "resource_failed", "error"
     if kind == "attribute":
-        # attrd_updater -D (and a fail count cleared) sends the name with an empty value.
+        # attrd_updater -D sends the name with an empty value.
         if not get.get("attribute_value"):
             return "attribute_deleted", "info"
         return "attribute", "info"
