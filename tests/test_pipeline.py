@@ -206,3 +206,11 @@ def test_recipients_still_refused_when_the_window_is_over_are_dead_lettered() ->
     assert outcome.headers[HEADER_RECIPIENTS] == "b@example.com"
     assert outcome.headers[HEADER_ATTEMPTS] == 4
     assert [m.recipients for m in sender.sent] == [("b@example.com",)]
+
+
+def test_a_compressed_body_is_refused_unread() -> None:
+    pipeline, _ = make(FakeSender())
+    outcome = run(pipeline, b"x\x9c...", {"compression": "application/x-gzip"})
+    assert (outcome.action, outcome.reason) == ("dead_letter", "invalid_event")
+    assert outcome.headers is not None
+    assert "compressed bodies are not accepted" in str(outcome.headers[HEADER_LAST_ERROR])

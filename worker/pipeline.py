@@ -52,6 +52,15 @@ class Outcome:
     headers: Mapping[str, object] | None = None
 
 
+def _refuse_compressed(headers: Mapping[str, object]) -> None:
+    """Events travel as plain JSON. A body the sender compressed (kombu's ``compression``
+    header) is refused unread: inflating it has no size limit, so a small message could
+    take all the worker's memory."""
+    if "compression" in headers:
+        what = str(headers["compression"])[:40]
+        raise InvalidEvent(f"compressed bodies are not accepted (compression {what!r})")
+
+
 class Pipeline:
     def __init__(
         self,
@@ -102,7 +111,8 @@ class Pipeline:
         if HEADER_REPLAYED in headers and state.attempts == 0:
             self.metrics.replayed.inc()
         try:
-            event = decode_event(body)
+            _refuse_compressed(headers)
+            event = decode_event(body)  # checks the size before it reads anything
         except InvalidEvent as exc:
             self.metrics.failed.labels("invalid_event").inc()
             return self._fail(PermanentError("invalid_event", str(exc)), None, state, headers)
