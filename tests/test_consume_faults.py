@@ -19,7 +19,7 @@ import pika.exceptions
 import pytest
 
 from shared.event import MAX_EVENT_BYTES
-from shared.topology import DEAD_QUEUE, EVENTS_EXCHANGE
+from shared.topology import DEAD_QUEUE, EVENTS_EXCHANGE, retry_queue_name
 from tests.conftest import Certs, Process, amqp_url, scrape, wait_metric
 from tests.pipeline import dlq_list, publish_events, received_ids, start_worker, write_config
 from tests.test_faults import CREDENTIALS, Processes, Servers
@@ -121,6 +121,54 @@ def test_compressed_and_oversized_bodies_are_dead_lettered_once_without_a_reconn
     peak = peak_rss_mib(worker)
     print(f"\nworker peak RSS {peak:.0f} MiB after two zlib bombs")
     assert peak < 100
+
+
+def test_messages_held_past_max_hold_go_to_the_retry_ladder(
+    tmp_path: Path, vhost: str, certs: Certs, smtp_server: Servers, processes: Processes
+) -> None:
+    # One connection and 0.8 s per mail: of 6 prefetched mails, about two fit in the
+    # 2 s budget; the rest must not wait their turn (in production, past the broker's
+    # consumer ack timeout) but go to the retry ladder.
+    relay = smtp_server("starttls", credentials=CREDENTIALS)
+    relay.handler.data_delay = 0.8
+    extra = "max_connections = 1\n\n[worker]\nmax_hold = 2\n"
+    config = write_config(tmp_path, vhost, [relay], certs, extra=extra)
+    worker, port = start_worker(processes, config)
+    ids = publish_events(vhost, 6)
+
+    def settled() -> bool:
+        metrics = scrape(port)
+        sent = metrics.get(f'clusteralert_mails_sent_total{{relay="127.0.0.1:{relay.port}"}}')
+        delayed = metrics.get('clusteralert_retries_total{stage="delayed"}')
+        return sent is not None and delayed is not None and sent + delayed >= 6
+
+    wait_until(settled, 15, "every mail sent or moved to the retry ladder")
+    metrics = scrape(port)
+    delayed = metrics['clusteralert_retries_total{stage="delayed"}']
+    print(f"\n{len(relay.received)} mailed, {delayed:.0f} moved to the retry ladder")
+    assert 2 <= delayed <= 5, worker.output()[-3000:]
+    assert metrics["clusteralert_in_flight"] == 0
+    parked = peek_queue(vhost, retry_queue_name("30s"))
+    assert len(parked) == delayed
+    assert {headers["x-clusteralert-reason"] for headers in parked.values()} == {"timeout"}
+    # Nothing lost: every event was either mailed or is waiting on the ladder.
+    assert set(received_ids(relay)) | set(parked) == set(ids)
+    assert dlq_list(config) == []
+    assert reconnects(worker) == 0
+    assert "not delivered within 2s" in worker.output()
+
+
+def peek_queue(vhost: str, queue: str) -> dict[str, dict[str, object]]:
+    """Message id -> headers of everything in ``queue``, all given back unacked."""
+    seen: dict[str, dict[str, object]] = {}
+    with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
+        channel = connection.channel()
+        while True:
+            method, properties, _ = channel.basic_get(queue, auto_ack=False)
+            if method is None:
+                break
+            seen[str(properties.message_id)] = dict(properties.headers or {})
+    return seen
 
 
 def refuse_dead_letters(vhost: str) -> None:

@@ -228,7 +228,8 @@ class Consumer:
         delivery = Delivery(raw, time.monotonic())
         self.metrics.consumed.inc()
         future = asyncio.run_coroutine_threadsafe(
-            self.pipeline.handle(delivery.body, delivery.headers), self.loop
+            self.pipeline.handle(delivery.body, delivery.headers, received=delivery.received),
+            self.loop,
         )
         self._in_flight[future] = delivery
         future.add_done_callback(self._done.put)
