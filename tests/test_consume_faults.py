@@ -20,9 +20,18 @@ import pytest
 
 from shared.event import MAX_EVENT_BYTES
 from shared.topology import DEAD_QUEUE, EVENTS_EXCHANGE, retry_queue_name
-from tests.conftest import Certs, Process, amqp_url, scrape, wait_metric
+from tests.conftest import (
+    RABBIT_HOST,
+    RABBIT_PORT,
+    Certs,
+    Process,
+    amqp_url,
+    scrape,
+    wait_metric,
+)
 from tests.pipeline import dlq_list, publish_events, received_ids, start_worker, write_config
-from tests.test_faults import CREDENTIALS, Processes, Servers
+from tests.tcpproxy import TcpProxy
+from tests.test_faults import CREDENTIALS, Processes, Servers, duplicates
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -242,3 +251,33 @@ def test_a_message_whose_settle_fails_does_not_charge_the_others(
     # message was ever returned to the queue, so none was charged a delivery.
     assert metrics["clusteralert_events_consumed_total"] == len(good) + poison_tries()
     assert metrics["clusteralert_broker_connected"] == 1
+
+
+def test_a_lost_connection_stops_the_sends_it_can_no_longer_settle(
+    tmp_path: Path, vhost: str, certs: Certs, smtp_server: Servers, processes: Processes
+) -> None:
+    # The broker hands every unacked message of a lost connection to the next consumer
+    # (here, the same worker reconnected). Sends still running for them would mail each
+    # a second time. Only two kinds may still arrive twice: mails inside DATA at the cut,
+    # and mails accepted just before it whose ack had not gone out yet; each is at most
+    # one per relay connection (4), as a mail takes 0.3 s.
+    relay = smtp_server("starttls", credentials=CREDENTIALS)
+    relay.handler.data_delay = 0.3
+    config = write_config(tmp_path, vhost, [relay], certs)
+    proxy = TcpProxy((RABBIT_HOST, RABBIT_PORT))
+    try:
+        config.write_text(config.read_text().replace(f":{RABBIT_PORT}/", f":{proxy.port}/"))
+        worker, port = start_worker(processes, config)
+        ids = publish_events(vhost, 24)
+        assert relay.wait_for(lambda got: len(got) >= 2, timeout=30)
+        proxy.cut()
+        assert relay.wait_for(lambda got: set(ids) <= set(received_ids(got)), timeout=60), (
+            worker.output()[-3000:]
+        )
+        wait_metric(port, "clusteralert_broker_connected", lambda v: v == 1, 30)
+        wait_metric(port, "clusteralert_in_flight", lambda v: v == 0, 30)
+    finally:
+        proxy.close()
+    print(f"\nconnection cut: {len(relay.received)} mails for {len(ids)} events")
+    assert reconnects(worker) >= 1 and proxy.accepted >= 2
+    assert duplicates(relay) <= 8

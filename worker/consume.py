@@ -162,9 +162,10 @@ class Consumer:
                     "broker connection failed: %s; reconnecting in %.1fs", describe(exc), delay
                 )
                 backoff = min(backoff * 2, _MAX_BACKOFF)
-                # Deliveries of the lost channel come back as redeliveries; let their
-                # sends finish, but they can no longer be settled here.
-                self._in_flight.clear()
+                # Deliveries of the lost channel come back as redeliveries (here or to
+                # another worker) and can no longer be settled here: stop their sends,
+                # or each would be mailed twice.
+                self._abandon_in_flight()
                 # Start with the next broker: this one just failed us.
                 index = (index + 1) % len(self.broker.urls)
                 stop.wait(delay)
@@ -214,9 +215,7 @@ class Consumer:
             )
             # Stop their sends before the channel closes and the broker hands the
             # messages to another worker, or both would mail them.
-            for future in self._in_flight:
-                future.cancel()
-            self._in_flight.clear()
+            self._abandon_in_flight()
 
     def _drain(self, connection: Connection) -> None:
         with contextlib.suppress(TimeoutError):
@@ -271,6 +270,13 @@ class Consumer:
                 self.metrics.retries.labels("delayed").inc()
             elif outcome.action == "dead_letter":
                 self.metrics.dead_lettered.labels(outcome.reason or "render").inc()
+
+    def _abandon_in_flight(self) -> None:
+        """Cancel the sends of messages this worker can no longer settle. A mail already
+        inside DATA may still reach the relay: the redelivery then sends it again."""
+        for future in self._in_flight:
+            future.cancel()
+        self._in_flight.clear()
 
     def _settle_before_leaving(self) -> None:
         """Before a reconnect: settle what already finished, if the connection still
