@@ -235,6 +235,10 @@ class WorkerConfig:
     # How long transient failures are retried through the retry ladder before the alert
     # is dead-lettered, counted from its first failure.
     retry_window: float = 3600.0
+    # How long a message may stay with the worker before it goes to the retry ladder
+    # instead: well under RabbitMQ's consumer ack timeout (30 minutes by default), past
+    # which the broker closes the channel and takes back everything in flight.
+    max_hold: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +335,7 @@ def parse_config(
             prefetch=worker.integer("prefetch", 32, low=1, high=10000),
             shutdown_grace=worker.number("shutdown_grace", 30.0, low=0, high=3600),
             retry_window=worker.number("retry_window", 3600.0, low=0, high=7 * 86400),
+            max_hold=worker.number("max_hold", 600.0, low=1, high=86400),
         )
         worker.finish()
     root.skip(*SECTIONS)

@@ -28,11 +28,14 @@ from worker.send import Sent
 
 
 class FakeSender:
-    def __init__(self, error: Exception | None = None):
+    def __init__(self, error: Exception | None = None, delay: float = 0.0):
         self.error = error
+        self.delay = delay
         self.sent: list[Mail] = []
 
     async def send(self, mail: Mail) -> Sent:
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.error:
             raise self.error
         self.sent.append(mail)
@@ -48,7 +51,9 @@ def run(pipeline: Pipeline, body: bytes, headers: dict[str, object] | None = Non
     return asyncio.run(pipeline.handle(body, headers))
 
 
-def make(sender: FakeSender, renderer: Renderer | None = None) -> tuple[Pipeline, Metrics]:
+def make(
+    sender: FakeSender, renderer: Renderer | None = None, max_hold: float = 600.0
+) -> tuple[Pipeline, Metrics]:
     metrics = Metrics([])
     mail = MailConfig(sender="c@example.com", to=("o@example.com",))
     pipeline = Pipeline(
@@ -58,6 +63,7 @@ def make(sender: FakeSender, renderer: Renderer | None = None) -> tuple[Pipeline
         sender,
         metrics,
         retry_window=timedelta(minutes=10),  # type: ignore[arg-type]
+        max_hold=max_hold,
         worker_name="w1",
         scrub=lambda t: t.replace("pw", "**"),
     )
@@ -206,3 +212,23 @@ def test_recipients_still_refused_when_the_window_is_over_are_dead_lettered() ->
     assert outcome.headers[HEADER_RECIPIENTS] == "b@example.com"
     assert outcome.headers[HEADER_ATTEMPTS] == 4
     assert [m.recipients for m in sender.sent] == [("b@example.com",)]
+
+
+def test_a_compressed_body_is_refused_unread() -> None:
+    pipeline, _ = make(FakeSender())
+    outcome = run(pipeline, b"x\x9c...", {"compression": "application/x-gzip"})
+    assert (outcome.action, outcome.reason) == ("dead_letter", "invalid_event")
+    assert outcome.headers is not None
+    assert "compressed bodies are not accepted" in str(outcome.headers[HEADER_LAST_ERROR])
+
+
+def test_a_mail_not_sent_within_max_hold_goes_to_the_ladder() -> None:
+    sender = FakeSender(delay=30)
+    pipeline, metrics = make(sender, max_hold=0.05)
+    outcome = run(pipeline, BODY)
+    assert (outcome.action, outcome.reason, outcome.rung) == ("retry", "timeout", "30s")
+    assert outcome.headers is not None
+    assert "not delivered within 0.05s" in str(outcome.headers[HEADER_LAST_ERROR])
+    assert sender.sent == []
+    get = metrics.registry.get_sample_value
+    assert get("clusteralert_mails_failed_total", {"reason": "timeout"}) == 1

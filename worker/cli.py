@@ -181,6 +181,7 @@ def _run(args: argparse.Namespace) -> int:
         sender,
         metrics,
         retry_window=timedelta(seconds=config.worker.retry_window),
+        max_hold=config.worker.max_hold,
         worker_name=socket.gethostname(),
         scrub=scrub,
     )

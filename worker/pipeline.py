@@ -10,6 +10,7 @@ their own on the retry ladder, addressed to them alone (see :mod:`worker.retry_p
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -52,6 +53,15 @@ class Outcome:
     headers: Mapping[str, object] | None = None
 
 
+def _refuse_compressed(headers: Mapping[str, object]) -> None:
+    """Events travel as plain JSON. A body the sender compressed (kombu's ``compression``
+    header) is refused unread: inflating it has no size limit, so a small message could
+    take all the worker's memory."""
+    if "compression" in headers:
+        what = str(headers["compression"])[:40]
+        raise InvalidEvent(f"compressed bodies are not accepted (compression {what!r})")
+
+
 class Pipeline:
     def __init__(
         self,
@@ -62,6 +72,7 @@ class Pipeline:
         metrics: Metrics,
         *,
         retry_window: timedelta = timedelta(hours=1),
+        max_hold: float = 600.0,
         worker_name: str = "",
         scrub: Callable[[str], str] = lambda text: text,
     ):
@@ -71,6 +82,7 @@ class Pipeline:
         self.sender = sender
         self.metrics = metrics
         self.retry_window = retry_window
+        self.max_hold = max_hold
         self.worker_name = worker_name
         self.scrub = scrub
         # Kinds already explained at warning level: one line per kind, not per event.
@@ -89,20 +101,31 @@ class Pipeline:
             key,
         )
 
-    async def handle(self, body: bytes, headers: Mapping[str, object] | None = None) -> Outcome:
+    async def handle(
+        self,
+        body: bytes,
+        headers: Mapping[str, object] | None = None,
+        *,
+        received: float | None = None,
+    ) -> Outcome:
+        """The outcome for one message. ``received`` (a :func:`time.monotonic` time,
+        default now) is when the worker got it: a mail not sent within ``max_hold`` of it
+        goes to the retry ladder rather than holding the message any longer."""
         self.metrics.in_flight.inc()
         try:
-            return await self._handle(body, headers or {})
+            arrival = time.monotonic() if received is None else received
+            return await self._handle(body, headers or {}, arrival)
         finally:
             self.metrics.in_flight.dec()
 
-    async def _handle(self, body: bytes, headers: Mapping[str, object]) -> Outcome:
+    async def _handle(self, body: bytes, headers: Mapping[str, object], received: float) -> Outcome:
         started = time.monotonic()
         state = RetryState.from_headers(headers)
         if HEADER_REPLAYED in headers and state.attempts == 0:
             self.metrics.replayed.inc()
         try:
-            event = decode_event(body)
+            _refuse_compressed(headers)
+            event = decode_event(body)  # checks the size before it reads anything
         except InvalidEvent as exc:
             self.metrics.failed.labels("invalid_event").inc()
             return self._fail(PermanentError("invalid_event", str(exc)), None, state, headers)
@@ -136,10 +159,22 @@ class Pipeline:
                 return Outcome("ack")
             mail = narrowed
 
+        budget = asyncio.timeout(received + self.max_hold - time.monotonic())
         try:
-            sent = await self.sender.send(mail)
+            async with budget:
+                sent = await self.sender.send(mail)
         except DeliveryError as exc:
             return self._fail(exc, event, state, headers)
+        except TimeoutError:
+            if not budget.expired():
+                raise
+            # Waiting longer (for a relay slot, the rate limit, a slow relay) would risk
+            # the broker's consumer ack timeout, which returns every message in flight.
+            late = TransientError(
+                "timeout", f"not delivered within {self.max_hold:g}s of reaching the worker"
+            )
+            self.metrics.failed.labels("timeout").inc()
+            return self._fail(late, event, state, headers)
         latency = (datetime.now(UTC) - event.time).total_seconds()
         self.metrics.event_to_mail.observe(max(latency, 0.0))
         log.info(
