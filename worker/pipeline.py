@@ -14,9 +14,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Literal
 
 from shared.catalog import Catalog
 from shared.config import FilterConfig
@@ -24,6 +23,7 @@ from shared.errors import DeliveryError, InvalidEvent, PermanentError, Transient
 from shared.event import Event, decode_event
 from shared.filter import decide
 from worker.metrics import Metrics
+from worker.outcome import Outcome
 from worker.render import Mail, Renderer
 from worker.retry_policy import (
     HEADER_REPLAYED,
@@ -34,23 +34,11 @@ from worker.retry_policy import (
 )
 from worker.send import Sender, Sent
 
-__all__ = ["Outcome", "Pipeline"]
+__all__ = ["Outcome", "Pipeline"]  # Outcome re-exported: callers name it here too
 
 MAX_EXPLAINED = 1000  # bounded: a flood of made-up kinds must not grow memory
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What to do with the broker message: ``ack`` after a relay accepted the mail or the
-    event was filtered out; ``retry`` on the ladder rung ``rung``; ``dead_letter`` when
-    delivery is given up. ``headers`` are the message's headers for its next queue."""
-
-    action: Literal["ack", "retry", "dead_letter"]
-    reason: str | None = None
-    rung: str | None = None
-    headers: Mapping[str, object] | None = None
 
 
 def _refuse_compressed(headers: Mapping[str, object]) -> None:

@@ -16,7 +16,7 @@ import amqp
 
 from shared.errors import ClusteralertError
 from shared.topology import DLX_EXCHANGE, RETRY_EXCHANGE
-from worker.pipeline import Outcome
+from worker.outcome import Outcome
 
 __all__ = ["SettleError", "Settler", "copy_properties"]
 
