@@ -46,6 +46,13 @@ STATUS_FILE: Final = ".forwarder-status"
 SEEN_DIR: Final = ".seen"
 # A temp file this old belongs to an emit that died between write and rename.
 STALE_TMP_SECONDS: Final = 60.0
+# Spool files: the agent reads them as owner or through the spool's group.
+FILE_MODE: Final = 0o640
+# A planted symbolic link is never followed, and a FIFO never blocks an open.
+_NOFOLLOW: Final = os.O_NOFOLLOW | os.O_CLOEXEC
+_READ: Final = os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW
+_CREATE: Final = os.O_CREAT | _NOFOLLOW
+_WRITE_ROUNDS: Final = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,39 +101,77 @@ class Spool:
     def write_once(self, event: Event) -> Path | None:
         """Like :meth:`write`, but only the first call for an event id spools it; later
         ones (Pacemaker runs its agent once per recipient, in parallel) return None.
+
         The decision is a hard link of the complete, fsynced temp file to
-        ``.seen/<id>``, made before the rename: whoever links first wins, the event is
-        durable before anyone can see the marker, and a loser's file never reaches the
-        spool. Markers expire after a day."""
+        ``.seen/<id>``, made before the rename: whoever links first wins. The winner
+        holds an exclusive flock on that file until its event is durably in the spool,
+        or until it has withdrawn the marker after a failure. A run that finds the
+        marker waits for that lock and then looks: a marker still linked means the
+        event is in the spool (or was already forwarded); a withdrawn one means the
+        first run failed, and this run spools the event itself. So a marker never
+        stands for an event that is not in the spool. Markers expire after a day."""
         return self._write(event, once=True)
 
     def _write(self, event: Event, *, once: bool) -> Path | None:
         self.ensure()
         data = encode_event(event)
         self._check_room(len(data))
-        name = f"{time.time_ns():020d}-{event.id}{SUFFIX}"
-        final = self.directory / name
-        tmp = self.directory / f"{_TMP_PREFIX}{name}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        # Only a first run that failed and withdrew its marker makes another round.
+        for _ in range(_WRITE_ROUNDS):
+            name = f"{time.time_ns():020d}-{event.id}{SUFFIX}"
+            final = self.directory / name
+            tmp = self.directory / f"{_TMP_PREFIX}{name}"
+            fd = -1
+            marked = renamed = False
             try:
+                fd = os.open(tmp, os.O_WRONLY | _CREATE | os.O_EXCL, FILE_MODE)
+                self._share(fd)
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
                 os.fsync(fd)
+                if once:
+                    # Held until the event is durable or the marker is withdrawn.
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    if not self._mark_seen(tmp, event.id):
+                        tmp.unlink()
+                        if self._first_run_spooled(event.id):
+                            return None
+                        continue
+                    marked = True
+                os.rename(tmp, final)
+                renamed = True
+                _fsync_dir(self.directory)
+                return final
+            except OSError as exc:
+                # Undo everything before the lock goes: a waiting run must find either
+                # the event durably spooled or no marker at all.
+                for leftover in (
+                    final if renamed else tmp,
+                    self.directory / SEEN_DIR / event.id if marked else None,
+                ):
+                    if leftover is not None:
+                        with contextlib.suppress(OSError):
+                            leftover.unlink()
+                reason = (
+                    "disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
+                )
+                raise SpoolError(f"cannot write to spool {self.directory}: {reason}") from None
             finally:
-                os.close(fd)
-            if once and not self._mark_seen(tmp, event.id):
-                tmp.unlink()
-                return None
-            os.rename(tmp, final)
-            _fsync_dir(self.directory)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            reason = "disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
-            raise SpoolError(f"cannot write to spool {self.directory}: {reason}") from None
-        return final
+                if fd >= 0:
+                    os.close(fd)
+        raise SpoolError(f"cannot write to spool {self.directory}: other runs keep failing")
+
+    def _share(self, fd: int) -> None:
+        """Make a new spool file readable by the agent whatever the writer's umask and
+        whether or not the directory has its setgid bit: mode 0640, group of the spool.
+        Changing the group needs membership of it (or root); without it the file keeps
+        the writer's group, and the forwarder sets it aside if it cannot read it."""
+        os.fchmod(fd, FILE_MODE)
+        group = os.stat(self.directory).st_gid
+        if os.fstat(fd).st_gid != group:
+            with contextlib.suppress(PermissionError):
+                os.fchown(fd, -1, group)
 
     def _mark_seen(self, tmp: Path, event_id: str) -> bool:
         """True if this is the first file for ``event_id``."""
@@ -140,6 +185,21 @@ class Spool:
         except FileExistsError:
             return False
         return True
+
+    def _first_run_spooled(self, event_id: str) -> bool:
+        """Wait for the run that owns the marker of ``event_id`` to finish; True if its
+        event is in the spool (or already forwarded), False if it withdrew the marker."""
+        try:
+            fd = os.open(self.directory / SEEN_DIR / event_id, _READ)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            # The marker is a link to the event file's inode: withdrawn, and the temp
+            # file removed, it has no name left.
+            return os.fstat(fd).st_nlink > 0
+        finally:
+            os.close(fd)
 
     def expire_seen(self, max_age: float = 86400.0, now: float | None = None) -> None:
         now = time.time() if now is None else now
