@@ -40,7 +40,7 @@ from shared.event import peek_event
 from shared.tls import client_context
 from shared.topology import EVENTS_EXCHANGE
 
-__all__ = ["Forwarder", "connection_parameters"]
+__all__ = ["Forwarder", "connection_parameters", "printable"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,12 @@ _MIN_BACKOFF: Final = 0.5
 _MAX_BACKOFF: Final = 30.0
 _STOP_GRACE: Final = 5.0  # seconds to wait for outstanding confirms when stopping
 FOLLOW_INTERVAL: Final = 0.25  # how often log followers look for new lines
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a log line: control characters (CR, LF, ESC) and undecodable
+    bytes of a file name escaped, so a crafted name cannot forge or hide log lines."""
+    return text if text.isprintable() else ascii(text)[1:-1]
 
 
 def connection_parameters(config: BrokerConfig) -> list[Any]:
@@ -99,6 +105,7 @@ class Forwarder:
         self.published = 0
         self.held_back = 0  # times publishing had to pause (unroutable, nack, no exchange)
         self.passes = 0  # times the loop found the spool drained
+        self.set_aside = 0  # spool files that cannot be sent: invalid, unreadable, links
         self.connected = False
         self.last_error = ""
         self.last_error_time = 0.0
@@ -123,6 +130,9 @@ class Forwarder:
         self._returned: Counter[str] = Counter()
         self._queue: deque[Path] = deque()
         self._dirty = True
+        # Files that could be neither sent nor moved aside: left where they are, and
+        # passed over until the agent restarts, so they hold up no other event.
+        self._passed_over: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -130,7 +140,7 @@ class Forwarder:
         """Forward until :meth:`stop`, surviving broker outages."""
         self.spool.ensure()
         for path, what in self.spool.recover_stale_tmp():
-            log.warning("spool: %s: %s", what, path)
+            log.warning("spool: %s: %s", what, printable(str(path)))
         released = self.spool.release_orphaned_claims()
         if released:
             log.info("spool: %d events claimed by a forwarder that died are back", released)
@@ -279,14 +289,17 @@ class Forwarder:
             if claimed is None:
                 continue  # another forwarder took it
             try:
-                body = claimed.read_bytes()
+                body = self.spool.read_event(claimed)
                 event_id, key = peek_event(body)
+            except FileNotFoundError:
+                continue
             except OSError as exc:
-                self._claim.give_back(claimed)
-                self._hold(f"cannot read spool file {path.name}: {exc.strerror}")
-                return
+                # Retrying a file the agent cannot read (another user's, mode 0600)
+                # would only stall every event behind it.
+                self._set_aside(claimed, f"cannot be read ({exc.strerror})")
+                continue
             except Exception as exc:
-                self._set_aside(claimed, exc)
+                self._set_aside(claimed, f"is not a valid event ({describe(exc)})")
                 continue
             properties = pika.BasicProperties(
                 content_type="application/json",
@@ -303,7 +316,7 @@ class Forwarder:
     def _next_pending(self) -> Path | None:
         if not self._queue and self._dirty:
             self._dirty = False
-            self._queue.extend(self.spool.pending())
+            self._queue.extend(p for p in self.spool.pending() if p.name not in self._passed_over)
         return self._queue.popleft() if self._queue else None
 
     def _on_return(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
@@ -360,20 +373,22 @@ class Forwarder:
         self._queue.clear()
         self._dirty = True
 
-    def _set_aside(self, claimed: Path, error: BaseException) -> None:
+    def _set_aside(self, claimed: Path, why: str) -> None:
+        """Move a file that cannot be sent out of the way, counted and logged once."""
+        self.set_aside += 1
+        name = printable(claimed.name)
         try:
             target = self.spool.reject(claimed)
         except OSError as exc:
             assert self._claim is not None
             self._claim.give_back(claimed)
-            self._hold(f"cannot set aside invalid spool file {claimed.name}: {exc.strerror}")
+            self._passed_over.add(claimed.name)
+            self._note_error(
+                f"spool file {name} {why}; cannot move it aside ({exc.strerror}), "
+                "left in the spool and passed over until the agent restarts"
+            )
             return
-        log.error(
-            "spool file %s is not a valid event (%s); moved to %s",
-            claimed.name,
-            describe(error),
-            target,
-        )
+        log.error("spool file %s %s; moved to %s", name, why, printable(str(target)))
 
     # -- pauses, ticks and status -----------------------------------------------------------
 
@@ -424,7 +439,7 @@ class Forwarder:
         """Periodic housekeeping; also covers a missed or unavailable spool watch."""
         try:
             for path, what in self.spool.recover_stale_tmp():
-                log.warning("spool: %s: %s", what, path)
+                log.warning("spool: %s: %s", what, printable(str(path)))
             if self.spool.release_orphaned_claims(own=self._claim):
                 log.info("spool: took back events of a forwarder that died")
             self.spool.expire_seen()

@@ -14,6 +14,11 @@ Layout::
     spool/.forwarder-status               the forwarder's last state, for `status`
     spool/.seen/<event id>                events with a deterministic id already spooled
 
+The spool is writable by a group (the Pacemaker agent's), and the forwarder may run with
+more privileges than that group, so nothing in it is trusted: files are opened without
+following symbolic links, their size is checked before they are read, and the status
+file is written through a fresh temp file.
+
 Forwarders claim a file by renaming it into their claim directory, which is atomic: two
 ``run`` processes never publish the same file. A claim whose lock nobody holds belongs to
 a forwarder that died; its files go back to the spool.
@@ -26,6 +31,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from shared.errors import SpoolError
-from shared.event import Event, encode_event
+from shared.errors import InvalidEvent, SpoolError
+from shared.event import MAX_EVENT_BYTES, Event, encode_event
 
 __all__ = ["SUFFIX", "Claim", "Spool", "SpoolStats"]
 
@@ -239,7 +245,7 @@ class Spool:
                 events += 1
                 if with_bytes:
                     with contextlib.suppress(OSError):
-                        size += entry.stat().st_size
+                        size += entry.stat(follow_symlinks=False).st_size
                 created = _created_ns(entry.name)
                 if created is not None and (oldest is None or created < oldest):
                     oldest = created
@@ -247,7 +253,9 @@ class Spool:
 
     def _claim_dirs(self) -> list[Path]:
         try:
-            return [Path(e.path) for e in os.scandir(self.claims_dir) if e.is_dir()]
+            return [
+                Path(e.path) for e in os.scandir(self.claims_dir) if e.is_dir(follow_symlinks=False)
+            ]
         except FileNotFoundError:
             return []
 
@@ -259,21 +267,56 @@ class Spool:
                 for entry in os.scandir(self.directory)
                 if entry.name.endswith(SUFFIX)
                 and not entry.name.startswith(".")
-                and entry.is_file()
+                # Links and other odd entries too: the forwarder sets them aside.
+                and not entry.is_dir(follow_symlinks=False)
             )
         except FileNotFoundError:
             return
         for name in names:
             yield self.directory / name
 
+    def read_event(self, path: Path) -> bytes:
+        """The bytes of one spool file, never following a link and never reading more
+        than an event can hold. Raises :class:`InvalidEvent` for what cannot be an
+        event (a link, not a plain file, too large) and OSError when it cannot be read
+        (permissions)."""
+        try:
+            fd = os.open(path, _READ)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise InvalidEvent("a symbolic link, not followed") from None
+            raise
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise InvalidEvent("not a regular file")
+            if info.st_size > MAX_EVENT_BYTES:
+                raise InvalidEvent(
+                    f"{info.st_size} bytes, larger than any event ({MAX_EVENT_BYTES})"
+                )
+            chunks: list[bytes] = []
+            size = 0
+            # Bounded even if the file grows after the fstat.
+            while size <= MAX_EVENT_BYTES and (chunk := os.read(fd, MAX_EVENT_BYTES + 1 - size)):
+                chunks.append(chunk)
+                size += len(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
     def reject(self, path: Path) -> Path:
-        """Move an unreadable spool file aside instead of deleting it: nothing is lost,
-        and the forwarder does not trip over it again."""
+        """Move a spool file that cannot be sent aside instead of deleting it: nothing
+        is lost, and the forwarder does not trip over it again. A ``rejected`` that is
+        not a real directory (a planted link) is refused, never followed."""
         target_dir = self.directory / REJECTED_DIR
-        target_dir.mkdir(exist_ok=True, mode=0o750)
-        target = target_dir / path.name
-        os.replace(path, target)
-        return target
+        with contextlib.suppress(FileExistsError):
+            target_dir.mkdir(mode=0o750)
+        dir_fd = os.open(target_dir, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW)
+        try:
+            os.replace(path, path.name, dst_dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+        return target_dir / path.name
 
     def recover_stale_tmp(self, now: float | None = None) -> list[tuple[Path, str]]:
         """Deal with temp files of writers that died: a complete event is put in place
@@ -288,11 +331,10 @@ class Spool:
                 continue
             path = Path(entry.path)
             try:
-                if now - entry.stat().st_mtime < STALE_TMP_SECONDS:
+                if now - entry.stat(follow_symlinks=False).st_mtime < STALE_TMP_SECONDS:
                     continue
-                data = path.read_bytes()
                 try:
-                    decode_event(data)
+                    decode_event(self.read_event(path))
                 except Exception:
                     done.append((self.reject(path), "set aside a half-written event"))
                     continue
@@ -315,7 +357,7 @@ class Spool:
                 continue  # flock is per process on some file systems (NFS)
             lock_path = directory.with_suffix(".lock")
             try:
-                fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+                fd = os.open(lock_path, os.O_RDWR | _NOFOLLOW)
             except FileNotFoundError:
                 fd = -1
             try:
@@ -340,16 +382,25 @@ class Spool:
         return released
 
     def write_status(self, status: dict[str, object]) -> None:
-        """Best effort: status is for operators, never worth failing forwarding for."""
-        tmp = self.directory / f"{STATUS_FILE}.tmp"
+        """Best effort: status is for operators, never worth failing forwarding for.
+        Written to a temp file of a fresh name (O_EXCL: a planted link is never
+        followed) and renamed over the status file (a rename replaces a link there,
+        it does not write through it)."""
+        tmp = self.directory / f"{STATUS_FILE}.tmp-{uuid.uuid4().hex}"
         with contextlib.suppress(OSError):
-            tmp.write_text(json.dumps(status))
+            fd = os.open(tmp, os.O_WRONLY | _CREATE | os.O_EXCL, FILE_MODE)
+            try:
+                os.write(fd, json.dumps(status).encode())
+            finally:
+                os.close(fd)
             os.replace(tmp, self.directory / STATUS_FILE)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
     def read_status(self) -> dict[str, object]:
         try:
-            data = json.loads((self.directory / STATUS_FILE).read_text())
-        except (OSError, ValueError):
+            data = json.loads(self.read_event(self.directory / STATUS_FILE))
+        except (OSError, ValueError, InvalidEvent):
             return {}
         return data if isinstance(data, dict) else {}
 

@@ -3,7 +3,13 @@ the broker confirmed it, including on a fresh broker with no exchange or queue y
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import threading
+import time
+import tracemalloc
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +20,7 @@ from producer.forward import Forwarder
 from producer.spool import Spool
 from producer.watch import SpoolWatcher
 from shared.config import BrokerConfig, parse_config
-from shared.event import decode_event, new_event
+from shared.event import Event, decode_event, encode_event, new_event
 from shared.topology import EVENTS_EXCHANGE, WORK_QUEUE
 from tests.conftest import amqp_url
 from tests.waiting import wait_until
@@ -147,3 +153,106 @@ def test_an_unreadable_spool_file_is_set_aside_not_lost(forwarder: Running, vhos
     wait_until(lambda: forwarder.forwarder.published == 1, 10, "the good event confirmed")
     assert not bad.exists()
     assert (spool.directory / "rejected" / bad.name).read_bytes() == b"{not json"
+
+
+def _declare(vhost: str) -> None:
+    with connect_any(broker_config(vhost))[0] as connection:
+        declare_topology(connection.default_channel)
+
+
+def _drain(vhost: str) -> list[str]:
+    ids = []
+    with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
+        channel = connection.channel()
+        while True:
+            method, _, body = channel.basic_get(WORK_QUEUE, auto_ack=True)
+            if method is None:
+                return ids
+            ids.append(decode_event(body).id)
+
+
+def _event(i: int = 1) -> Event:
+    return new_event(module="rm", event_id=i, cluster="c", node="n", source="t")
+
+
+def test_a_symlink_planted_in_the_spool_is_never_followed(
+    forwarder: Running, vhost: str, tmp_path: Path
+) -> None:
+    """Anyone in the spool's group can plant a link to a file only the agent may read;
+    its content must not be published."""
+    _declare(vhost)
+    spool = forwarder.forwarder.spool
+    secret = tmp_path / "secret.json"
+    secret_event = _event(7)
+    secret.write_bytes(encode_event(secret_event))
+    secret.chmod(0o600)
+    link = spool.directory / f"00000000000000000001-{secret_event.id}.json"
+    link.symlink_to(secret)
+    good = _event(1)
+    spool.write(good)
+    wait_until(lambda: spool.stats().events == 0, 10, "the spool handled")
+    wait_until(lambda: forwarder.forwarder.published >= 1, 10, "the good event confirmed")
+    assert _drain(vhost) == [good.id]
+    assert (spool.directory / "rejected" / link.name).is_symlink()
+    assert forwarder.forwarder.set_aside == 1
+
+
+def test_a_stale_temp_symlink_is_not_taken_for_an_event(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.ensure()
+    secret = tmp_path / "secret.json"
+    secret.write_bytes(encode_event(_event(7)))
+    old = time.time() - 3600
+    os.utime(secret, (old, old))
+    link = spool.directory / ".tmp-00000000000000000001-x.json"
+    link.symlink_to(secret)
+    os.utime(link, (old, old), follow_symlinks=False)
+    spool.recover_stale_tmp()
+    assert not list(spool.pending())
+    assert (spool.directory / "rejected" / link.name).is_symlink()
+
+
+def test_a_huge_spool_file_is_set_aside_without_being_read(forwarder: Running, vhost: str) -> None:
+    _declare(vhost)
+    spool = forwarder.forwarder.spool
+    spool.ensure()
+    huge = spool.directory / f"00000000000000000001-{uuid.uuid4()}.json"
+    with huge.open("wb") as out:
+        out.truncate(256 * 1024 * 1024)  # sparse: costs no disk
+    tracemalloc.start()
+    try:
+        good = _event(1)
+        spool.write(good)
+        wait_until(lambda: forwarder.forwarder.published >= 1, 10, "the good event confirmed")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    print(f"\npeak memory traced while handling a 256 MiB spool file: {peak / 2**20:.1f} MiB")
+    assert peak < 16 * 2**20
+    assert (spool.directory / "rejected" / huge.name).exists()
+    assert forwarder.forwarder.set_aside == 1
+
+
+def test_a_crafted_id_never_reaches_the_log_raw(
+    forwarder: Running, vhost: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An id of the right length with CR, LF and ESC in it, in a file whose name holds
+    them too: nothing the forwarder logs may carry them raw."""
+    _declare(vhost)
+    caplog.set_level(logging.INFO)
+    spool = forwarder.forwarder.spool
+    spool.ensure()
+    crafted = json.loads(encode_event(_event(3)))
+    crafted["id"] = "12345678-1234-1234-1234-\r\nFAKE\x1b[2J.."
+    assert len(crafted["id"]) == 36
+    name = "00000000000000000001-\r\nforwarded event \x1b[31mx.json"
+    (spool.directory / name).write_text(json.dumps(crafted))
+    good = _event(1)
+    spool.write(good)
+    wait_until(lambda: forwarder.forwarder.published >= 1, 10, "the good event confirmed")
+    wait_until(lambda: spool.stats().events == 0, 10, "the spool handled")
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("producer")]
+    assert any("forwarded event" in m for m in messages), messages
+    for message in messages:
+        assert not set(message) & {"\r", "\n", "\x1b"}, repr(message)
+    assert _drain(vhost) == [good.id]

@@ -242,3 +242,24 @@ def test_the_pacemaker_agent_after_a_failed_run_still_spools_the_alert(tmp_path:
     assert second.returncode == 0, second.stderr
     spooled = list((tmp_path / "spool").glob("0*.json"))
     assert len(spooled) == 1 and second.stdout.strip() in spooled[0].name
+
+
+def test_the_status_file_never_follows_a_planted_symlink(tmp_path: Path) -> None:
+    """The agent may run as root: a link planted where it writes its status must not
+    let anyone in the spool's group overwrite another file, or read one through it."""
+    spool = Spool(tmp_path / "spool")
+    spool.ensure()
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    for name in (".forwarder-status.tmp", ".forwarder-status"):
+        (spool.directory / name).symlink_to(victim)
+    assert spool.read_status() == {}  # a link is not the status
+    spool.write_status({"connected": True})
+    assert victim.read_text() == "precious\n"
+    status = spool.directory / ".forwarder-status"
+    assert not status.is_symlink()
+    assert spool.read_status() == {"connected": True}
+    victim.write_text('{"last_error": "planted"}')
+    (spool.directory / ".forwarder-status").unlink()
+    (spool.directory / ".forwarder-status").symlink_to(victim)
+    assert spool.read_status() == {}
