@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 _MIN_BACKOFF: Final = 0.5
 _MAX_BACKOFF: Final = 30.0
 _STOP_GRACE: Final = 5.0  # seconds to wait for outstanding confirms when stopping
+DEFAULT_CONFIRM_TIMEOUT: Final = 30.0
 FOLLOW_INTERVAL: Final = 0.25  # how often log followers look for new lines
 
 
@@ -94,10 +95,15 @@ class Forwarder:
         max_backoff: float = _MAX_BACKOFF,
         tick: float = 2.0,
         followers: Sequence[LogFollower] = (),
+        confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT,
     ):
         self.spool = spool
         self.broker = broker
         self.window = window
+        # A broker that keeps the connection up but never answers (a minority
+        # partition, a stuck quorum leader) gets this long per publish, then the agent
+        # moves on to the next URL.
+        self.confirm_timeout = confirm_timeout
         self.max_backoff = max_backoff
         self.tick = tick
         self.followers = list(followers)
@@ -124,7 +130,11 @@ class Forwarder:
         self._stopping = False
         self._backoff = _MIN_BACKOFF
         self._next_tag = 1
-        self._in_flight: dict[int, tuple[Path, str]] = {}
+        # Delivery tag: the claimed file, its event id and when it was published.
+        self._in_flight: dict[int, tuple[Path, str, float]] = {}
+        self._confirm_timer: Any = None
+        self._channel_attempt = 0  # which channel opening a deadline belongs to
+        self._failing_over = False
         # Returned (unroutable) publishes by event id, counted: two copies of one event
         # may be in flight at once.
         self._returned: Counter[str] = Counter()
@@ -188,8 +198,10 @@ class Forwarder:
             self._loop.call_later(_STOP_GRACE, self._close_now)
 
     def _close_now(self) -> None:
+        # Confirms still missing after the grace: a graceful close would wait for the
+        # same silent broker, so drop the connection; the events stay in the spool.
         if self._connection is not None and self._connection.is_open:
-            self._connection.close()
+            self._abort(self._connection, "stopping with confirms outstanding")
 
     # -- connection and channel ----------------------------------------------------------
 
@@ -212,8 +224,14 @@ class Forwarder:
             "connected to broker %s:%s vhost %s", params.host, params.port, params.virtual_host
         )
         self.connected = True
+        self._open_channel()
+
+    def _open_channel(self) -> None:
         self._opening = True
-        connection.channel(on_open_callback=self._on_channel_open)
+        self._channel_attempt += 1
+        attempt = self._channel_attempt
+        self._connection.channel(on_open_callback=self._on_channel_open)
+        self._loop.call_later(self.confirm_timeout, lambda: self._check_channel(attempt))
 
     def _on_open_error(self, connection: Any, error: BaseException) -> None:
         self._connection = None
@@ -233,11 +251,62 @@ class Forwarder:
         if self._stopping:
             self._loop.stop()
             return
+        if self._failing_over:
+            # The reason was logged already; the next broker is tried at once.
+            self._failing_over = False
+            self._loop.call_later(0, self._connect)
+            return
         self._note_error(f"broker connection lost: {describe(reason)}")
         self._loop.call_later(self._next_backoff(), self._connect)
 
+    def _check_channel(self, attempt: int) -> None:
+        """A channel (or its confirm mode) the broker never granted: fail over too."""
+        if (
+            attempt == self._channel_attempt
+            and self._opening
+            and self._connection is not None
+            and self._connection.is_open
+        ):
+            self._fail_over(
+                f"broker {self._describe_url()} opened no channel in "
+                f"{self.confirm_timeout:g} s; trying the next broker"
+            )
+
+    def _check_confirms(self) -> None:
+        self._confirm_timer = None
+        if not self._in_flight or self._connection is None or not self._connection.is_open:
+            return
+        # Tags are inserted in publish order: the first is the oldest unconfirmed one.
+        oldest = next(iter(self._in_flight.values()))[2]
+        waited = time.monotonic() - oldest
+        if waited < self.confirm_timeout:
+            self._confirm_timer = self._loop.call_later(
+                self.confirm_timeout - waited, self._check_confirms
+            )
+            return
+        self._fail_over(
+            f"broker {self._describe_url()} confirmed nothing for {self.confirm_timeout:g} s "
+            f"({len(self._in_flight)} events waiting); events stay in the spool, "
+            "trying the next broker"
+        )
+
+    def _fail_over(self, why: str) -> None:
+        """Leave a broker that keeps the connection up but does not answer: its
+        unconfirmed events go back to the spool (sent again, maybe twice, never lost)
+        and the next URL is tried."""
+        self._note_error(why)
+        self._give_back_in_flight()
+        self._url_index = (self._url_index + 1) % len(self._params)
+        self._failing_over = True
+        self._abort(self._connection, why)
+
+    def _abort(self, connection: Any, why: str) -> None:
+        """Drop ``connection`` without the AMQP close handshake, which a silent broker
+        never completes. pika has no public call for this; its own heartbeat checker
+        ends a dead connection the same way. ``_on_closed`` follows as usual."""
+        connection._terminate_stream(pika.exceptions.AMQPConnectionError(why))
+
     def _on_channel_open(self, channel: Any) -> None:
-        self._opening = False
         self._channel = channel
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
@@ -247,6 +316,7 @@ class Forwarder:
         if self._channel is None or frame.channel_number != self._channel.channel_number:
             return  # a stale channel's late reply: its tags are not ours
         self._ready = True
+        self._opening = False  # the channel is usable only once confirm mode is on
         self._next_tag = 1  # delivery tags count from 1 on every channel
         self._pump()
 
@@ -255,6 +325,7 @@ class Forwarder:
             return  # not the channel we publish on
         self._channel = None
         self._ready = False
+        self._opening = False
         self._give_back_in_flight()
         if self._stopping or self._connection is None or not self._connection.is_open:
             return
@@ -268,8 +339,7 @@ class Forwarder:
             and self._channel is None
             and not self._opening
         ):
-            self._opening = True
-            self._connection.channel(on_open_callback=self._on_channel_open)
+            self._open_channel()
 
     # -- publishing ----------------------------------------------------------------------
 
@@ -310,8 +380,12 @@ class Forwarder:
             self._channel.basic_publish(
                 EVENTS_EXCHANGE, key, body, properties=properties, mandatory=True
             )
-            self._in_flight[self._next_tag] = (claimed, event_id)
+            self._in_flight[self._next_tag] = (claimed, event_id, time.monotonic())
             self._next_tag += 1
+            if self._confirm_timer is None:
+                self._confirm_timer = self._loop.call_later(
+                    self.confirm_timeout, self._check_confirms
+                )
 
     def _next_pending(self) -> Path | None:
         if not self._queue and self._dirty:
@@ -337,7 +411,7 @@ class Forwarder:
             entry = self._in_flight.pop(tag, None)
             if entry is None:
                 continue
-            claimed, event_id = entry
+            claimed, event_id, _ = entry
             if acked and not self._returned[event_id]:
                 self.published += 1
                 self._remover.remove(claimed)
@@ -366,7 +440,7 @@ class Forwarder:
     def _give_back_in_flight(self) -> None:
         """Unconfirmed events return to the spool; they may be published twice, never lost."""
         if self._claim is not None:
-            for claimed, _ in self._in_flight.values():
+            for claimed, _, _ in self._in_flight.values():
                 self._claim.give_back(claimed)
         self._in_flight.clear()
         self._returned.clear()

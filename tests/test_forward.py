@@ -16,13 +16,15 @@ from pathlib import Path
 import pika
 import pytest
 
-from producer.forward import Forwarder
+from producer.forward import _STOP_GRACE, Forwarder
 from producer.spool import Spool
 from producer.watch import SpoolWatcher
 from shared.config import BrokerConfig, parse_config
+from shared.errors import ConfigError
 from shared.event import Event, decode_event, encode_event, new_event
 from shared.topology import EVENTS_EXCHANGE, WORK_QUEUE
-from tests.conftest import amqp_url
+from tests.conftest import RABBIT_HOST, RABBIT_PORT, amqp_url
+from tests.tcpproxy import TcpProxy
 from tests.waiting import wait_until
 from worker.consume import connect_any
 from worker.declare import declare_topology
@@ -256,3 +258,72 @@ def test_a_crafted_id_never_reaches_the_log_raw(
     for message in messages:
         assert not set(message) & {"\r", "\n", "\x1b"}, repr(message)
     assert _drain(vhost) == [good.id]
+
+
+def test_confirms_that_never_come_fail_over_to_the_next_broker(vhost: str, tmp_path: Path) -> None:
+    """A broker that keeps the connection up but never confirms (reached through a proxy
+    that goes silent): after confirm_timeout the agent fails over to the next URL and
+    every event arrives there, none lost."""
+    _declare(vhost)
+    proxy = TcpProxy(RABBIT_HOST, RABBIT_PORT)
+    proxied = f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}"
+    broker = parse_config(
+        {"broker": {"urls": [proxied, amqp_url(vhost)], "heartbeat": 60}}, sections=("broker",)
+    ).broker
+    spool = Spool(tmp_path / "spool")
+    running = Running(Forwarder(spool, broker, max_backoff=0.3, confirm_timeout=2.0))
+    events = [_event(i) for i in range(6)]
+    try:
+        spool.write(events[0])
+        wait_until(lambda: running.forwarder.published == 1, 10, "the first event confirmed")
+        assert proxy.accepted == 1
+        proxy.mute()
+        started = time.monotonic()
+        for event in events[1:]:
+            spool.write(event)
+        wait_until(lambda: running.forwarder.published == 6, 10, "the rest confirmed")
+        took = time.monotonic() - started
+        print(f"\nconfirmed by the second broker {took:.1f} s after the first went silent")
+        assert "confirmed nothing" in running.forwarder.last_error
+        assert spool.stats().events == 0
+    finally:
+        running.close()
+        proxy.close()
+    # Those published into the silent link reached the broker: duplicates, not losses.
+    assert set(_drain(vhost)) == {e.id for e in events}
+
+
+def test_stopping_with_a_silent_broker_keeps_the_events_and_returns(
+    vhost: str, tmp_path: Path
+) -> None:
+    """SIGTERM while confirms are missing: a graceful AMQP close would wait forever for
+    the same silent broker; the agent must exit, the event staying in the spool."""
+    _declare(vhost)
+    proxy = TcpProxy(RABBIT_HOST, RABBIT_PORT)
+    proxied = f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}"
+    broker = parse_config({"broker": {"urls": [proxied]}}, sections=("broker",)).broker
+    spool = Spool(tmp_path / "spool")
+    running = Running(Forwarder(spool, broker, confirm_timeout=600))
+    try:
+        wait_until(lambda: running.forwarder.connected, 10, "connected through the proxy")
+        wait_until(lambda: running.forwarder._ready, 10, "a channel in confirm mode")
+        proxy.mute()
+        spool.write(_event(1))
+        wait_until(lambda: running.forwarder._in_flight, 10, "the event published")
+        started = time.monotonic()
+        running.close(timeout=_STOP_GRACE + 5)
+        print(f"\nstopped {time.monotonic() - started:.1f} s after SIGTERM")
+    finally:
+        proxy.close()
+    assert spool.stats().events == 1 and len(list(spool.pending())) == 1
+
+
+def test_confirm_timeout_is_read_from_the_producer_section() -> None:
+    def read(value: object) -> float:
+        raw = {"producer": {"confirm_timeout": value}}
+        return parse_config(raw, sections=("producer",)).producer.confirm_timeout
+
+    assert parse_config({}, sections=("producer",)).producer.confirm_timeout == 30.0
+    assert read(2.5) == 2.5
+    with pytest.raises(ConfigError, match=r"producer\.confirm_timeout: must be at least 0\.1"):
+        read(0)
