@@ -35,7 +35,7 @@ from producer.follow import LogFollower
 from producer.spool import Claim, Spool
 from producer.watch import SpoolWatcher
 from shared.config import BrokerConfig
-from shared.errors import ClusteralertError, describe
+from shared.errors import ClusteralertError, SpoolError, describe
 from shared.event import peek_event
 from shared.tls import client_context
 from shared.topology import EVENTS_EXCHANGE
@@ -192,16 +192,18 @@ class Forwarder:
             return
         if self._connection is None or not self._connection.is_open:
             self._loop.stop()
-        elif not self._in_flight:
+            return
+        if not self._in_flight:
             self._connection.close()
-        else:
-            self._loop.call_later(_STOP_GRACE, self._close_now)
+        self._loop.call_later(_STOP_GRACE, self._close_now)
 
     def _close_now(self) -> None:
-        # Confirms still missing after the grace: a graceful close would wait for the
-        # same silent broker, so drop the connection; the events stay in the spool.
-        if self._connection is not None and self._connection.is_open:
-            self._abort(self._connection, "stopping with confirms outstanding")
+        # Confirms still missing, or a close the broker never answered, after the
+        # grace: waiting longer would wait for a silent broker, so drop the connection;
+        # unconfirmed events stay in the spool.
+        connection = self._connection
+        if connection is not None and (connection.is_open or connection.is_closing):
+            self._abort(connection, "stopping: the broker did not answer in time")
 
     # -- connection and channel ----------------------------------------------------------
 
@@ -453,12 +455,14 @@ class Forwarder:
         name = printable(claimed.name)
         try:
             target = self.spool.reject(claimed)
-        except OSError as exc:
+        except (OSError, SpoolError) as exc:
             assert self._claim is not None
             self._claim.give_back(claimed)
             self._passed_over.add(claimed.name)
+            # An OSError's text holds the paths, and so the file's raw name.
+            reason = exc.strerror if isinstance(exc, OSError) else describe(exc)
             self._note_error(
-                f"spool file {name} {why}; cannot move it aside ({exc.strerror}), "
+                f"spool file {name} {why}; cannot move it aside ({reason}), "
                 "left in the spool and passed over until the agent restarts"
             )
             return

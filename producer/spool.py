@@ -181,16 +181,37 @@ class Spool:
 
     def _mark_seen(self, tmp: Path, event_id: str) -> bool:
         """True if this is the first file for ``event_id``."""
-        seen = self.directory / SEEN_DIR
-        if not seen.exists():
-            with contextlib.suppress(FileExistsError):
-                seen.mkdir(mode=0o2770)
-                os.chmod(seen, 0o2770)  # noqa: S103 - mkdir ignores setgid; the group shares it
+        seen = self._subdir(SEEN_DIR, 0o2770)
         try:
-            os.link(tmp, seen / event_id)
+            os.link(tmp, event_id, dst_dir_fd=seen)
         except FileExistsError:
             return False
+        finally:
+            os.close(seen)
         return True
+
+    def _subdir(self, name: str, mode: int) -> int:
+        """An open descriptor of the spool's directory ``name``, created with ``mode``
+        if missing. The group can write the spool, so it could put a link there: that
+        is refused, never followed (files are then moved or linked through the
+        descriptor, so a swap after this check changes nothing)."""
+        path = self.directory / name
+        created = False
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)
+            created = True
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise SpoolError(
+                    f"spool {self.directory}: {name} is not a directory (a link?); not used"
+                ) from None
+            raise
+        if created:
+            # mkdir honours the umask and ignores setgid; the group shares some of these.
+            os.fchmod(fd, mode)
+        return fd
 
     def _first_run_spooled(self, event_id: str) -> bool:
         """Wait for the run that owns the marker of ``event_id`` to finish; True if its
@@ -308,15 +329,12 @@ class Spool:
         """Move a spool file that cannot be sent aside instead of deleting it: nothing
         is lost, and the forwarder does not trip over it again. A ``rejected`` that is
         not a real directory (a planted link) is refused, never followed."""
-        target_dir = self.directory / REJECTED_DIR
-        with contextlib.suppress(FileExistsError):
-            target_dir.mkdir(mode=0o750)
-        dir_fd = os.open(target_dir, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW)
+        dir_fd = self._subdir(REJECTED_DIR, 0o750)
         try:
             os.replace(path, path.name, dst_dir_fd=dir_fd)
         finally:
             os.close(dir_fd)
-        return target_dir / path.name
+        return self.directory / REJECTED_DIR / path.name
 
     def recover_stale_tmp(self, now: float | None = None) -> list[tuple[Path, str]]:
         """Deal with temp files of writers that died: a complete event is put in place
@@ -411,11 +429,11 @@ class Claim:
     def __init__(self, spool: Spool):
         self.spool = spool
         claim_id = uuid.uuid4().hex
-        spool.claims_dir.mkdir(parents=True, exist_ok=True, mode=0o2770)
+        spool.ensure()
+        # Refuses a link in place of claims/; the claim's own names are fresh ones.
+        os.close(spool._subdir(CLAIMS_DIR, 0o2770))
         self.directory = spool.claims_dir / claim_id
-        self._lock_fd = os.open(
-            self.directory.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640
-        )
+        self._lock_fd = os.open(self.directory.with_suffix(".lock"), os.O_RDWR | _CREATE, 0o640)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         self.directory.mkdir(mode=0o2770)
 

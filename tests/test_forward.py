@@ -293,11 +293,13 @@ def test_confirms_that_never_come_fail_over_to_the_next_broker(vhost: str, tmp_p
     assert set(_drain(vhost)) == {e.id for e in events}
 
 
+@pytest.mark.parametrize("in_flight", [1, 0])
 def test_stopping_with_a_silent_broker_keeps_the_events_and_returns(
-    vhost: str, tmp_path: Path
+    vhost: str, tmp_path: Path, in_flight: int
 ) -> None:
-    """SIGTERM while confirms are missing: a graceful AMQP close would wait forever for
-    the same silent broker; the agent must exit, the event staying in the spool."""
+    """SIGTERM while the broker is silent, with or without confirms missing: a graceful
+    AMQP close would wait forever for it; the agent must exit, events staying in the
+    spool."""
     _declare(vhost)
     proxy = TcpProxy(RABBIT_HOST, RABBIT_PORT)
     proxied = f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}"
@@ -308,14 +310,15 @@ def test_stopping_with_a_silent_broker_keeps_the_events_and_returns(
         wait_until(lambda: running.forwarder.connected, 10, "connected through the proxy")
         wait_until(lambda: running.forwarder._ready, 10, "a channel in confirm mode")
         proxy.mute()
-        spool.write(_event(1))
-        wait_until(lambda: running.forwarder._in_flight, 10, "the event published")
+        if in_flight:
+            spool.write(_event(1))
+            wait_until(lambda: running.forwarder._in_flight, 10, "the event published")
         started = time.monotonic()
         running.close(timeout=_STOP_GRACE + 5)
         print(f"\nstopped {time.monotonic() - started:.1f} s after SIGTERM")
     finally:
         proxy.close()
-    assert spool.stats().events == 1 and len(list(spool.pending())) == 1
+    assert spool.stats().events == in_flight and len(list(spool.pending())) == in_flight
 
 
 def test_confirm_timeout_is_read_from_the_producer_section() -> None:
@@ -327,3 +330,24 @@ def test_confirm_timeout_is_read_from_the_producer_section() -> None:
     assert read(2.5) == 2.5
     with pytest.raises(ConfigError, match=r"producer\.confirm_timeout: must be at least 0\.1"):
         read(0)
+
+
+def test_a_file_that_cannot_be_moved_aside_is_passed_over(
+    forwarder: Running, vhost: str, tmp_path: Path
+) -> None:
+    _declare(vhost)
+    spool = forwarder.forwarder.spool
+    spool.ensure()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (spool.directory / "rejected").symlink_to(elsewhere)
+    bad = spool.directory / "00000000000000000001-bad.json"
+    bad.write_bytes(b"{not json")
+    good = _event(1)
+    spool.write(good)
+    wait_until(lambda: forwarder.forwarder.published == 1, 10, "the good event confirmed")
+    assert _drain(vhost) == [good.id]
+    assert forwarder.forwarder.set_aside == 1
+    assert "left in the spool and passed over" in forwarder.forwarder.last_error
+    assert [p.name for p in spool.pending()] == [bad.name]
+    assert list(elsewhere.iterdir()) == []

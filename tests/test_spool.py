@@ -263,3 +263,24 @@ def test_the_status_file_never_follows_a_planted_symlink(tmp_path: Path) -> None
     (spool.directory / ".forwarder-status").unlink()
     (spool.directory / ".forwarder-status").symlink_to(victim)
     assert spool.read_status() == {}
+
+
+@pytest.mark.parametrize("name", ["rejected", ".seen", "claims"])
+def test_a_spool_directory_replaced_by_a_link_is_never_used(tmp_path: Path, name: str) -> None:
+    """Anyone in the spool's group may swap one of its directories for a link elsewhere:
+    the agent (maybe root) must not move, link or create files there."""
+    spool = Spool(tmp_path / "spool")
+    spool.ensure()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (spool.directory / name).symlink_to(elsewhere)
+    path = spool.write(event(1))
+    with pytest.raises((SpoolError, OSError)):
+        if name == "rejected":
+            spool.reject(path)
+        elif name == ".seen":
+            spool.write_once(event(2))
+        else:
+            spool.new_claim()
+    assert list(elsewhere.iterdir()) == []
+    assert [p.name for p in spool.pending()] == [path.name]
