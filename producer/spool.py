@@ -224,7 +224,12 @@ class Spool:
             fcntl.flock(fd, fcntl.LOCK_SH)
             # The marker is a link to the event file's inode: withdrawn, and the temp
             # file removed, it has no name left.
-            return os.fstat(fd).st_nlink > 0
+            if os.fstat(fd).st_nlink == 0:
+                return False
+            # A first run killed between its link and its rename left a complete temp
+            # file, which the forwarder recovers; make sure its name is on disk too.
+            _fsync_dir(self.directory)
+            return True
         finally:
             os.close(fd)
 
