@@ -227,7 +227,12 @@ def _run(args: argparse.Namespace) -> int:
             LogFollower(f, spool, catalog, cluster=config.producer.cluster, node=_node(config))
             for f in config.producer.follow
         ]
-    forwarder = Forwarder(spool, config.broker, followers=followers)
+    forwarder = Forwarder(
+        spool,
+        config.broker,
+        followers=followers,
+        confirm_timeout=config.producer.confirm_timeout,
+    )
     if config.producer.metrics_port:
         from producer.metrics import serve_metrics
 

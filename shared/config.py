@@ -158,6 +158,8 @@ class ProducerConfig:
     max_events: int = 10_000
     max_bytes: int = 100 * 1024 * 1024
     metrics_port: int = 0  # 0: no metrics endpoint on the node
+    # Seconds a publish may wait for its confirm before the agent tries the next broker.
+    confirm_timeout: float = 30.0
     follow: tuple[FollowConfig, ...] = ()
 
 
@@ -406,6 +408,7 @@ class _Reader:
             max_events=t.integer("max_events", 10_000, low=0),
             max_bytes=t.integer("max_bytes", 100 * 1024 * 1024, low=0),
             metrics_port=t.integer("metrics_port", 0, low=0, high=65535),
+            confirm_timeout=t.number("confirm_timeout", 30.0, low=0.1, high=3600),
             follow=tuple(
                 f for f in (self.follow(ft) for ft in t.tables("follow")) if f is not None
             ),

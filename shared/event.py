@@ -55,6 +55,7 @@ PARAM_KEY_RE: Final = re.compile(r"[A-Za-z0-9_]{1,64}")
 # Lone surrogates (from "\udc80"-style JSON escapes) cannot be encoded at all downstream.
 _CONTROL_RE: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _SURROGATE_RE: Final = re.compile("[\ud800-\udfff]")
+_CANONICAL_UUID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _NAMED_ESCAPES: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -144,7 +145,8 @@ def peek_event(raw: bytes) -> tuple[str, str]:
     if not isinstance(doc, dict) or doc.get("v") != SCHEMA_VERSION:
         raise InvalidEvent("not a version 1 event object")
     event_uuid, module, event_id, node = (doc.get(k) for k in ("id", "module", "event_id", "node"))
-    if not isinstance(event_uuid, str) or len(event_uuid) != 36:
+    # The id goes into logs and the AMQP message_id: only the canonical form passes.
+    if not isinstance(event_uuid, str) or not _CANONICAL_UUID.fullmatch(event_uuid):
         raise InvalidEvent("id: not a UUID")
     if not isinstance(module, str) or not MODULE_RE.fullmatch(module):
         raise InvalidEvent("module: missing or invalid")
