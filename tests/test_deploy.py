@@ -6,6 +6,7 @@ exported by a real worker. No Docker engine runs here, so these are the checks w
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -546,11 +547,9 @@ def _as_root(script: str, env: dict[str, str] | None = None) -> str:
     return result.stdout
 
 
-def _run_init(tree: Path) -> dict[str, tuple[int, int, str]]:
-    """Run deploy/dev/init.sh in ``tree``, which mirrors the init container's mounts, as
-    on a first start and then a restart (keeping a copy of what the first start made in
-    ``tree``/../first), and list every path in the tree as (uid, mode, type). Under
-    fakeroot when we are not root, which fakes only the owners."""
+def _init_tree(tree: Path) -> Path:
+    """A tree that mirrors the init container's mounts on a first start: bind mounts
+    link to the repository, named volumes are empty directories."""
     init = _compose_services()["init"]
     for source, target, _ in _mounts(init):
         path = tree / target.lstrip("/")
@@ -559,14 +558,51 @@ def _run_init(tree: Path) -> dict[str, tuple[int, int, str]]:
             path.symlink_to(ROOT / source)
         else:
             path.mkdir()  # a fresh named volume: an empty directory
-    run = f"sh {shlex.quote(str(tree / 'init.sh'))} >/dev/null"
-    first = shlex.quote(str(tree.parent / "first"))
+    return tree
+
+
+@functools.cache
+def _alpine_like_path() -> str:
+    """A PATH like the init image's (deploy/init/Dockerfile): BusyBox's applets, as in
+    Alpine, and openssl; nothing else."""
+    busybox = shutil.which("busybox")
+    openssl = shutil.which("openssl")
+    if busybox is None or openssl is None:
+        pytest.fail("busybox and openssl are needed: install Debian's packages (scripts/test does)")
+    applets = Path(tempfile.mkdtemp(prefix="clusteralert-busybox-"))
+    applets.chmod(0o755)
+    listing = subprocess.run([busybox, "--list"], check=True, capture_output=True, text=True)
+    for applet in listing.stdout.split():
+        (applets / applet).symlink_to(busybox)
+    (applets / "openssl").symlink_to(openssl)
+    return str(applets)
+
+
+def _init_command(tree: Path) -> str:
+    """deploy/dev/init.sh in ``tree``, run as the init container runs it: by BusyBox's
+    sh, with only BusyBox's applets and openssl on the PATH."""
+    path = _alpine_like_path()
+    env = f"PATH={shlex.quote(path)} INIT_ROOT={shlex.quote(str(tree))}"
+    return f"{env} {path}/sh {shlex.quote(str(tree / 'init.sh'))} >/dev/null"
+
+
+def _run_init(tree: Path) -> dict[str, tuple[int, int, str]]:
+    """Run deploy/dev/init.sh in ``tree``, which mirrors the init container's mounts, as
+    on a first start and then a restart (keeping a copy of what the first start made in
+    ``tree``/../first), and list every path in the tree as (uid, mode, type). Under
+    fakeroot when we are not root, which fakes only the owners."""
+    run = _init_command(_init_tree(tree))
+    first = tree.parent / "first"
+    copy = " && ".join(
+        f"cp -a {shlex.quote(str(tree / d))} {shlex.quote(str(first / d))}"
+        for d in ("secrets", "rabbitmq-definitions")
+    )
     script = (
-        f"{run} && cp -a {shlex.quote(str(tree / 'secrets'))} {first} && {run} && "
+        f"mkdir {shlex.quote(str(first))} && {run} && {copy} && {run} && "
         f"find {shlex.quote(str(tree))} -mindepth 1 -printf '%P\\t%U\\t%m\\t%y\\n'"
     )
     listing = {}
-    for line in _as_root(script, env={"INIT_ROOT": str(tree)}).splitlines():
+    for line in _as_root(script).splitlines():
         path, uid, mode, kind = line.split("\t")
         listing[path] = (int(uid), int(mode, 8), kind)
     return listing
@@ -623,10 +659,10 @@ def test_init_makes_one_secret_set_per_service_readable_only_by_its_user(tmp_pat
     users = json.loads((tree / "rabbitmq-definitions" / "00-users.json").read_text())["users"]
     hashes = {u["name"]: u["password_hash"] for u in users}
     for user in ("clusteralert-producer", "clusteralert-worker", "admin"):
-        path = secret(user.removeprefix("clusteralert-") + "_amqp_password")
-        password = path.read_text()
+        file = secret(user.removeprefix("clusteralert-") + "_amqp_password")
+        password = file.read_text()
         assert _hash_matches(hashes[user], password), user
-        assert (tmp_path / "first" / path.relative_to(secrets)).read_text() == password, user
+        assert (tmp_path / "first" / "secrets" / file.relative_to(secrets)).read_text() == password
 
 
 # A node's users as the README's install makes them (ids are arbitrary).
@@ -735,3 +771,32 @@ def test_the_pacemaker_agent_spools_without_the_broker_password() -> None:
         assert len(list(spool.glob("0*.json"))) == 1
     finally:
         shutil.rmtree(base)
+
+
+# --- The compose stack across `down`/`up`, health, init image, definitions, TLS ---
+
+
+_PACKAGE_INSTALL = re.compile(
+    r"\b(apk\s+add|apt(-get)?\s+install|dnf\s+install|yum\s+install|microdnf|"
+    r"pip3?\s+install|npm\s+(install|ci))\b"
+)
+
+
+def test_nothing_installs_packages_at_run_time() -> None:
+    """Containers start without reaching a package mirror: init's openssl is in an image
+    built from deploy/init/Dockerfile, and no command, entrypoint, healthcheck or script
+    of the stack installs anything."""
+    services = _compose_services()
+    for name, service in services.items():
+        for key in ("command", "entrypoint", "healthcheck"):
+            assert not _PACKAGE_INSTALL.search(json.dumps(service.get(key, ""))), (name, key)
+    scripts = [ROOT / s for svc in services.values() for s, _, _ in _mounts(svc) if s[:2] == "./"]
+    for path in scripts:
+        for script in [path] if path.is_file() else sorted(path.rglob("*.sh")):
+            assert not _PACKAGE_INSTALL.search(script.read_text()), script
+    init = services["init"]
+    build: dict[str, str] = init["build"]  # type: ignore[assignment]
+    dockerfile = (ROOT / build["context"] / build.get("dockerfile", "Dockerfile")).read_text()
+    assert re.search(r"^FROM alpine:\d+\.\d+\.\d+$", dockerfile, re.M)  # pinned
+    assert re.search(r"^RUN apk add --no-cache openssl$", dockerfile, re.M)
+    assert init["image"] != "alpine" and not str(init["image"]).startswith("alpine:")

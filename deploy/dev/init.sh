@@ -1,8 +1,9 @@
 #!/bin/sh
-# First-start setup for the compose stack, run once by the `init` service. It makes what
-# must not live in the repository: random broker passwords (one per user), RabbitMQ's user
-# definitions with salted hashes of them, and a private CA plus a certificate for the
-# Mailpit relay, so that mail goes out over verified STARTTLS.
+# Setup for the compose stack, run by the `init` service at every start (its image,
+# deploy/init/Dockerfile, has openssl). It makes what must not live in the repository:
+# random broker passwords (one per user), RabbitMQ's user definitions with salted hashes
+# of them, and a private CA plus a certificate for the Mailpit relay, so that mail goes
+# out over verified STARTTLS. Later starts keep all of it.
 #
 # Each service gets a secrets volume of its own, which no other service mounts, holding
 # only what it uses, owned by the user its image runs as and readable by nobody else:
