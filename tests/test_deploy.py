@@ -663,6 +663,11 @@ def test_init_makes_one_secret_set_per_service_readable_only_by_its_user(tmp_pat
         password = file.read_text()
         assert _hash_matches(hashes[user], password), user
         assert (tmp_path / "first" / "secrets" / file.relative_to(secrets)).read_text() == password
+    # Unchanged passwords give unchanged definitions (the same salts), so the broker's
+    # import (deploy/rabbitmq/import-definitions.sh) sees them as already imported.
+    for made in (tree / "rabbitmq-definitions").iterdir():
+        first = tmp_path / "first" / "rabbitmq-definitions" / made.name
+        assert first.read_bytes() == made.read_bytes(), made.name
 
 
 # A node's users as the README's install makes them (ids are arbitrary).
@@ -776,6 +781,21 @@ def test_the_pacemaker_agent_spools_without_the_broker_password() -> None:
 # --- The compose stack across `down`/`up`, health, init image, definitions, TLS ---
 
 
+def test_rabbitmq_keeps_its_data_under_a_fixed_node_name() -> None:
+    """RabbitMQ keeps its database in /var/lib/rabbitmq/mnesia/<node name>, and the node
+    name defaults to rabbit@<host name>, which Compose sets to the container id: without a
+    fixed host name every recreated container starts an empty broker beside the old one."""
+    rabbitmq = _compose_services()["rabbitmq"]
+    hostname = rabbitmq.get("hostname")
+    assert isinstance(hostname, str) and hostname, "rabbitmq needs a fixed hostname"
+    environment: dict[str, str] = rabbitmq.get("environment", {})  # type: ignore[assignment]
+    assert environment.get("RABBITMQ_NODENAME") == f"rabbit@{hostname}"
+    # The data directory is a named volume, which `down` (without -v) keeps.
+    volumes = yaml.safe_load(COMPOSE.read_text())["volumes"]
+    [data] = [s for s, t, _ in _mounts(rabbitmq) if t == "/var/lib/rabbitmq"]
+    assert data in volumes
+
+
 _PACKAGE_INSTALL = re.compile(
     r"\b(apk\s+add|apt(-get)?\s+install|dnf\s+install|yum\s+install|microdnf|"
     r"pip3?\s+install|npm\s+(install|ci))\b"
@@ -800,3 +820,136 @@ def test_nothing_installs_packages_at_run_time() -> None:
     assert re.search(r"^FROM alpine:\d+\.\d+\.\d+$", dockerfile, re.M)  # pinned
     assert re.search(r"^RUN apk add --no-cache openssl$", dockerfile, re.M)
     assert init["image"] != "alpine" and not str(init["image"]).startswith("alpine:")
+
+
+IMPORT_SCRIPT = DEPLOY / "rabbitmq" / "import-definitions.sh"
+
+
+def test_definitions_are_imported_by_a_one_shot_service_not_at_boot() -> None:
+    """RabbitMQ 4.0.5's boot-time import with definitions.skip_if_unchanged discards the
+    import's result and stores the new hash anyway, so a failed import goes unnoticed
+    while the broker passes its healthcheck. The broker imports nothing at boot; a
+    one-shot service of the same image imports after it is up, and the services that
+    use the broker wait for that import to succeed."""
+    conf = (DEPLOY / "rabbitmq" / "rabbitmq.conf").read_text()
+    keys = [line.split("=")[0].strip() for line in conf.splitlines() if "=" in line]
+    assert not [k for k in keys if k.startswith(("definitions.", "load_definitions"))], keys
+    services = _compose_services()
+    [name] = [
+        n for n, s in services.items() if f"/{IMPORT_SCRIPT.name}" in json.dumps(s.get("command"))
+    ]
+    importer = services[name]
+    assert importer["image"] == services["rabbitmq"]["image"]  # no other image to fetch
+    assert importer["depends_on"] == {"rabbitmq": {"condition": "service_healthy"}}
+    rabbitmq_env: dict[str, str] = services["rabbitmq"]["environment"]  # type: ignore[assignment]
+    importer_env: dict[str, str] = importer["environment"]  # type: ignore[assignment]
+    assert importer_env["RABBITMQ_NODENAME"] == rabbitmq_env["RABBITMQ_NODENAME"]
+    # It reaches the node with the node's own Erlang cookie, from the data volume.
+    assert ("rabbitmq-data", "/var/lib/rabbitmq", "ro") in _mounts(importer)
+    for user in ("worker", "producer"):
+        depends: dict[str, dict[str, str]] = services[user]["depends_on"]  # type: ignore[assignment]
+        assert depends.get(name) == {"condition": "service_completed_successfully"}, user
+
+
+def _definitions_for_vhost(source: Path, target: Path, vhost: str, suffix: str) -> None:
+    """init's definitions, moved to ``vhost`` with user names ending in ``suffix``: the
+    broker is shared, so the test imports into its own vhost and users."""
+    target.mkdir(mode=0o755)
+    for path in sorted(source.iterdir()):
+        defs = json.loads(path.read_text())
+        # The test broker is RabbitMQ 3.10, which rejects 4.x's policy (delivery-limit -1
+        # for quorum queues); test_rabbitmq_definitions_declare_exactly_our_topology
+        # checks that policy.
+        defs.pop("policies", None)
+        for key in ("vhosts",):
+            for item in defs.get(key, []):
+                item["name"] = vhost
+        for key in ("permissions", "exchanges", "queues", "bindings"):
+            for item in defs.get(key, []):
+                item["vhost"] = vhost
+        for item in defs.get("users", []):
+            item["name"] += suffix
+        for item in defs.get("permissions", []):
+            item["user"] += suffix
+        (target / path.name).write_text(json.dumps(defs))
+        (target / path.name).chmod(0o644)  # the broker's CLI reads it as user rabbitmq
+
+
+def test_definitions_import_once_and_fail_loudly(vhost: str, tmp_path: Path) -> None:
+    """The import script against the real broker (Debian's RabbitMQ and rabbitmqctl), on
+    init's real definitions moved to a vhost of the test's own: it imports them (the
+    worker's password logs in), does nothing while they are unchanged (a queue deleted in
+    between stays deleted), and when RabbitMQ refuses a file it exits non-zero naming the
+    file and records nothing, so the same definitions are imported at the next start."""
+    import pika
+
+    tree = _init_tree(tmp_path / "init")
+    _as_root(_init_command(tree))
+    suffix = f"-{vhost[-6:]}"
+    marker = f"clusteralert_test_definitions_{vhost[-12:]}"
+    base = Path(tempfile.mkdtemp(prefix="clusteralert-defs-"))
+    base.chmod(0o755)
+    definitions = base / "definitions"
+    _definitions_for_vhost(tree / "rabbitmq-definitions", definitions, vhost, suffix)
+
+    def run_import() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["sh", str(IMPORT_SCRIPT), str(definitions), marker],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    def exists(queue: str) -> bool:
+        with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
+            try:
+                connection.channel().queue_declare(queue, passive=True)
+            except pika.exceptions.ChannelClosedByBroker:
+                return False
+            return True
+
+    try:
+        first = run_import()
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert all(exists(q.name) for q in QUEUES)
+        password = (tree / "secrets" / "worker" / "worker_amqp_password").read_text()
+        path = urllib.parse.quote(vhost, safe="")
+        url = f"amqp://clusteralert-worker{suffix}:{password}@127.0.0.1:5672/{path}"
+        pika.BlockingConnection(pika.URLParameters(url)).close()
+
+        retry_queue = retry_queue_name(RETRY_DELAYS[0][0])
+        with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
+            connection.channel().queue_delete(retry_queue)
+        again = run_import()
+        assert again.returncode == 0, again.stderr
+        assert "unchanged" in again.stdout
+        assert not exists(retry_queue)  # nothing was imported
+
+        # Definitions RabbitMQ refuses: a permission for a user nobody made.
+        topology = definitions / "10-topology.json"
+        imported = topology.read_text()
+        defs = json.loads(imported)
+        ghost = {**defs["permissions"][0], "user": f"clusteralert-ghost{suffix}"}
+        defs["permissions"].append(ghost)
+        topology.write_text(json.dumps(defs))
+        failed = run_import()
+        assert failed.returncode != 0
+        assert "no_such_user" in failed.stderr and "10-topology.json" in failed.stderr
+        # The failed import recorded nothing: the marker still names what was imported.
+        topology.write_text(imported)
+        assert "unchanged" in run_import().stdout
+    finally:
+        shutil.rmtree(base)
+        cleanup = [["clear_global_parameter", marker]]
+        cleanup += [
+            ["delete_user", user + suffix]
+            for user in ("clusteralert-producer", "clusteralert-worker", "admin")
+        ]
+        running = [
+            subprocess.Popen(
+                ["rabbitmqctl", "-q", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            for args in cleanup
+        ]
+        for process in running:
+            process.wait(60)

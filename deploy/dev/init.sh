@@ -28,10 +28,22 @@ password() {  # $1: file; keep an existing password so restarts do not lock user
 }
 # RabbitMQ's rabbit_password_hashing_sha256: base64(salt ++ sha256(salt ++ password)).
 # clusteralert strips one trailing newline from password files, so hash without it.
-hash_password() {
+salted_hash() {  # $1: password file, $2: salt file
+  { cat "$2"; printf '%s' "$(cat "$1")"; } | openssl dgst -sha256 -binary > "$scratch/digest"
+  cat "$2" "$scratch/digest" | base64 | tr -d '\n'
+}
+# The hash already in the definitions while it still matches the password, else a new
+# one: unchanged passwords give byte-identical definitions, which the broker's import
+# (deploy/rabbitmq/import-definitions.sh) then knows it has already imported.
+hash_password() {  # $1: password file, $2: user name
+  old=$(sed -n "s/.*\"name\": \"$2\", \"password_hash\": \"\([^\"]*\)\".*/\1/p" \
+    "$definitions/00-users.json" 2>/dev/null || true)
+  if [ -n "$old" ]; then
+    printf '%s' "$old" | base64 -d 2>/dev/null | head -c 4 > "$scratch/salt" || true
+    [ "$(salted_hash "$1" "$scratch/salt")" = "$old" ] && { printf '%s' "$old"; return; }
+  fi
   head -c 4 /dev/urandom > "$scratch/salt"
-  { cat "$scratch/salt"; printf '%s' "$(cat "$1")"; } | openssl dgst -sha256 -binary > "$scratch/digest"
-  cat "$scratch/salt" "$scratch/digest" | base64 | tr -d '\n'
+  salted_hash "$1" "$scratch/salt"
 }
 
 password "$secrets/producer/producer_amqp_password"
@@ -39,12 +51,13 @@ password "$secrets/worker/worker_amqp_password"
 password "$secrets/admin/admin_amqp_password"
 password "$secrets/grafana/grafana_admin_password"
 
-# Definitions RabbitMQ imports at boot: these users (00-), then the topology and the
-# least-privilege permissions from the repository (10-), which name these users.
+# Definitions the `definitions` service imports once RabbitMQ is up: these users (00-),
+# then the topology and the least-privilege permissions from the repository (10-), which
+# name these users.
 # Hashes first, in assignments: set -e does not see failures inside a heredoc.
-producer_hash=$(hash_password "$secrets/producer/producer_amqp_password")
-worker_hash=$(hash_password "$secrets/worker/worker_amqp_password")
-admin_hash=$(hash_password "$secrets/admin/admin_amqp_password")
+producer_hash=$(hash_password "$secrets/producer/producer_amqp_password" clusteralert-producer)
+worker_hash=$(hash_password "$secrets/worker/worker_amqp_password" clusteralert-worker)
+admin_hash=$(hash_password "$secrets/admin/admin_amqp_password" admin)
 [ -n "$producer_hash" ] && [ -n "$worker_hash" ] && [ -n "$admin_hash" ]
 cat > "$definitions/00-users.json" <<JSON
 {
