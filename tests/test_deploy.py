@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import tomllib
 import urllib.parse
@@ -82,9 +83,10 @@ def _clusteralert_commands() -> list[list[str]]:
             continue
         command = service.get("command", [])
         if service.get("entrypoint") == ["sh", "-c"]:
-            for part in re.split(r"&&|exec ", " ".join(command)):
+            # The shell's own words (tests, groups) are not commands of ours.
+            for part in re.split(r"&&|\|\||;|\bexec |[{}]", " ".join(command)):
                 words = shlex.split(part)
-                if words:
+                if words and words[0].startswith("clusteralert-"):
                     commands.append(words)
         else:
             commands.append([*entrypoint, *command])
@@ -342,6 +344,19 @@ def test_prometheus_config_and_rules_pass_promtool(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _start_node_agent(processes: Callable[..., Process], config: Path) -> int:
+    """``clusteralert-producer run`` with ``config`` and its metrics on a free port, which
+    it returns once the endpoint answers."""
+    port = free_port()
+    agent_config = config.with_name("agent.toml")
+    agent_config.write_text(
+        config.read_text().replace("[producer]", f"[producer]\nmetrics_port = {port}")
+    )
+    processes("clusteralert-producer", "run", "--config", str(agent_config))
+    wait_until(lambda: scrape(port), 30, "the node agent's metrics")
+    return port
+
+
 def _used_metric_names(prefix: str) -> set[str]:
     text = DASHBOARD.read_text() + RULES.read_text()
     names = set(re.findall(rf"\b{prefix}_[a-z0-9_]+", text))
@@ -363,13 +378,7 @@ def test_every_metric_in_dashboard_and_rules_is_exported(
     _, port = start_worker(processes, config)
     exported = {re.sub(r"\{.*", "", k) for k in scrape(port)}
     # The node agent's own endpoint (the spool rules use it).
-    agent_port = free_port()
-    agent_config = tmp_path / "agent.toml"
-    agent_config.write_text(
-        config.read_text().replace("[producer]", f"[producer]\nmetrics_port = {agent_port}")
-    )
-    processes("clusteralert-producer", "run", "--config", str(agent_config))
-    wait_until(lambda: scrape(agent_port), 30, "the node agent's metrics")
+    agent_port = _start_node_agent(processes, config)
     exported |= {re.sub(r"\{.*", "", k) for k in scrape(agent_port)}
     exported |= {re.sub(r"_(bucket|count|sum|total|created)$", "", k) for k in exported}
     used = _used_metric_names("clusteralert")
@@ -796,6 +805,104 @@ def test_rabbitmq_keeps_its_data_under_a_fixed_node_name() -> None:
     assert data in volumes
 
 
+def _one_shot_services() -> set[str]:
+    """Services that others wait on to complete successfully."""
+    return {
+        name
+        for service in _compose_services().values()
+        for name, dependency in service.get("depends_on", {}).items()  # type: ignore[attr-defined]
+        if dependency["condition"] == "service_completed_successfully"
+    }
+
+
+def _effective_healthcheck(service: dict[str, object]) -> list[str] | None:
+    """The probe Docker runs: the service's own, else its image's HEALTHCHECK."""
+    if "healthcheck" in service:
+        check: dict[str, object] = service["healthcheck"]  # type: ignore[assignment]
+        test: list[str] = check["test"]  # type: ignore[assignment]
+        return None if check.get("disable") or test == ["NONE"] else test
+    if service.get("image") == "clusteralert:dev":
+        dockerfile = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+        match = re.search(r"^HEALTHCHECK .*?CMD (\[.+\])$", dockerfile, re.M)
+        return ["CMD", *json.loads(match.group(1))] if match else None
+    return None
+
+
+def _metrics_probe(test: list[str]) -> tuple[int, str, list[str]]:
+    """(port, metric sample, command) of one of our /metrics probes."""
+    assert test[0] == "CMD" and test[1:3] == ["python", "-c"], test
+    code = test[3]
+    port = re.search(r"http://127\.0\.0\.1:(\d+)/metrics", code)
+    sample = re.search(r"'(clusteralert_[a-z_]+ [0-9.]+)'", code)
+    assert port and sample, code
+    return int(port.group(1)), sample.group(1), [sys.executable, "-c", code]
+
+
+def _metrics_port(service: dict[str, object]) -> int:
+    """The metrics port of the clusteralert program a service runs, from its config."""
+    environment: dict[str, str] = service.get("environment", {})  # type: ignore[assignment]
+    command: list[str] = service.get("command", [])  # type: ignore[assignment]
+    path = environment.get("CLUSTERALERT_CONFIG") or command[command.index("--config") + 1]
+    [source] = [s for s, t, _ in _mounts(service) if t == path]
+    config = tomllib.loads((ROOT / source).read_text())
+    port = config["metrics"]["port"] if "metrics" in config else config["producer"]["metrics_port"]
+    assert isinstance(port, int)
+    return port
+
+
+def test_every_service_has_a_healthcheck_and_ours_probe_their_own_port() -> None:
+    """`docker compose up --wait` waits for every service's health: each long-running
+    service has a probe, and ours probe the port their own config serves metrics on
+    (the producer inherited the worker's probe of 9464, so it could never be healthy)."""
+    services = _compose_services()
+    for name, service in services.items():
+        if name in _one_shot_services():
+            continue  # a job that others wait on to complete, not to be healthy
+        test = _effective_healthcheck(service)
+        assert test, f"{name} has no healthcheck"
+        if service.get("image") == "clusteralert:dev":
+            port, _, _ = _metrics_probe(test)
+            assert port == _metrics_port(service), name
+            assert str(port) in service.get("expose", []), name  # type: ignore[operator]
+
+
+def test_our_healthchecks_pass_against_the_real_programs(
+    vhost: str,
+    tmp_path: Path,
+    certs: Certs,
+    smtp_server: Callable[..., SmtpServer],
+    processes: Callable[..., Process],
+) -> None:
+    """Each of our services' probe, run against the real program it checks (a worker and
+    a node agent connected to the broker), with its port moved to a free one: healthy.
+    And a node agent whose broker is unreachable is not."""
+    config = write_config(tmp_path, vhost, [smtp_server("starttls")], certs, auth=False)
+    _, worker_port = start_worker(processes, config)
+    producer_port = _start_node_agent(processes, config)
+    wait_metric(producer_port, "clusteralert_producer_broker_connected", lambda v: v == 1, 30)
+    services = _compose_services()
+
+    def probe(name: str, real_port: int) -> int:
+        test = _effective_healthcheck(services[name])
+        assert test, name
+        port, _, command = _metrics_probe(test)
+        command[-1] = command[-1].replace(f":{port}/", f":{real_port}/")
+        return subprocess.run(command, capture_output=True, timeout=30).returncode
+
+    assert probe("worker", worker_port) == 0
+    assert probe("producer", producer_port) == 0
+    cut_off = tmp_path / "cut-off" / "clusteralert.toml"
+    cut_off.parent.mkdir()
+    cut_off.write_text(
+        config.read_text()
+        .replace("127.0.0.1:5672", f"127.0.0.1:{free_port()}")  # nothing listens there
+        .replace('password_file = "amqp_password"', f'password_file = "{tmp_path}/amqp_password"')
+        .replace('spool_dir = "spool"', f'spool_dir = "{tmp_path}/cut-off/spool"')
+    )
+    cut_off_port = _start_node_agent(processes, cut_off)
+    assert probe("producer", cut_off_port) == 1
+
+
 _PACKAGE_INSTALL = re.compile(
     r"\b(apk\s+add|apt(-get)?\s+install|dnf\s+install|yum\s+install|microdnf|"
     r"pip3?\s+install|npm\s+(install|ci))\b"
@@ -820,6 +927,36 @@ def test_nothing_installs_packages_at_run_time() -> None:
     assert re.search(r"^FROM alpine:\d+\.\d+\.\d+$", dockerfile, re.M)  # pinned
     assert re.search(r"^RUN apk add --no-cache openssl$", dockerfile, re.M)
     assert init["image"] != "alpine" and not str(init["image"]).startswith("alpine:")
+
+
+def test_demo_events_are_spooled_once_per_spool_volume(tmp_path: Path) -> None:
+    """The demo producer's command, run twice as two starts of the container on the same
+    spool volume: the two demo events are spooled on the first start only."""
+    producer = _compose_services()["producer"]
+    assert producer["entrypoint"] == ["sh", "-c"]
+    command: list[str] = producer["command"]  # type: ignore[assignment]
+    script = " ".join(command).replace("$$", "$")  # Compose's escape for a literal $
+    [spool_target] = [t for s, t, _ in _mounts(producer) if s == "spool"]
+    config_source = next(s for s, t, _ in _mounts(producer) if t.endswith("producer.toml"))
+    config_text = (ROOT / config_source).read_text()
+    assert f'spool_dir = "{spool_target}"' in config_text
+    spool = tmp_path / "spool"
+    config = tmp_path / "producer.toml"
+    config.write_text(config_text.replace(spool_target, str(spool)))
+    forward = "exec clusteralert-producer run"
+    assert script.endswith(forward)
+    # Instead of forwarding (which would empty the spool), report what is waiting.
+    script = script.replace(spool_target, str(spool)).replace(
+        forward, "exec clusteralert-producer status --json"
+    )
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "CLUSTERALERT_CONFIG": str(config)}
+    for start in (1, 2):
+        run = subprocess.run(
+            ["sh", "-c", script], capture_output=True, text=True, env=env, timeout=60
+        )
+        assert run.returncode == 0, run.stderr
+        status = json.loads(run.stdout[run.stdout.index("{") :])  # after emit's ids
+        assert status["events"] == 2, start
 
 
 IMPORT_SCRIPT = DEPLOY / "rabbitmq" / "import-definitions.sh"
