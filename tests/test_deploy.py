@@ -6,6 +6,7 @@ exported by a real worker. No Docker engine runs here, so these are the checks w
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import hashlib
 import json
@@ -13,13 +14,17 @@ import os
 import re
 import shlex
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import tomllib
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -927,6 +932,103 @@ def test_nothing_installs_packages_at_run_time() -> None:
     assert re.search(r"^FROM alpine:\d+\.\d+\.\d+$", dockerfile, re.M)  # pinned
     assert re.search(r"^RUN apk add --no-cache openssl$", dockerfile, re.M)
     assert init["image"] != "alpine" and not str(init["image"]).startswith("alpine:")
+
+
+def _tls_handshake_strict(ca_file: Path, cert: Path, key: Path, hostname: str) -> None:
+    """A real TLS server on loopback serving ``cert``, and a client that verifies it as
+    Python 3.13 does by default (VERIFY_X509_STRICT) against ``ca_file`` for
+    ``hostname``; raises ssl.SSLError when the chain does not verify."""
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    client_context = ssl.create_default_context(cafile=str(ca_file))
+    client_context.verify_flags |= ssl.VERIFY_X509_STRICT
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            connection, _ = listener.accept()
+            with (
+                contextlib.suppress(ssl.SSLError, OSError),
+                server_context.wrap_socket(connection, server_side=True) as tls,
+            ):
+                tls.recv(1)
+            connection.close()
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        try:
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+                client_context.wrap_socket(raw, server_hostname=hostname) as tls,
+            ):
+                tls.sendall(b"x")
+        finally:
+            server.join(10)
+
+
+def _relay_tls_files(tree: Path) -> tuple[Path, Path, Path]:
+    """(the worker's CA file, Mailpit's certificate, Mailpit's key) as init made them."""
+    secrets = tree / "secrets"
+    return (
+        secrets / "worker" / "smtp-ca.pem",
+        secrets / "mailpit" / "smtp-cert.pem",
+        secrets / "mailpit" / "smtp-key.pem",
+    )
+
+
+def test_dev_ca_and_relay_certificate_verify_under_x509_strict(tmp_path: Path) -> None:
+    """The worker verifies Mailpit's certificate with the CA init made, under the strict
+    checks Python 3.13 turns on by default: the CA needs keyUsage (keyCertSign) and the
+    leaf an authority key identifier, or the handshake fails."""
+    tree = _init_tree(tmp_path / "init")
+    _as_root(_init_command(tree))
+    ca_file, cert, key = _relay_tls_files(tree)
+    _tls_handshake_strict(ca_file, cert, key, "mailpit")
+    # And the check is real: another name fails.
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _tls_handshake_strict(ca_file, cert, key, "relay.example.com")
+
+
+def _not_after(cert: Path) -> datetime:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc
+
+
+def test_init_renews_a_relay_certificate_that_nears_expiry(tmp_path: Path) -> None:
+    """init runs at every `up`: a relay certificate that expires within 30 days (here:
+    tomorrow, from an older CA without keyUsage) is replaced, CA included, and the new
+    chain verifies; a valid one is kept."""
+    tree = _init_tree(tmp_path / "init")
+    _as_root(_init_command(tree))
+    ca_file, cert, key = _relay_tls_files(tree)
+    kept = cert.read_bytes()
+    _as_root(_init_command(tree))
+    assert cert.read_bytes() == kept  # far from expiry: unchanged
+    old = tmp_path / "old"
+    old.mkdir()
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=mailpit", "-addext", "subjectAltName=DNS:mailpit"),
+            *("-keyout", str(old / "key.pem"), "-out", str(old / "cert.pem")),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    for source, target in (
+        (old / "cert.pem", cert),
+        (old / "key.pem", key),
+        (old / "cert.pem", ca_file),
+    ):
+        target.chmod(0o600)
+        shutil.copyfile(source, target)
+    assert _not_after(cert) < datetime.now(UTC) + timedelta(days=2)
+    _as_root(_init_command(tree))
+    assert _not_after(cert) > datetime.now(UTC) + timedelta(days=300)
+    assert ca_file.read_bytes() != (old / "cert.pem").read_bytes()
+    _tls_handshake_strict(ca_file, cert, key, "mailpit")
+    assert (cert.stat().st_mode & 0o777, ca_file.stat().st_mode & 0o777) == (0o400, 0o400)
 
 
 def test_demo_events_are_spooled_once_per_spool_volume(tmp_path: Path) -> None:
