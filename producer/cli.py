@@ -10,11 +10,12 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shared.cli import on_stop_signal, report_errors
 from shared.config import Config, load_config
-from shared.errors import ClusteralertError
+from shared.errors import ClusteralertError, SpoolError
 from shared.event import new_event
 
 if TYPE_CHECKING:
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 __all__ = ["main", "pacemaker_main"]
 
 PROG = "clusteralert-producer"
+# The group Pacemaker's agent user (hacluster) is in; the spool must be writable by it.
+AGENT_GROUP = "haclient"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -122,10 +125,35 @@ def _pacemaker(args: argparse.Namespace) -> int:
         os.environ, cluster=config.producer.cluster, fallback_node=_node(config)
     )
     if event is not None:
-        # Each recipient's run spools the same id; only the first one counts.
-        _spool(config).write_once(event)
+        spool = _spool(config)
+        try:
+            # Each recipient's run spools the same id; only the first one counts.
+            spool.write_once(event)
+        except SpoolError as exc:
+            raise SpoolError(f"{exc}{_agent_access_hint(spool.directory)}") from None
         print(event.id)
     return 0
+
+
+def _agent_access_hint(directory: Path) -> str:
+    """What to fix when Pacemaker's user cannot write the spool: Pacemaker logs the
+    agent's stderr, so the one line there must say it."""
+    if os.access(directory, os.W_OK | os.X_OK) or not directory.is_dir():
+        return ""
+    import grp
+    import pwd
+
+    info = directory.stat()
+    try:
+        owner = f"{pwd.getpwuid(info.st_uid).pw_name}:{grp.getgrgid(info.st_gid).gr_name}"
+    except KeyError:
+        owner = f"{info.st_uid}:{info.st_gid}"
+    user = pwd.getpwuid(os.getuid()).pw_name
+    return (
+        f" (it is {owner} {info.st_mode & 0o7777:o}; this agent runs as {user}): give it "
+        f"the group of Pacemaker's user, chgrp {AGENT_GROUP} {directory} && "
+        f"chmod 2770 {directory}"
+    )
 
 
 def _keepalived(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ nothing heavy and never touch the network.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -32,9 +33,12 @@ PACEMAKER_EVENTS: Final = {
     "resource_ok": 21,
     "resource_failed": 22,
     "attribute": 31,
+    "attribute_deleted": 32,
     "other": 99,
 }
-KEEPALIVED_EVENTS: Final = {"MASTER": 1, "BACKUP": 2, "FAULT": 3, "STOP": 4}
+# DELETED: an instance removed by a reload, sent instead of FAULT when the instance has
+# notify_deleted (keepalived 2.2.7 has it); without it keepalived reports FAULT.
+KEEPALIVED_EVENTS: Final = {"MASTER": 1, "BACKUP": 2, "FAULT": 3, "STOP": 4, "DELETED": 5}
 KEEPALIVED_OTHER: Final = 9
 
 # Namespace for deterministic event ids: Pacemaker runs the agent once per recipient,
@@ -62,6 +66,30 @@ _PARAMS: Final = (
     "version",
 )
 _EXEC_CANCELLED: Final = "1"  # Pacemaker's PCMK_EXEC_CANCELLED status
+# OCF return codes a probe (a one-off monitor, interval 0) reports when it finds the
+# resource running or promoted. Pacemaker expects "not running" (7) from a probe, but
+# either answer is the state it asked for, not a failure: it records no fail count.
+_PROBE_FOUND_ACTIVE: Final = frozenset({"0", "8"})
+# Fencing alerts carry the notification type (st_notify_fence) in CRM_alert_task; the
+# action is in the description: "Operation reboot of node2 by node1 for ...: OK".
+_FENCING_DESC_RE: Final = re.compile(r"^Operation (\S+) of ")
+_NOTIFY_PREFIX: Final = "st_notify"
+# What identifies one alert across its recipients' runs. Pacemaker takes one time stamp
+# per alert and passes it to every recipient's run, but increments node_sequence for each
+# run, so the sequence and the recipient are left out. The formatted time stamp is only a
+# fallback (Pacemaker 1.1 has no epoch variables): its format may differ per recipient.
+_IDENTITY: Final = (
+    "kind",
+    "node",
+    "rsc",
+    "task",
+    "interval",
+    "rc",
+    "status",
+    "desc",
+    "attribute_name",
+    "attribute_value",
+)
 
 
 def _event_time(env: Mapping[str, str]) -> datetime | None:
@@ -87,11 +115,43 @@ def _pacemaker_outcome(kind: str, get: Mapping[str, str]) -> tuple[str, str] | N
     if kind == "resource":
         if get.get("status") == _EXEC_CANCELLED or get.get("desc") == "Cancelled":
             return None  # a cancelled operation is bookkeeping, not an event
-        ok = get.get("status", "0") == "0" and get.get("rc") == get.get("target_rc", "0")
-        return ("resource_ok", "info") if ok else ("resource_failed", "error")
+        if get.get("status", "0") != "0":
+            return "resource_failed", "error"
+        if get.get("rc") == get.get("target_rc", "0") or _probe_found_active(get):
+            return "resource_ok", "info"
+        return "resource_failed", "error"
     if kind == "attribute":
+        # attrd_updater -D sends the name with an empty value.
+        if not get.get("attribute_value"):
+            return "attribute_deleted", "info"
         return "attribute", "info"
     return "other", "warning"
+
+
+def _probe_found_active(get: Mapping[str, str]) -> bool:
+    return (
+        get.get("task") == "monitor"
+        and get.get("interval", "0") == "0"
+        and get.get("rc") in _PROBE_FOUND_ACTIVE
+    )
+
+
+def _fencing_action(get: Mapping[str, str]) -> str:
+    """The fencing action (reboot, off, on): from the description, else from the task
+    when it is an action rather than the notification type."""
+    found = _FENCING_DESC_RE.match(get.get("desc", ""))
+    if found:
+        return found.group(1)
+    task = get.get("task", "")
+    return task if task and not task.startswith(_NOTIFY_PREFIX) else "unknown action"
+
+
+def _identity(env: Mapping[str, str]) -> str:
+    if env.get(_PREFIX + "timestamp_epoch"):
+        when: tuple[str, ...] = ("timestamp_epoch", "timestamp_usec")
+    else:
+        when = ("timestamp",)
+    return "|".join(env.get(_PREFIX + key, "") for key in (*_IDENTITY, *when))
 
 
 def pacemaker_event(env: Mapping[str, str], *, cluster: str, fallback_node: str) -> Event | None:
@@ -105,31 +165,13 @@ def pacemaker_event(env: Mapping[str, str], *, cluster: str, fallback_node: str)
     if outcome is None:
         return None
     name, level = outcome
-    # The alert's identity, without the recipient, so each recipient's run agrees.
-    identity = "|".join(
-        env.get(_PREFIX + key, "")
-        for key in (
-            "kind",
-            "node",
-            "node_sequence",
-            # The formatted timestamp too: Pacemaker 1.1 has no epoch variables, and its
-            # sequence restarts with the daemon.
-            "timestamp",
-            "timestamp_epoch",
-            "timestamp_usec",
-            "rsc",
-            "task",
-            "interval",
-            "rc",
-            "desc",
-            "attribute_name",
-        )
-    )
+    if kind == "fencing":
+        values["action"] = _fencing_action(values)
     text = None
     if name == "other":
         text = f"Pacemaker alert of kind {kind!r}: {values.get('desc', '')}".strip()
     return new_event(
-        id=str(uuid.uuid5(_PACEMAKER_NS, identity)),
+        id=str(uuid.uuid5(_PACEMAKER_NS, _identity(env))),
         module="pacemaker",
         event_id=PACEMAKER_EVENTS[name],
         level=level,
@@ -152,7 +194,7 @@ def keepalived_event(args: Sequence[str], *, cluster: str, node: str) -> Event:
     kind, name, state = args[0], args[1], args[2].upper()
     priority = args[3] if len(args) > 3 else ""
     event_id = KEEPALIVED_EVENTS.get(state, KEEPALIVED_OTHER)
-    level = {1: "warning", 2: "info", 3: "error", 4: "warning"}.get(event_id, "warning")
+    level = {1: "warning", 2: "info", 3: "error"}.get(event_id, "warning")
     params = {"type": kind, "name": name, "state": state}
     if priority:
         params["priority"] = priority

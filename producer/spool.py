@@ -152,7 +152,10 @@ class Spool:
     def _check_room(self, size: int) -> None:
         if not self.max_events and not self.max_bytes:
             return
-        stats = self.stats(with_bytes=bool(self.max_bytes))
+        try:
+            stats = self.stats(with_bytes=bool(self.max_bytes))
+        except OSError as exc:  # a spool this user may not list: say so, not a traceback
+            raise SpoolError(f"cannot read spool {self.directory}: {exc.strerror}") from None
         if self.max_events and stats.events >= self.max_events:
             raise SpoolError(
                 f"spool {self.directory} is full: {stats.events} events waiting "

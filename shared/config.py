@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
@@ -112,11 +112,29 @@ class BrokerConfig:
     connect_timeout: float = 10.0
 
 
-# The CLUSTERPRO-style syslog form "<type: rm><event: 9> message". Not confirmed from
-# public documentation; configurable per follower.
-CLUSTERPRO_PATTERN: Final = (
-    r"<type: ?(?P<module>[a-z0-9_-]{1,32})><event: ?(?P<event_id>[0-9]{1,18})> ?(?P<message>.*)"
-)
+# Program tags (the syslog field before the colon) whose lines the default pattern takes.
+DEFAULT_TAGS: Final = ("clusterpro", "expresscls")
+_TAG_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def clusterpro_pattern(tags: Sequence[str]) -> str:
+    """The CLUSTERPRO-style syslog line "<type: rm><event: 9> message" as a syslog daemon
+    writes it to a file (traditional or ISO timestamp, host, then the program tag), from
+    a program whose tag begins with one of ``tags``. Anchored at the line's start: the
+    same text inside another program's message (a user name sshd logs, ``logger``) is
+    not an alert. Not confirmed from public documentation; configurable per follower.
+    Linear: no two adjacent repeats can take the same characters."""
+    tag = "|".join(re.escape(t) for t in tags)
+    return (
+        r"^(?:[A-Z][a-z]{2} +[0-9]{1,2} +[0-9:]{8}|[0-9]{4}-[0-9]{2}-[0-9]{2}T[^ ]+) +"
+        r"(?P<node>[^ ]{1,255}) +"
+        rf"(?:{tag})[^ :\[]*(?:\[[0-9]{{1,10}}\])?: +"
+        r"<type: ?(?P<module>[a-z0-9_-]{1,32})><event: ?(?P<event_id>[0-9]{1,18})> ?"
+        r"(?P<message>.*)"
+    )
+
+
+CLUSTERPRO_PATTERN: Final = clusterpro_pattern(DEFAULT_TAGS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +235,10 @@ class WorkerConfig:
     # How long transient failures are retried through the retry ladder before the alert
     # is dead-lettered, counted from its first failure.
     retry_window: float = 3600.0
+    # How long a message may stay with the worker before it goes to the retry ladder
+    # instead: well under RabbitMQ's consumer ack timeout (30 minutes by default), past
+    # which the broker closes the channel and takes back everything in flight.
+    max_hold: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +335,7 @@ def parse_config(
             prefetch=worker.integer("prefetch", 32, low=1, high=10000),
             shutdown_grace=worker.number("shutdown_grace", 30.0, low=0, high=3600),
             retry_window=worker.number("retry_window", 3600.0, low=0, high=7 * 86400),
+            max_hold=worker.number("max_hold", 600.0, low=1, high=86400),
         )
         worker.finish()
     root.skip(*SECTIONS)
@@ -395,6 +418,19 @@ class _Reader:
         if path is None:
             t.error("path", "missing")
         patterns = t.str_list("patterns", (CLUSTERPRO_PATTERN,), allow_single=True)
+        if t.has("tags"):
+            tags = t.str_list("tags", DEFAULT_TAGS, allow_single=True)
+            bad = [i for i, tag in enumerate(tags) if not _TAG_RE.fullmatch(tag)]
+            for i in bad:
+                t.error(
+                    f"tags[{i}]", f"not a program tag (letters, digits, _ . -): {tags[i]!r:.80}"
+                )
+            if t.has("patterns"):
+                t.error("tags", "only used by the default pattern; put the tag in your patterns")
+            elif not tags:
+                t.error("tags", "empty: no line could match")
+            elif not bad:
+                patterns = (clusterpro_pattern(tags),)
         module = t.text("module", None)
         event_id = t.integer("event_id", None, low=0)
         level = t.choice("level", LEVELS, None)

@@ -35,6 +35,7 @@ __all__ = [
     "new_event",
     "peek_event",
     "routing_key",
+    "visible",
 ]
 
 SCHEMA_VERSION: Final = 1
@@ -76,12 +77,16 @@ def _truncate_bytes(text: str, limit: int) -> str:
     return keep + marker
 
 
+def visible(value: str) -> str:
+    """An untrusted string safe to print: control characters escaped visibly (``\\x1b``,
+    ``\\r``), lone surrogates replaced."""
+    return _CONTROL_RE.sub(_escape_control, _SURROGATE_RE.sub("\ufffd", value))
+
+
 def clean_text(value: str, max_bytes: int) -> str:
-    """Make an untrusted string safe to show anywhere: no control characters (escaped
-    visibly), no lone surrogates, and at most ``max_bytes`` of UTF-8."""
-    value = _SURROGATE_RE.sub("\ufffd", value)
-    value = _CONTROL_RE.sub(_escape_control, value)
-    return _truncate_bytes(value, max_bytes)
+    """Make an untrusted string safe to show anywhere: :func:`visible`, and at most
+    ``max_bytes`` of UTF-8."""
+    return _truncate_bytes(visible(value), max_bytes)
 
 
 def _clean_name(value: str, max_chars: int) -> str:

@@ -23,6 +23,8 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # already rendered, e.g. by a filter that masked secrets
+            doc["exception"] = record.exc_text
         return json.dumps(doc, ensure_ascii=False)
 
 

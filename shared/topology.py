@@ -105,7 +105,8 @@ QUEUES: Final[tuple[Queue, ...]] = (
         )
         for suffix, ttl in RETRY_DELAYS
     ),
-    # No delivery limit: browsing the DLQ must never dead-letter it further.
+    # No delivery limit of its own. Browsing never hands messages back (worker.dlq), so it
+    # does not count toward a limit a policy or RabbitMQ 4's default sets.
     Queue(DEAD_QUEUE, {"x-queue-type": "quorum"}),
 )
 

@@ -67,11 +67,13 @@ charset = "{charset}"
     return config
 
 
-def start_worker(processes: Callable[..., Process], config: Path) -> tuple[Process, int]:
+def start_worker(
+    processes: Callable[..., Process], config: Path, *options: str
+) -> tuple[Process, int]:
     """``clusteralert-worker run`` as the README says, ready once it is consuming."""
     port = free_port()
     worker = processes(
-        "clusteralert-worker", "run", "--config", str(config), "--metrics-port", str(port)
+        "clusteralert-worker", "run", "--config", str(config), "--metrics-port", str(port), *options
     )
     wait_metric(port, "clusteralert_broker_connected", lambda v: v == 1, 30)
     return worker, port

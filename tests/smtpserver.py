@@ -10,6 +10,7 @@ aiosmtplib's own tests do.
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import ssl
 import threading
@@ -45,26 +46,60 @@ class Received:
         return message
 
 
+SECRET = "{secret}"
+
+
+def echoed(login: bytes, password: bytes) -> str:
+    """What an echoing relay says back in place of ``{secret}``: the password as given,
+    and the base64 forms AUTH LOGIN and AUTH PLAIN sent it in."""
+    plain = base64.b64encode(b"\0" + login + b"\0" + password).decode()
+    return f"{password.decode()} {base64.b64encode(password).decode()} {plain}"
+
+
+def _echo(reply: str, session: Session) -> str:
+    auth = session.auth_data
+    if SECRET in reply and isinstance(auth, LoginPassword):
+        return reply.replace(SECRET, echoed(auth.login, auth.password))
+    return reply
+
+
 @dataclass
 class _Handler:
     received: list[Received] = field(default_factory=list)
     condition: threading.Condition = field(default_factory=threading.Condition)
     connections: int = 0
-    # Fault injection: replies used (and consumed) for the next DATA commands instead of
-    # accepting, a delay before each DATA reply, and per-recipient RCPT replies.
+    # Fault injection: replies used (and consumed) for the next MAIL or DATA commands
+    # instead of accepting, a delay before each DATA reply, and per-recipient RCPT
+    # replies: a string for every RCPT of that address, or a list used up one reply per
+    # RCPT (then the address is accepted), as greylisting does. A reply containing
+    # ``{secret}`` echoes the password the client authenticated with (see ``echoed``).
     data_replies: list[str] = field(default_factory=list)
     data_delay: float = 0.0
-    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    mail_replies: list[str] = field(default_factory=list)
+    rcpt_replies: dict[str, str | list[str]] = field(default_factory=dict)
     data_commands: int = 0
+    rcpt_commands: list[str] = field(default_factory=list)
     # Close each connection after this many accepted mails (0: never), as some relays do.
     max_per_connection: int = 0
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if self.mail_replies:
+            return _echo(self.mail_replies.pop(0), session)
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        self.rcpt_commands.append(address)
         reply = self.rcpt_replies.get(address)
+        if isinstance(reply, list):
+            reply = reply.pop(0) if reply else None
         if reply:
-            return reply
+            return _echo(reply, session)
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
@@ -73,7 +108,7 @@ class _Handler:
         if self.data_delay:
             await asyncio.sleep(self.data_delay)
         if self.data_replies:
-            return self.data_replies.pop(0)
+            return _echo(self.data_replies.pop(0), session)
         auth = session.auth_data
         # session.ssl covers STARTTLS; implicit TLS shows only on the transport.
         transport = server.transport
@@ -121,6 +156,10 @@ class SmtpServer:
         self._server: asyncio.AbstractServer | None = None
         self._protocols: list[SMTP] = []
         self.reject_starttls = False
+        # A failed AUTH gets this reply (``{secret}`` echoes what the client sent), and
+        # only these mechanisms are offered (None: aiosmtpd's LOGIN and PLAIN).
+        self.auth_failure_reply: str | None = None
+        self.auth_mechanisms: tuple[str, ...] | None = None
 
     @property
     def received(self) -> list[Received]:
@@ -142,7 +181,12 @@ class SmtpServer:
             and self.credentials is not None
             and (data.login.decode(), data.password.decode()) == self.credentials
         )
-        return AuthResult(success=ok, handled=False, auth_data=data if ok else None)
+        message = None
+        if not ok and self.auth_failure_reply and isinstance(data, LoginPassword):
+            message = self.auth_failure_reply.replace(SECRET, echoed(data.login, data.password))
+        return AuthResult(
+            success=ok, handled=False, message=message, auth_data=data if ok else None
+        )
 
     def _protocol(self) -> SMTP:
         self.handler.connections += 1
@@ -156,6 +200,9 @@ class SmtpServer:
             authenticator=self._authenticate if self.credentials else None,
             auth_required=self.credentials is not None,
             auth_require_tls=self.mode != "plain",
+            auth_exclude_mechanism=[
+                m for m in ("LOGIN", "PLAIN") if m not in (self.auth_mechanisms or (m,))
+            ],
         )
         self._protocols.append(protocol)
         return protocol

@@ -143,9 +143,10 @@ def test_rabbitmq_definitions_declare_exactly_our_topology() -> None:
         (b.exchange, b.queue, b.routing_key) for b in BINDINGS
     }
     assert all(x["vhost"] == "/" for key in ("exchanges", "queues", "bindings") for x in defs[key])
-    # RabbitMQ 4 gives every quorum queue a delivery limit of 20, and browsing the DLQ
-    # counts toward it: a policy lifts it there (a queue argument of -1 would make 3.10
-    # drop messages at once, so the topology itself leaves it out).
+    # RabbitMQ 4 gives every quorum queue a delivery limit of 20. Browsing the DLQ does not
+    # count toward it (worker.dlq), but what an interrupted dlq command held does: a policy
+    # lifts it there (a queue argument of -1 would make 3.10 drop messages at once, so the
+    # topology itself leaves it out).
     [policy] = defs["policies"]
     assert policy["definition"] == {"delivery-limit": -1}
     assert re.fullmatch(policy["pattern"], "clusteralert.dead")

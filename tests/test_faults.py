@@ -4,15 +4,18 @@ restarted. No alert may be lost, and none may go out in plaintext."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import pika
 import pytest
 
-from tests.conftest import Certs, Process, scrape, wait_metric
+from tests.conftest import Certs, Process, amqp_url, scrape, wait_metric
 from tests.pipeline import (
     SMTP_PASSWORD,
     dlq,
@@ -23,7 +26,7 @@ from tests.pipeline import (
     start_worker,
     write_config,
 )
-from tests.smtpserver import SmtpServer
+from tests.smtpserver import SECRET, SmtpServer
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -230,3 +233,146 @@ def test_broker_restart_while_delivering(
         f"\nbroker restart: {len(relay.received)} mails for {len(ids)} events, "
         f"{duplicates(relay)} duplicates"
     )
+
+
+def short_rungs(vhost: str, ttl_ms: int) -> None:
+    """The ladder's rungs wait 30 s and more. A policy with a lower message-ttl on this
+    vhost's retry queues makes them quick: the broker uses the lower of policy and
+    queue argument, so the worker still declares its own topology unchanged."""
+    policy = ["short-rungs", r"^clusteralert\.retry\.", json.dumps({"message-ttl": ttl_ms})]
+    command = ["rabbitmqctl", "-q", "set_policy", "-p", vhost, "--apply-to", "queues"]
+    subprocess.run([*command, *policy], check=True, timeout=60)
+
+
+def queued(vhost: str) -> int:
+    """Messages in the work queue and the retry ladder of ``vhost``."""
+    names = ["clusteralert.mail"] + [f"clusteralert.retry.{r}" for r in ("30s", "5m", "30m")]
+    with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
+        channel = connection.channel()
+        return sum(channel.queue_declare(n, passive=True).method.message_count for n in names)
+
+
+def settled(vhost: str, port: int, consumed: int) -> bool:
+    """The worker consumed ``consumed`` messages, holds none, and none wait anywhere."""
+    metrics = scrape(port)
+    return (
+        metrics.get("clusteralert_events_consumed_total") == consumed
+        and metrics.get("clusteralert_in_flight") == 0
+        and queued(vhost) == 0
+    )
+
+
+def test_a_greylisted_recipient_gets_the_mail_later_through_the_retry_ladder(
+    tmp_path: Path, vhost: str, certs: Certs, smtp_server: Servers, processes: Processes
+) -> None:
+    relay = smtp_server("starttls", credentials=CREDENTIALS)
+    # oncall@ is greylisted once (450), as greylisting relays do with a new sender.
+    relay.handler.rcpt_replies = {"oncall@example.com": ["450 4.2.0 greylisted, come back later"]}
+    short_rungs(vhost, 300)
+    config = write_config(tmp_path, vhost, [relay], certs, extra="[worker]\nretry_window = 600\n")
+    _, port = start_worker(processes, config)
+    [event_id] = publish_events(vhost, 1)
+    assert relay.wait_for(lambda got: len(got) >= 2, timeout=20)
+    # The original and its one retry copy, and nothing left anywhere to send more.
+    wait_until(lambda: settled(vhost, port, 2), 20, "the retry copy settled")
+    first, later = relay.received
+    assert first.rcpt_tos == ["ops@example.com"]
+    assert later.rcpt_tos == ["oncall@example.com"]
+    assert first.event_id == later.event_id == event_id
+    assert first.parsed()["Message-ID"] == later.parsed()["Message-ID"]
+    # The retry addressed the greylisted recipient only.
+    assert relay.handler.rcpt_commands == [
+        "ops@example.com",
+        "oncall@example.com",
+        "oncall@example.com",
+    ]
+    metrics = scrape(port)
+    assert metrics['clusteralert_retries_total{stage="delayed"}'] == 1
+    assert metrics["clusteralert_recipients_refused_total"] == 1
+    assert dead_lettered(port) == 0
+
+
+def test_recipients_greylisted_past_the_window_are_dead_lettered_and_replayed_alone(
+    tmp_path: Path, vhost: str, certs: Certs, smtp_server: Servers, processes: Processes
+) -> None:
+    relay = smtp_server("starttls", credentials=CREDENTIALS)
+    relay.handler.rcpt_replies = {"oncall@example.com": "450 4.2.0 greylisted, come back later"}
+    short_rungs(vhost, 200)
+    config = write_config(tmp_path, vhost, [relay], certs, extra="[worker]\nretry_window = 2\n")
+    _, port = start_worker(processes, config)
+    [event_id] = publish_events(vhost, 1)
+    wait_metric(
+        port, 'clusteralert_dead_lettered_total{reason="rejected_4xx"}', lambda v: v == 1, 30
+    )
+    assert [m.rcpt_tos for m in relay.received] == [["ops@example.com"]]
+    assert set(relay.handler.rcpt_commands[2:]) == {"oncall@example.com"}
+    shown = dlq(config, "show", event_id)
+    assert shown.returncode == 0, shown.stderr
+    doc = json.loads(shown.stdout)
+    assert doc["reason"] == "rejected_4xx" and doc["attempts"] >= 2
+    assert doc["headers"]["x-clusteralert-recipients"] == "oncall@example.com"
+    assert "greylisted" in doc["last_error"]
+
+    relay.handler.rcpt_replies = {}  # the greylisting is over
+    replay = dlq(config, "replay", "--id", event_id)
+    assert replay.returncode == 0, replay.stderr
+    assert relay.wait_for(lambda got: len(got) >= 2, timeout=20)
+    consumed = scrape(port)["clusteralert_events_consumed_total"]
+    wait_until(lambda: settled(vhost, port, int(consumed)), 20, "the replay settled")
+    assert [m.rcpt_tos for m in relay.received] == [["ops@example.com"], ["oncall@example.com"]]
+    assert received_ids(relay) == [event_id, event_id]
+    assert dlq_list(config) == []
+
+
+def secret_forms() -> list[str]:
+    """The password, and the base64 forms AUTH LOGIN and AUTH PLAIN send it in."""
+    password = SMTP_PASSWORD.encode()
+    return [
+        SMTP_PASSWORD,
+        base64.b64encode(password).decode(),
+        base64.b64encode(b"\0alert\0" + password).decode(),
+    ]
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["auth_plain", "auth_login", "mail_451", "rcpt_450", "rcpt_550", "data_451", "data_554"],
+)
+def test_a_relay_echoing_the_password_never_gets_it_into_logs_headers_or_metrics(
+    where: str,
+    tmp_path: Path,
+    vhost: str,
+    certs: Certs,
+    smtp_server: Servers,
+    processes: Processes,
+) -> None:
+    relay = smtp_server("starttls", credentials=CREDENTIALS)
+    step, _, code = where.partition("_")
+    echo = f"{code} 4.7.0 refused, you said {SECRET}"
+    if step == "auth":
+        relay.credentials = ("alert", "the-right-one")  # the worker sends SMTP_PASSWORD
+        relay.auth_mechanisms = (code.upper(),)
+        relay.auth_failure_reply = f"535 5.7.8 bad credentials {SECRET}"
+    elif step == "mail":
+        relay.handler.mail_replies = [echo] * 10
+    elif step == "rcpt":  # one of the two recipients refused, the other accepted
+        relay.handler.rcpt_replies = {"oncall@example.com": echo}
+    else:
+        relay.handler.data_replies = [echo] * 10
+    # No retry window: every failure ends in the DLQ after the in-process retries.
+    config = write_config(tmp_path, vhost, [relay], certs, extra="[worker]\nretry_window = 0\n")
+    worker, port = start_worker(processes, config, "--verbose")
+    [event_id] = publish_events(vhost, 1)
+    wait_until(lambda: settled(vhost, port, 1), 30, "the event settled")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        exposition = response.read().decode()
+    rows = dlq_list(config)
+    shown = "".join(dlq(config, "show", str(row["id"])).stdout for row in rows)
+    assert worker.stop() == 0
+    log = worker.output()
+    outputs = {"log": log, "metrics": exposition, "dlq list": json.dumps(rows), "dlq show": shown}
+    forms = secret_forms()
+    assert [(name, f) for name, text in outputs.items() for f in forms if f in text] == []
+    # The echo did reach the worker, which logged it masked.
+    assert "********" in log
+    assert len(rows) == (0 if where == "rcpt_550" else 1)

@@ -14,20 +14,32 @@ from shared.errors import TransientError
 from shared.event import encode_event, new_event
 from worker.metrics import Metrics
 from worker.pipeline import Outcome, Pipeline
+from worker.relay import Refusal
 from worker.render import Mail, Renderer
-from worker.retry_policy import HEADER_ATTEMPTS, HEADER_REASON, HEADER_REPLAYED
+from worker.retry_policy import (
+    HEADER_ATTEMPTS,
+    HEADER_FIRST_FAILURE,
+    HEADER_LAST_ERROR,
+    HEADER_REASON,
+    HEADER_RECIPIENTS,
+    HEADER_REPLAYED,
+)
+from worker.send import Sent
 
 
 class FakeSender:
-    def __init__(self, error: Exception | None = None):
+    def __init__(self, error: Exception | None = None, delay: float = 0.0):
         self.error = error
+        self.delay = delay
         self.sent: list[Mail] = []
 
-    async def send(self, mail: Mail) -> str:
+    async def send(self, mail: Mail) -> Sent:
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.error:
             raise self.error
         self.sent.append(mail)
-        return "relay:25"
+        return Sent("relay:25")
 
 
 class ExplodingRenderer(Renderer):
@@ -39,7 +51,9 @@ def run(pipeline: Pipeline, body: bytes, headers: dict[str, object] | None = Non
     return asyncio.run(pipeline.handle(body, headers))
 
 
-def make(sender: FakeSender, renderer: Renderer | None = None) -> tuple[Pipeline, Metrics]:
+def make(
+    sender: FakeSender, renderer: Renderer | None = None, max_hold: float = 600.0
+) -> tuple[Pipeline, Metrics]:
     metrics = Metrics([])
     mail = MailConfig(sender="c@example.com", to=("o@example.com",))
     pipeline = Pipeline(
@@ -49,6 +63,7 @@ def make(sender: FakeSender, renderer: Renderer | None = None) -> tuple[Pipeline
         sender,
         metrics,
         retry_window=timedelta(minutes=10),  # type: ignore[arg-type]
+        max_hold=max_hold,
         worker_name="w1",
         scrub=lambda t: t.replace("pw", "**"),
     )
@@ -124,3 +139,96 @@ def test_an_unknown_kind_that_is_filtered_is_explained_once(
     assert explained[0].startswith("zz:1 is not in the catalog; level info is below")
     assert "add zz:1 to a catalog ([catalog] path)" in explained[0]
     assert "zz:2" in explained[1]
+
+
+class DeferringSender(FakeSender):
+    """Accepts the mail, and refuses the addresses in ``later`` for now (450)."""
+
+    def __init__(self, later: tuple[str, ...]):
+        super().__init__()
+        self.later = later
+
+    async def send(self, mail: Mail) -> Sent:
+        self.sent.append(mail)
+        deferred = {r: Refusal(450, "450 4.2.0 greylisted") for r in mail.recipients}
+        return Sent("relay:25", {r: v for r, v in deferred.items() if r in self.later})
+
+
+def make_routed(sender: FakeSender) -> Pipeline:
+    mail = MailConfig(sender="c@example.com", to=("a@example.com", "b@example.com"))
+    pipeline, _ = make(sender, Renderer(mail))
+    return pipeline
+
+
+def test_recipients_refused_for_now_get_a_retry_copy_of_their_own() -> None:
+    sender = DeferringSender(later=("b@example.com",))
+    outcome = run(make_routed(sender), BODY, {"custom": "kept"})
+    assert (outcome.action, outcome.reason, outcome.rung) == ("retry", "rejected_4xx", "30s")
+    assert outcome.headers is not None
+    assert outcome.headers[HEADER_RECIPIENTS] == "b@example.com"
+    assert outcome.headers[HEADER_ATTEMPTS] == 1 and outcome.headers["custom"] == "kept"
+    assert "greylisted" in str(outcome.headers[HEADER_LAST_ERROR])
+    assert [m.recipients for m in sender.sent] == [("a@example.com", "b@example.com")]
+
+
+def test_a_retry_copy_goes_to_its_recipients_only() -> None:
+    sender = FakeSender()
+    outcome = run(make_routed(sender), BODY, {HEADER_RECIPIENTS: b"b@example.com"})
+    assert outcome == Outcome("ack")
+    [mail] = sender.sent
+    assert mail.recipients == ("b@example.com",)
+    assert b"To: a@example.com,\r\n b@example.com\r\n" in mail.data  # the same mail as before
+
+
+def test_the_recipients_header_cannot_add_a_recipient() -> None:
+    sender = FakeSender()
+    headers = {HEADER_RECIPIENTS: "evil@attacker.example, b@example.com"}
+    assert run(make_routed(sender), BODY, headers) == Outcome("ack")
+    assert [m.recipients for m in sender.sent] == [("b@example.com",)]
+    # None of them configured any more: nothing is sent, and the copy is done.
+    sender.sent.clear()
+    headers = {HEADER_RECIPIENTS: "evil@attacker.example"}
+    assert run(make_routed(sender), BODY, headers) == Outcome("ack")
+    assert sender.sent == []
+
+
+def test_a_garbled_recipients_header_means_every_recipient() -> None:
+    sender = FakeSender()
+    for garbled in (7, "", " , "):
+        run(make_routed(sender), BODY, {HEADER_RECIPIENTS: garbled})
+    assert {m.recipients for m in sender.sent} == {("a@example.com", "b@example.com")}
+
+
+def test_recipients_still_refused_when_the_window_is_over_are_dead_lettered() -> None:
+    sender = DeferringSender(later=("b@example.com",))
+    headers = {
+        HEADER_RECIPIENTS: "b@example.com",
+        HEADER_ATTEMPTS: 3,
+        HEADER_FIRST_FAILURE: "2000-01-01T00:00:00+00:00",
+    }
+    outcome = run(make_routed(sender), BODY, headers)
+    assert (outcome.action, outcome.reason) == ("dead_letter", "rejected_4xx")
+    assert outcome.headers is not None
+    assert outcome.headers[HEADER_RECIPIENTS] == "b@example.com"
+    assert outcome.headers[HEADER_ATTEMPTS] == 4
+    assert [m.recipients for m in sender.sent] == [("b@example.com",)]
+
+
+def test_a_compressed_body_is_refused_unread() -> None:
+    pipeline, _ = make(FakeSender())
+    outcome = run(pipeline, b"x\x9c...", {"compression": "application/x-gzip"})
+    assert (outcome.action, outcome.reason) == ("dead_letter", "invalid_event")
+    assert outcome.headers is not None
+    assert "compressed bodies are not accepted" in str(outcome.headers[HEADER_LAST_ERROR])
+
+
+def test_a_mail_not_sent_within_max_hold_goes_to_the_ladder() -> None:
+    sender = FakeSender(delay=30)
+    pipeline, metrics = make(sender, max_hold=0.05)
+    outcome = run(pipeline, BODY)
+    assert (outcome.action, outcome.reason, outcome.rung) == ("retry", "timeout", "30s")
+    assert outcome.headers is not None
+    assert "not delivered within 0.05s" in str(outcome.headers[HEADER_LAST_ERROR])
+    assert sender.sent == []
+    get = metrics.registry.get_sample_value
+    assert get("clusteralert_mails_failed_total", {"reason": "timeout"}) == 1

@@ -140,3 +140,12 @@ def test_parse_since() -> None:
     assert parse_since("2026-11-26T01:00:00Z", NOW) == NOW - timedelta(hours=2)
     with pytest.raises(ClusteralertError, match="expected a duration"):
         parse_since("yesterday", NOW)
+    with pytest.raises(ClusteralertError, match="too long ago"):
+        parse_since("99999999999d", NOW)
+
+
+def test_since_takes_a_time_without_offset_as_utc() -> None:
+    body = b'{"id":"e-1","time":"2026-11-26T03:00:00","node":"n1","module":"rm","event_id":9}'
+    message = DeadMessage.from_message(_Raw(body, {HEADER_REASON: "auth"}))
+    assert DlqFilter(since=NOW - timedelta(minutes=1)).matches(message)
+    assert not DlqFilter(since=NOW + timedelta(minutes=1)).matches(message)

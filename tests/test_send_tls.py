@@ -63,7 +63,7 @@ def send_with(
 
     async def go() -> str | BaseException:
         try:
-            return await sender.send(mail or make_mail())
+            return (await sender.send(mail or make_mail())).relay
         except Exception as exc:
             return exc
         finally:
@@ -256,6 +256,38 @@ def test_some_recipients_refused_still_counts_as_sent(
     [received] = server.received
     assert received.rcpt_tos == ["ops@example.com"]
     assert value(metrics, "clusteralert_recipients_refused_total") == 1
+    assert value(metrics, "clusteralert_retries_total", stage="inprocess") == 0
+
+
+def test_recipients_refused_for_now_are_handed_back_as_deferred(
+    smtp_server: ServerFactory, certs: Certs
+) -> None:
+    from worker.send import Sender, Sent
+
+    server = smtp_server("starttls")
+    server.handler.rcpt_replies = {
+        "gone@example.com": "550 5.1.1 no such user",
+        "busy@example.com": "450 4.2.0 greylisted, try later",
+    }
+    config = relay(server, certs)
+    metrics = Metrics([config.label])
+    sender = Sender([config], metrics)
+    mail = make_mail(to=("ops@example.com", "gone@example.com", "busy@example.com"))
+
+    async def go() -> Sent:
+        try:
+            return await sender.send(mail)
+        finally:
+            await sender.close()
+
+    sent = asyncio.run(go())
+    [received] = server.received
+    assert received.rcpt_tos == ["ops@example.com"]
+    # Only the 4xx is worth another try; the 5xx stays logged and counted.
+    assert sent.relay == config.label
+    assert list(sent.deferred) == ["busy@example.com"]
+    assert sent.deferred["busy@example.com"].text == "450 4.2.0 greylisted, try later"
+    assert value(metrics, "clusteralert_recipients_refused_total") == 2
     assert value(metrics, "clusteralert_retries_total", stage="inprocess") == 0
 
 

@@ -1,9 +1,12 @@
-"""The layering the docs describe, checked from the source: ``shared`` stands alone, and
-no two of our modules import each other (even lazily, inside a function)."""
+"""The layering the docs describe, checked from the source: ``shared`` stands alone, no
+two of our modules import each other (even lazily, inside a function), and the
+operator's DLQ commands do not load the SMTP side."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,3 +69,15 @@ def test_shared_imports_nothing_from_producer_or_worker() -> None:
         if module.startswith("shared")
     }
     assert {m: d for m, d in outside.items() if d} == {}
+
+
+def test_the_dlq_commands_do_not_load_the_smtp_side() -> None:
+    probe = (
+        "import sys, worker.dlq_cli, worker.dlq; "
+        "print(sorted(m for m in ('aiosmtplib', 'tenacity') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

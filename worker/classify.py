@@ -3,11 +3,16 @@
 Each step of a transaction has its own function, because the same exception means
 different things at different steps: an SSL error while connecting to an SMTPS port is a
 TLS refusal, a disconnect in the middle of DATA is transient.
+
+Every text that may come from the relay passes through ``scrub`` before it is cut to
+length and kept in an error: a relay may echo the password, and a cut made first could
+leave a part of it that no longer matches.
 """
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 
 import aiosmtplib
 
@@ -16,17 +21,30 @@ from shared.errors import (
     PermanentError,
     TlsRefusedError,
     TransientError,
-    describe,
 )
 
 __all__ = [
+    "Scrub",
     "classify_auth",
     "classify_connect",
     "classify_response",
     "classify_starttls",
     "classify_transaction",
     "combine_attempts",
+    "relay_text",
 ]
+
+Scrub = Callable[[str], str]
+
+
+def _same(text: str) -> str:
+    return text
+
+
+def relay_text(text: str, scrub: Scrub = _same, limit: int = 300) -> str:
+    """Text from or about the relay as one line for logs and headers: secrets masked
+    first, then cut."""
+    return scrub(text).replace("\r", " ").replace("\n", " ")[:limit]
 
 
 def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
@@ -47,68 +65,75 @@ def _tls_refusal(error: ssl.SSLError) -> TlsRefusedError:
     return TlsRefusedError("handshake", error.reason or type(error).__name__)
 
 
-def classify_response(code: int, message: str) -> DeliveryError:
+def classify_response(code: int, message: str, scrub: Scrub = _same) -> DeliveryError:
     """A reply code: 4xx is worth retrying, anything else is final."""
-    detail = f"{code} {message}".replace("\r", " ").replace("\n", " ")[:300]
+    detail = relay_text(f"{code} {message}", scrub)
     if 400 <= code < 500:
         return TransientError("rejected_4xx", detail)
     return PermanentError("rejected_5xx", detail)
 
 
-def _classify_network(exc: BaseException) -> DeliveryError:
+def _describe(exc: BaseException, scrub: Scrub) -> str:
+    return relay_text(str(exc) or type(exc).__name__, scrub)
+
+
+def _classify_network(exc: BaseException, scrub: Scrub) -> DeliveryError:
     if isinstance(exc, (aiosmtplib.SMTPTimeoutError, TimeoutError)):
-        return TransientError("timeout", describe(exc))
+        return TransientError("timeout", _describe(exc, scrub))
     if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return classify_response(exc.code, exc.message)
+        return classify_response(exc.code, exc.message, scrub)
     if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
-        return TransientError("disconnected", describe(exc))
-    return TransientError("connect", describe(exc))
+        return TransientError("disconnected", _describe(exc, scrub))
+    return TransientError("connect", _describe(exc, scrub))
 
 
-def classify_connect(exc: BaseException) -> DeliveryError:
+def classify_connect(exc: BaseException, scrub: Scrub = _same) -> DeliveryError:
     """Opening the connection, including the TLS handshake of SMTPS, and the greeting."""
     tls_error = _ssl_cause(exc)
     if tls_error is not None:
         return _tls_refusal(tls_error)
-    return _classify_network(exc)
+    return _classify_network(exc, scrub)
 
 
-def classify_starttls(exc: BaseException) -> DeliveryError:
+def classify_starttls(exc: BaseException, scrub: Scrub = _same) -> DeliveryError:
     """The STARTTLS command and the handshake after it."""
     tls_error = _ssl_cause(exc)
     if tls_error is not None:
         return _tls_refusal(tls_error)
     if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return TlsRefusedError("rejected", f"{exc.code} {exc.message}"[:300])
-    return _classify_network(exc)
+        return TlsRefusedError("rejected", relay_text(f"{exc.code} {exc.message}", scrub))
+    return _classify_network(exc, scrub)
 
 
-def classify_auth(exc: BaseException) -> DeliveryError:
-    """AUTH: a 5xx (535 bad credentials) is permanent; the text never holds the password."""
+def classify_auth(exc: BaseException, scrub: Scrub = _same) -> DeliveryError:
+    """AUTH: a 5xx (535 bad credentials) is permanent. A relay may echo the credentials
+    in its reply, so ``scrub`` must know the password."""
     if isinstance(exc, aiosmtplib.SMTPAuthenticationError | aiosmtplib.SMTPResponseException):
+        detail = relay_text(f"AUTH {exc.code} {exc.message}", scrub)
         if 400 <= exc.code < 500:
-            return TransientError("rejected_4xx", f"AUTH {exc.code} {exc.message}"[:300])
-        return PermanentError("auth", f"AUTH {exc.code} {exc.message}"[:300])
+            return TransientError("rejected_4xx", detail)
+        return PermanentError("auth", detail)
     if isinstance(exc, aiosmtplib.SMTPException) and not isinstance(
         exc, aiosmtplib.SMTPServerDisconnected | aiosmtplib.SMTPTimeoutError
     ):
         # e.g. "No suitable authentication method found": no retry will change that.
-        return PermanentError("auth", describe(exc))
-    return _classify_network(exc)
+        return PermanentError("auth", _describe(exc, scrub))
+    return _classify_network(exc, scrub)
 
 
-def classify_transaction(exc: BaseException) -> DeliveryError:
+def classify_transaction(exc: BaseException, scrub: Scrub = _same) -> DeliveryError:
     """MAIL, RCPT and DATA."""
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         codes = [r.code for r in exc.recipients]
         detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
+        detail = relay_text(f"all recipients refused: {detail}", scrub)
         # Any 4xx: a later attempt may reach those recipients, so it is worth retrying.
         if any(400 <= c < 500 for c in codes):
-            return TransientError("rejected_4xx", f"all recipients refused: {detail}"[:300])
-        return PermanentError("rejected_5xx", f"all recipients refused: {detail}"[:300])
+            return TransientError("rejected_4xx", detail)
+        return PermanentError("rejected_5xx", detail)
     if isinstance(exc, aiosmtplib.SMTPNotSupported | ValueError):
-        return PermanentError("rejected_5xx", describe(exc))
-    return _classify_network(exc)
+        return PermanentError("rejected_5xx", _describe(exc, scrub))
+    return _classify_network(exc, scrub)
 
 
 def combine_attempts(errors: list[DeliveryError]) -> DeliveryError:

@@ -153,11 +153,14 @@ def _run(args: argparse.Namespace) -> int:
     from worker.metrics import Metrics
     from worker.pipeline import Pipeline
     from worker.render import Renderer
-    from worker.scrub import Scrubber
+    from worker.scrub import Scrubber, scrub_logs
     from worker.send import Sender
 
     setup_logging(args.verbose, args.log_format)
     config: Config = load_config(args.config, sections=WORKER_SECTIONS)
+    scrub = Scrubber(config_secrets(config))
+    # Whatever a library or a relay puts in a log line, the secrets come out masked.
+    scrub_logs(scrub)
     for warning in config.warnings:
         log.warning("%s", warning)
     catalog = load_catalog(config.catalog.paths)
@@ -178,8 +181,9 @@ def _run(args: argparse.Namespace) -> int:
         sender,
         metrics,
         retry_window=timedelta(seconds=config.worker.retry_window),
+        max_hold=config.worker.max_hold,
         worker_name=socket.gethostname(),
-        scrub=Scrubber(config_secrets(config)),
+        scrub=scrub,
     )
     consumer = Consumer(
         config.broker,

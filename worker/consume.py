@@ -5,6 +5,11 @@ that owns the connection keeps servicing it. So one thread (the caller's) owns t
 connection: it drains deliveries, hands each body to the pipeline on the asyncio loop
 thread, and settles the results from a queue. Nothing on this thread waits for SMTP, so
 a slow relay never stalls heartbeats, and acks are sent on the channel's own thread.
+
+A fault of one message stays that message's: a settle that fails returns only that
+message to the queue, and the connection is dropped only when the broker side is really
+broken. Every reconnect hands all prefetched messages back to the broker, which charges
+each a delivery against the work queue's delivery limit.
 """
 
 from __future__ import annotations
@@ -23,8 +28,7 @@ from typing import Any
 
 import amqp.exceptions
 import kombu.exceptions
-from kombu import Connection, Queue
-from kombu import Consumer as KombuConsumer
+from kombu import Connection
 
 from shared.config import BrokerConfig, BrokerUrl
 from shared.errors import ClusteralertError, describe
@@ -34,7 +38,7 @@ from worker.metrics import Metrics
 from worker.pipeline import Outcome, Pipeline
 from worker.settle import SettleError, Settler
 
-__all__ = ["Consumer", "kombu_connection"]
+__all__ = ["Consumer", "Delivery", "kombu_connection"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,29 @@ log = logging.getLogger(__name__)
 _DRAIN_TIMEOUT = 0.02
 _MIN_BACKOFF = 0.5
 _MAX_BACKOFF = 30.0
+
+
+class Delivery:
+    """One message from the work queue as py-amqp handed it over, untouched: kombu's own
+    Message would inflate a body with a ``compression`` header before anyone could check
+    its size."""
+
+    __slots__ = ("_channel", "body", "delivery_tag", "headers", "properties", "received")
+
+    def __init__(self, raw: amqp.Message, received: float):
+        self._channel = raw.channel
+        self.delivery_tag: int = raw.delivery_tag
+        self.body: bytes = raw.body
+        self.properties: dict[str, Any] = dict(raw.properties)
+        self.headers: dict[str, Any] = dict(self.properties.get("application_headers") or {})
+        self.received = received
+
+    def ack(self) -> None:
+        self._channel.basic_ack(self.delivery_tag)
+
+    def requeue(self) -> None:
+        """Give this one message back; the broker charges it, and only it, a delivery."""
+        self._channel.basic_reject(self.delivery_tag, requeue=True)
 
 
 class TopologyMismatch(ClusteralertError):
@@ -112,7 +139,7 @@ class Consumer:
         self.prefetch = prefetch
         self.shutdown_grace = shutdown_grace
         self._done: queue.SimpleQueue[Future[Outcome]] = queue.SimpleQueue()
-        self._in_flight: dict[Future[Outcome], Any] = {}
+        self._in_flight: dict[Future[Outcome], Delivery] = {}
         self._settler: Settler | None = None
 
     def run(self, stop: threading.Event) -> None:
@@ -135,9 +162,10 @@ class Consumer:
                     "broker connection failed: %s; reconnecting in %.1fs", describe(exc), delay
                 )
                 backoff = min(backoff * 2, _MAX_BACKOFF)
-                # Deliveries of the lost channel come back as redeliveries; let their
-                # sends finish, but they can no longer be settled here.
-                self._in_flight.clear()
+                # Deliveries of the lost channel come back as redeliveries (here or to
+                # another worker) and can no longer be settled here: stop their sends,
+                # or each would be mailed twice.
+                self._abandon_in_flight()
                 # Start with the next broker: this one just failed us.
                 index = (index + 1) % len(self.broker.urls)
                 stop.wait(delay)
@@ -148,6 +176,9 @@ class Consumer:
 
     def _consume(self, connection: Connection, stop: threading.Event) -> None:
         channel = connection.channel()
+        # Bodies stay bytes: py-amqp would otherwise turn a body that names a
+        # content_encoding into str.
+        channel.auto_decode = False
         try:
             declare_topology(channel)
         except _PRECONDITION_FAILED as exc:
@@ -156,20 +187,18 @@ class Consumer:
             ) from None
         self._settler = Settler(connection)
         channel.basic_qos(prefetch_size=0, prefetch_count=self.prefetch, a_global=False)
-        consumer = KombuConsumer(
-            channel,
-            queues=[Queue(WORK_QUEUE, no_declare=True)],
-            on_message=self._on_message,
-            no_ack=False,
-            auto_declare=False,
-        )
-        consumer.consume()
+        # py-amqp's consumer, not kombu's: see Delivery.
+        tag = channel.basic_consume(WORK_QUEUE, callback=self._on_message, no_ack=False)
         # Only now is the worker useful: topology declared and deliveries flowing.
         self.metrics.broker_connected.set(1)
         log.info("consuming %s with prefetch %d", WORK_QUEUE, self.prefetch)
-        while not stop.is_set():
-            self._drain(connection)
-        consumer.cancel()
+        try:
+            while not stop.is_set():
+                self._drain(connection)
+        except _RECONNECT_ON:
+            self._settle_before_leaving()
+            raise
+        channel.basic_cancel(tag)
         deadline = time.monotonic() + self.shutdown_grace
         if self._in_flight:
             log.info(
@@ -186,9 +215,7 @@ class Consumer:
             )
             # Stop their sends before the channel closes and the broker hands the
             # messages to another worker, or both would mail them.
-            for future in self._in_flight:
-                future.cancel()
-            self._in_flight.clear()
+            self._abandon_in_flight()
 
     def _drain(self, connection: Connection) -> None:
         with contextlib.suppress(TimeoutError):
@@ -196,13 +223,14 @@ class Consumer:
         connection.heartbeat_check()
         self._settle_finished()
 
-    def _on_message(self, message: Any) -> None:
+    def _on_message(self, raw: amqp.Message) -> None:
+        delivery = Delivery(raw, time.monotonic())
         self.metrics.consumed.inc()
-        headers = dict(message.headers or {})
         future = asyncio.run_coroutine_threadsafe(
-            self.pipeline.handle(message.body, headers), self.loop
+            self.pipeline.handle(delivery.body, delivery.headers, received=delivery.received),
+            self.loop,
         )
-        self._in_flight[future] = message
+        self._in_flight[future] = delivery
         future.add_done_callback(self._done.put)
 
     def _settle_finished(self) -> None:
@@ -211,8 +239,8 @@ class Consumer:
                 future = self._done.get_nowait()
             except queue.Empty:
                 return
-            message = self._in_flight.pop(future, None)
-            if message is None:
+            delivery = self._in_flight.pop(future, None)
+            if delivery is None:
                 continue  # delivered on a connection that is gone; it will come again
             if future.cancelled():
                 continue  # left unacked: the broker gives it to the next consumer
@@ -223,13 +251,49 @@ class Consumer:
                 # broker's delivery limit backs this up for what crashes the process.
                 log.exception("unexpected error handling a message; dead-lettering it")
                 self.metrics.failed.labels("render").inc()
-                outcome = Outcome("dead_letter", "render", headers=message.headers)
+                outcome = Outcome("dead_letter", "render", headers=delivery.headers)
             assert self._settler is not None
-            self._settler.settle(message, outcome)
+            try:
+                self._settler.settle(delivery, outcome)
+            except SettleError as exc:
+                # Only this message's next home failed (a nack, a refused or unconfirmed
+                # publish): give back only it, and keep the channel for the others.
+                log.error(
+                    "could not settle %s (%s): %s; returning it to the queue",
+                    _describe_delivery(delivery),
+                    outcome.action,
+                    exc,
+                )
+                delivery.requeue()
+                continue
             if outcome.action == "retry":
                 self.metrics.retries.labels("delayed").inc()
             elif outcome.action == "dead_letter":
                 self.metrics.dead_lettered.labels(outcome.reason or "render").inc()
+
+    def _abandon_in_flight(self) -> None:
+        """Cancel the sends of messages this worker can no longer settle. A mail already
+        inside DATA may still reach the relay: the redelivery then sends it again."""
+        for future in self._in_flight:
+            future.cancel()
+        self._in_flight.clear()
+
+    def _settle_before_leaving(self) -> None:
+        """Before a reconnect: settle what already finished, if the connection still
+        takes it, so that those messages are not handed back and charged again."""
+        try:
+            self._settle_finished()
+        except _RECONNECT_ON as exc:
+            log.debug("could not settle finished work before reconnecting: %s", describe(exc))
+
+
+def _describe_delivery(delivery: Delivery) -> str:
+    # The producer sets message_id to the event id; it is the only name a message has
+    # before (or without) decoding. repr() keeps a hostile one on one line.
+    message_id = delivery.properties.get("message_id")
+    if isinstance(message_id, str) and message_id:
+        return f"message {message_id[:64]!r}"
+    return "a message without message_id"
 
 
 # What py-amqp raises when the broker or the connection goes away (kombu lists the same

@@ -1,27 +1,34 @@
 """The dead-letter queue, for operators: list, show, replay and purge.
 
-RabbitMQ cannot browse a queue without taking its messages. So every command takes the
-messages it looks at without acking them, and gives back everything it did not replay or
-purge by closing its channel: the broker then requeues them unchanged (the order may
-change). An interrupted command, even ``kill -9``, closes the connection and so gives
-everything back too. The DLQ has no delivery limit, so this never dead-letters further.
+RabbitMQ cannot browse a queue without taking its messages, and every message a quorum
+queue hands back (reject, nack, or a closed channel) counts as a delivery. RabbitMQ 4
+gives every quorum queue a delivery limit of 20 by default, and a policy can set one on
+3.x; past it, a DLQ without a dead-letter target of its own drops the message. So a
+browse never hands messages back: it takes each one, publishes an identical copy to the
+back of the DLQ, and acks the original only once the broker has confirmed the copy. The
+copy starts with a fresh delivery count. Taking the whole queue once keeps its order.
 
-Replay publishes a message to the work queue with a confirm before it acks it in the
-DLQ, so an interruption half-way leaves each message in the DLQ, back in the work queue,
-or (rarely) both; never neither.
+Replay publishes to the work queue instead, purge only acks. Either way an original is
+acked only after its next home is confirmed, so an interruption (even ``kill -9``) leaves
+each message in the DLQ, moved on, or (rarely) both; never neither. What an interrupted
+command held unsettled goes back the usual way, once, which is far from any limit.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from shared.errors import ClusteralertError
+import amqp
+import amqp.exceptions
+
+from shared.errors import ClusteralertError, describe
 from shared.topology import DEAD_QUEUE, WORK_QUEUE
 from worker.retry_policy import (
     HEADER_ATTEMPTS,
@@ -33,9 +40,13 @@ from worker.retry_policy import (
     HEADER_REPLAYED,
     without_broker_headers,
 )
-from worker.settle import Settler, copy_properties
+from worker.settle import copy_properties
 
-__all__ = ["DeadMessage", "DlqFilter", "DlqSession", "parse_since"]
+__all__ = ["DeadMessage", "DlqError", "DlqFilter", "DlqSession", "parse_since"]
+
+# Annotations the broker adds to each delivery; a copy must start without them.
+_PER_DELIVERY_HEADERS: Final = ("x-delivery-count", "x-acquired-count")
+_CONFIRM_BATCH: Final = 256
 
 # Headers a replay resets, so the replayed message gets a fresh retry window.
 _FAILURE_HEADERS: Final = (
@@ -70,6 +81,13 @@ class DeadMessage:
     attempts: int
     last_error: str
     headers: dict[str, Any]
+    settled: bool = False
+
+    @property
+    def digest(self) -> bytes:
+        """Tells this message from others with the same id, e.g. across two sessions."""
+        body = self.raw.body
+        return hashlib.sha256(body if isinstance(body, bytes) else str(body).encode()).digest()
 
     @property
     def key(self) -> str:
@@ -121,7 +139,10 @@ def parse_since(value: str, now: datetime | None = None) -> datetime:
     match = _DURATION_RE.fullmatch(value.strip())
     now = now or datetime.now(UTC)
     if match:
-        return now - timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+        try:
+            return now - timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+        except OverflowError:
+            raise ClusteralertError(f"--since {value!r}: too long ago") from None
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
@@ -156,29 +177,65 @@ class DlqFilter:
                 when = datetime.fromisoformat(message.time)
             except ValueError:
                 return False
+            # A time without an offset is taken as UTC, as --since itself is.
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
             if when < self.since:
                 return False
         return True
 
 
+class DlqError(ClusteralertError):
+    """The broker failed, refused or did not answer. Nothing was acked that should not
+    have been: what is unsettled goes back when the connection is dropped."""
+
+
 class DlqSession:
-    """Takes DLQ messages on one channel; :meth:`close` gives back all not settled."""
+    """Walks the DLQ once on one confirmed channel: see the module docstring."""
 
-    def __init__(self, connection: Any):
-        self._connection = connection
-        self._channel = connection.channel()
-        self._settler = Settler(connection)
+    def __init__(self, connection: Any, timeout: float):
+        self._connection = connection.connection  # py-amqp's, for raw confirm events
+        self._user = connection.userid
+        self._timeout = timeout
+        with _talking():
+            self._channel = self._connection.channel()
+            self._channel.confirm_select()
+        self._channel.events["basic_ack"].add(self._on_ack)
+        self._channel.events["basic_nack"].add(self._on_nack)
+        self._channel.events["basic_return"].add(self._on_return)
+        self._published = 0
+        # Publish sequence number -> delivery tag of the original to ack once confirmed.
+        self._awaiting: dict[int, int] = {}
+        self._failure: str | None = None
 
-    def take(self, limit: int | None = None) -> Iterator[DeadMessage]:
-        """Every message now in the DLQ (each once), up to ``limit``."""
-        queued = self._channel.queue_declare(DEAD_QUEUE, passive=True).message_count
-        taken = 0
-        while taken < queued and (limit is None or taken < limit):
-            raw = self._channel.basic_get(DEAD_QUEUE, no_ack=False)
+    def take(self) -> Iterator[DeadMessage]:
+        """Every message now in the DLQ, once each, in queue order. Callers must exhaust
+        it: a message neither replayed nor purged by the time the next one is asked for
+        is kept (copied to the back of the DLQ)."""
+        with _talking():
+            queued = self._channel.queue_declare(DEAD_QUEUE, passive=True).message_count
+        # Exactly as many as were queued: the copies behind them are not taken again.
+        for _ in range(queued):
+            with _talking():
+                raw = self._channel.basic_get(DEAD_QUEUE, no_ack=False)
             if raw is None:
-                return
-            taken += 1
-            yield DeadMessage.from_message(raw)
+                break
+            message = DeadMessage.from_message(raw)
+            yield message
+            if not message.settled:
+                self._keep(message)
+        self._flush()
+
+    def _keep(self, message: DeadMessage) -> None:
+        properties = {
+            k: v
+            for k, v in message.raw.properties.items()
+            # The broker refuses a user_id other than the publisher's own login.
+            if k != "application_headers" and (k != "user_id" or v == self._user)
+        }
+        headers = {k: v for k, v in message.headers.items() if k not in _PER_DELIVERY_HEADERS}
+        properties["application_headers"] = headers
+        self._publish(message, DEAD_QUEUE, properties)
 
     def replay(self, message: DeadMessage) -> None:
         """Back to the work queue (confirmed), then out of the DLQ."""
@@ -191,14 +248,63 @@ class DlqSession:
         headers[HEADER_REPLAYED] = (replayed if isinstance(replayed, int) else 0) + 1
         properties = copy_properties(dict(message.raw.properties), headers)
         # The default exchange reaches the work queue only, not other bindings.
-        self._settler.publish_confirmed(message.raw.body, properties, "", WORK_QUEUE)
-        self._channel.basic_ack(message.raw.delivery_tag)
+        self._publish(message, WORK_QUEUE, properties)
 
     def purge(self, message: DeadMessage) -> None:
-        self._channel.basic_ack(message.raw.delivery_tag)
+        message.settled = True
+        with _talking():
+            self._channel.basic_ack(message.raw.delivery_tag)
+
+    def _publish(self, message: DeadMessage, queue: str, properties: dict[str, Any]) -> None:
+        message.settled = True
+        copy = amqp.Message(message.raw.body, **properties)
+        with _talking():
+            self._channel.basic_publish(copy, exchange="", routing_key=queue, mandatory=True)
+        self._published += 1
+        self._awaiting[self._published] = message.raw.delivery_tag
+        # Confirms are waited for in batches: one round trip per message would make a
+        # browse of a large DLQ slow, and a bounded batch keeps memory bounded.
+        if len(self._awaiting) >= _CONFIRM_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Wait until every copy is confirmed (and its original acked)."""
+        while self._awaiting and self._failure is None:
+            with _talking():
+                self._connection.drain_events(timeout=self._timeout)
+        if self._failure is not None:
+            raise DlqError(self._failure)
+
+    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
+        if self._failure is not None:
+            # A return comes before the ack of the same publish: ack nothing after one.
+            return
+        confirmed = [s for s in self._awaiting if s <= delivery_tag] if multiple else [delivery_tag]
+        for sequence in confirmed:
+            original = self._awaiting.pop(sequence, None)
+            if original is not None:
+                self._channel.basic_ack(original)
+
+    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
+        self._failure = "the broker refused a copy; its dead letter stays in the DLQ"
+
+    def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
+        self._failure = f"queue {routing_key} is missing; the dead letter stays in the DLQ"
 
     def close(self) -> None:
-        """Give back everything taken and not settled: closing the channel requeues it."""
-        # A failure here is harmless: closing the connection requeues them as well.
-        with contextlib.suppress(Exception):
+        """Close the channel: anything taken and not settled goes back, once. Its
+        close-ok also tells that the broker has processed every ack before it."""
+        with _talking():
             self._channel.close()
+
+
+@contextmanager
+def _talking() -> Iterator[None]:
+    """Broker failures as one line. Only around broker calls: the caller's own errors
+    (a closed stdout, say) must stay what they are."""
+    try:
+        yield
+    except OSError as exc:
+        raise DlqError(f"the broker stopped answering: {describe(exc)}") from None
+    except amqp.exceptions.AMQPError as exc:
+        raise DlqError(f"broker error: {describe(exc)}") from None

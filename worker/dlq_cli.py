@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from contextlib import contextmanager, suppress
+from typing import TYPE_CHECKING, Any, Final
 
-from shared.config import load_config
-from shared.errors import ClusteralertError
+from shared.config import BrokerConfig, load_config
+from shared.errors import ClusteralertError, describe
+from shared.event import visible
 
 if TYPE_CHECKING:
     from worker.dlq import DeadMessage, DlqFilter, DlqSession
 
 __all__ = ["add_dlq_parser", "run_dlq"]
+
+_JSON_UNSAFE: Final = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 def add_dlq_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -60,40 +65,61 @@ def _filter(args: argparse.Namespace) -> DlqFilter:
     )
 
 
+def _connect(config: BrokerConfig) -> Any:
+    """The first broker that answers, with every wait bounded: ``connect_timeout`` covers
+    the TCP and AMQP handshakes, and then every later read and write on the socket."""
+    from worker.consume import kombu_connection
+
+    failures = []
+    for url in config.urls:
+        connection = kombu_connection(config, url)
+        try:
+            # One attempt: kombu's connect() would try twice, two seconds apart.
+            connection.ensure_connection(max_retries=0, reraise_as_library_errors=False)
+        except Exception as exc:  # every failure is reported, all on one line
+            failures.append(f"{url}: {describe(exc)}")
+            connection.collect()
+            continue
+        connection.connection.sock.settimeout(config.connect_timeout)
+        return connection
+    raise ClusteralertError(f"cannot reach the broker: {'; '.join(failures)}")
+
+
 @contextmanager
 def _session(config_path: str | None) -> Iterator[DlqSession]:
     # Broker client imports wait until needed, so the parser stays cheap for other commands.
-    from worker.consume import connect_any
     from worker.dlq import DlqSession
 
-    config = load_config(config_path, sections=("broker",))
+    broker = load_config(config_path, sections=("broker",)).broker
+    connection = _connect(broker)
     try:
-        connection, _ = connect_any(config.broker)
-    except Exception as exc:
-        raise ClusteralertError(f"cannot reach the broker: {exc}") from None
-    session = DlqSession(connection)
-    try:
+        session = DlqSession(connection, broker.connect_timeout)
         yield session
-    finally:
-        # Gives back everything taken and not replayed or purged.
         session.close()
+    except BaseException:
+        # Dropped, not closed politely: a broker that stopped answering would not answer
+        # a close either. It requeues whatever was taken and not settled.
+        connection.collect()
+        raise
+    # Everything is settled (the channel's close-ok says so): a failing close is harmless.
+    with suppress(Exception):
         connection.release()
 
 
 def _matching(session: DlqSession, args: argparse.Namespace) -> Iterator[DeadMessage]:
+    """Matches up to ``--limit``. Walks the whole DLQ even past the limit, which keeps
+    its order; callers must exhaust it."""
     wanted = _filter(args)
     found = 0
     for message in session.take():
-        if args.limit is not None and found >= args.limit:
-            return
-        if wanted.matches(message):
+        if (args.limit is None or found < args.limit) and wanted.matches(message):
             found += 1
             yield message
 
 
 def _table(rows: list[dict[str, object]]) -> str:
     columns = ["id", "time", "node", "event", "reason", "attempts", "last_error"]
-    cells = [[str(row[c]) for c in columns] for row in rows]
+    cells = [[visible(str(row[c])) for c in columns] for row in rows]
     cells = [[c[:19] if i == 1 else c for i, c in enumerate(r)] for r in cells]
     cells = [[*r[:-1], r[-1][:60]] for r in cells]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
@@ -102,11 +128,28 @@ def _table(rows: list[dict[str, object]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def _json_value(value: object) -> object:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _json(doc: object) -> str:
+    """JSON safe for a terminal: ``json`` escapes C0 controls itself; DEL, C1, the
+    Unicode line separators and lone surrogates are escaped here (still valid JSON)."""
+    text = json.dumps(doc, indent=2, ensure_ascii=False, default=_json_value)
+    return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _line(message: DeadMessage) -> str:
+    return f"{visible(message.id)}  {visible(message.key)}  {visible(message.reason)}"
+
+
 def _list(args: argparse.Namespace) -> int:
     with _session(args.config) as session:
         rows = [m.summary() for m in _matching(session, args)]
     if args.json:
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        print(_json(rows))
     else:
         print(_table(rows))
         print(f"{len(rows)} dead letter(s)", file=sys.stderr)
@@ -114,29 +157,21 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    doc: dict[str, object] | None = None
     with _session(args.config) as session:
         for message in session.take():
-            if message.id == args.id:
+            if doc is None and message.id == args.id:
                 body = message.raw.body
                 try:
                     shown: object = json.loads(body)
                 except ValueError:
-                    shown = (
-                        body.decode("utf-8", errors="replace")
-                        if isinstance(body, bytes)
-                        else str(body)
-                    )
-                doc = {**message.summary(), "headers": _plain(message.headers), "event": shown}
-                print(json.dumps(doc, indent=2, ensure_ascii=False, default=str))
-                return 0
-    print(f"clusteralert-worker: no dead letter with id {args.id}", file=sys.stderr)
-    return 1
-
-
-def _plain(headers: dict[str, object]) -> dict[str, object]:
-    return {
-        k: v.decode("utf-8", "replace") if isinstance(v, bytes) else v for k, v in headers.items()
-    }
+                    shown = _json_value(body)
+                doc = {**message.summary(), "headers": message.headers, "event": shown}
+    if doc is None:
+        print(f"clusteralert-worker: no dead letter with id {visible(args.id)}", file=sys.stderr)
+        return 1
+    print(_json(doc))
+    return 0
 
 
 class _Progress:
@@ -163,7 +198,7 @@ def _replay(args: argparse.Namespace) -> int:
     with _session(args.config) as session:
         for message in _matching(session, args):
             if args.dry_run:
-                print(f"{message.id}  {message.key}  {message.reason}")
+                print(_line(message))
             else:
                 session.replay(message)
             progress.step()
@@ -172,24 +207,41 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _purge(args: argparse.Namespace) -> int:
+    """With ``--yes`` (or ``--dry-run``), one pass that purges (or lists) as it goes.
+    Otherwise a pass that lists and remembers a digest per match, no connection while
+    the operator decides, and a second pass that purges exactly those still there."""
+    immediate = args.yes and not args.dry_run
+    chosen: Counter[bytes] = Counter()
     with _session(args.config) as session:
-        doomed = list(_matching(session, args))
-        for message in doomed:
-            print(f"{message.id}  {message.key}  {message.reason}")
-        if args.dry_run or not doomed:
-            print(f"would purge {len(doomed)} dead letter(s)", file=sys.stderr)
-            return 0
-        if not args.yes:
-            try:
-                answer = input(f"Purge {len(doomed)} dead letter(s)? This cannot be undone [y/N] ")
-            except EOFError:
-                answer = ""
-            if answer.strip().lower() not in ("y", "yes"):
-                print("nothing purged", file=sys.stderr)
-                return 1
-        for message in doomed:
-            session.purge(message)
-    print(f"purged {len(doomed)} dead letter(s)", file=sys.stderr)
+        for message in _matching(session, args):
+            print(_line(message), flush=True)
+            if immediate:
+                session.purge(message)
+            chosen[message.digest] += 1
+    count = chosen.total()
+    if immediate:
+        print(f"purged {count} dead letter(s)", file=sys.stderr)
+        return 0
+    if args.dry_run or not count:
+        print(f"would purge {count} dead letter(s)", file=sys.stderr)
+        return 0
+    try:
+        answer = input(f"Purge {count} dead letter(s)? This cannot be undone [y/N] ")
+    except EOFError:
+        answer = ""
+    if answer.strip().lower() not in ("y", "yes"):
+        print("nothing purged", file=sys.stderr)
+        return 1
+    wanted = _filter(args)
+    purged = 0
+    with _session(args.config) as session:
+        for message in session.take():
+            if chosen[message.digest] > 0 and wanted.matches(message):
+                chosen[message.digest] -= 1
+                session.purge(message)
+                purged += 1
+    gone = f" ({count - purged} had left the DLQ meanwhile)" if purged < count else ""
+    print(f"purged {purged} dead letter(s){gone}", file=sys.stderr)
     return 0
 
 

@@ -3,24 +3,28 @@ result is an :class:`Outcome` that the settle stage carries out on the broker's 
 
 Every outcome is logged as one line with the event id, its module:event key, the attempt
 and the latency, so an operator can follow one alert through the logs.
+
+Recipients a relay refused for now (4xx) while it took the mail for others get a copy of
+their own on the retry ladder, addressed to them alone (see :mod:`worker.retry_policy`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Literal
 
 from shared.catalog import Catalog
 from shared.config import FilterConfig
-from shared.errors import DeliveryError, InvalidEvent, PermanentError
+from shared.errors import DeliveryError, InvalidEvent, PermanentError, TransientError
 from shared.event import Event, decode_event
 from shared.filter import decide
 from worker.metrics import Metrics
-from worker.render import Renderer
+from worker.outcome import Outcome
+from worker.render import Mail, Renderer
 from worker.retry_policy import (
     HEADER_REPLAYED,
     DeadLetter,
@@ -28,25 +32,22 @@ from worker.retry_policy import (
     decide_failure,
     failure_headers,
 )
-from worker.send import Sender
+from worker.send import Sender, Sent
 
-__all__ = ["Outcome", "Pipeline"]
+__all__ = ["Outcome", "Pipeline"]  # Outcome re-exported: callers name it here too
 
 MAX_EXPLAINED = 1000  # bounded: a flood of made-up kinds must not grow memory
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What to do with the broker message: ``ack`` after a relay accepted the mail or the
-    event was filtered out; ``retry`` on the ladder rung ``rung``; ``dead_letter`` when
-    delivery is given up. ``headers`` are the message's headers for its next queue."""
-
-    action: Literal["ack", "retry", "dead_letter"]
-    reason: str | None = None
-    rung: str | None = None
-    headers: Mapping[str, object] | None = None
+def _refuse_compressed(headers: Mapping[str, object]) -> None:
+    """Events travel as plain JSON. A body the sender compressed (kombu's ``compression``
+    header) is refused unread: inflating it has no size limit, so a small message could
+    take all the worker's memory."""
+    if "compression" in headers:
+        what = str(headers["compression"])[:40]
+        raise InvalidEvent(f"compressed bodies are not accepted (compression {what!r})")
 
 
 class Pipeline:
@@ -59,6 +60,7 @@ class Pipeline:
         metrics: Metrics,
         *,
         retry_window: timedelta = timedelta(hours=1),
+        max_hold: float = 600.0,
         worker_name: str = "",
         scrub: Callable[[str], str] = lambda text: text,
     ):
@@ -68,6 +70,7 @@ class Pipeline:
         self.sender = sender
         self.metrics = metrics
         self.retry_window = retry_window
+        self.max_hold = max_hold
         self.worker_name = worker_name
         self.scrub = scrub
         # Kinds already explained at warning level: one line per kind, not per event.
@@ -86,20 +89,31 @@ class Pipeline:
             key,
         )
 
-    async def handle(self, body: bytes, headers: Mapping[str, object] | None = None) -> Outcome:
+    async def handle(
+        self,
+        body: bytes,
+        headers: Mapping[str, object] | None = None,
+        *,
+        received: float | None = None,
+    ) -> Outcome:
+        """The outcome for one message. ``received`` (a :func:`time.monotonic` time,
+        default now) is when the worker got it: a mail not sent within ``max_hold`` of it
+        goes to the retry ladder rather than holding the message any longer."""
         self.metrics.in_flight.inc()
         try:
-            return await self._handle(body, headers or {})
+            arrival = time.monotonic() if received is None else received
+            return await self._handle(body, headers or {}, arrival)
         finally:
             self.metrics.in_flight.dec()
 
-    async def _handle(self, body: bytes, headers: Mapping[str, object]) -> Outcome:
+    async def _handle(self, body: bytes, headers: Mapping[str, object], received: float) -> Outcome:
         started = time.monotonic()
         state = RetryState.from_headers(headers)
         if HEADER_REPLAYED in headers and state.attempts == 0:
             self.metrics.replayed.inc()
         try:
-            event = decode_event(body)
+            _refuse_compressed(headers)
+            event = decode_event(body)  # checks the size before it reads anything
         except InvalidEvent as exc:
             self.metrics.failed.labels("invalid_event").inc()
             return self._fail(PermanentError("invalid_event", str(exc)), None, state, headers)
@@ -127,25 +141,57 @@ class Pipeline:
             error = PermanentError("render", f"{type(exc).__name__}: {exc}")
             return self._fail(error, event, state, headers)
 
+        if state.recipients is not None:
+            narrowed = _still_to_reach(mail, state.recipients)
+            if narrowed is None:
+                return Outcome("ack")
+            mail = narrowed
+
+        budget = asyncio.timeout(received + self.max_hold - time.monotonic())
         try:
-            relay = await self.sender.send(mail)
+            async with budget:
+                sent = await self.sender.send(mail)
         except DeliveryError as exc:
             return self._fail(exc, event, state, headers)
+        except TimeoutError:
+            if not budget.expired():
+                raise
+            # Waiting longer (for a relay slot, the rate limit, a slow relay) would risk
+            # the broker's consumer ack timeout, which returns every message in flight.
+            late = TransientError(
+                "timeout", f"not delivered within {self.max_hold:g}s of reaching the worker"
+            )
+            self.metrics.failed.labels("timeout").inc()
+            return self._fail(late, event, state, headers)
         latency = (datetime.now(UTC) - event.time).total_seconds()
         self.metrics.event_to_mail.observe(max(latency, 0.0))
         log.info(
-            "sent event %s %s level %s from %s via %s, attempt %d, in %.3fs "
+            "sent event %s %s level %s from %s via %s%s, attempt %d, in %.3fs "
             "(%.3fs after the event)",
             event.id,
             event.key,
             decision.level,
             event.node,
-            relay,
+            sent.relay,
+            f" to {len(mail.recipients) - len(sent.deferred)} of {len(mail.recipients)}"
+            if sent.deferred
+            else "",
             state.attempts + 1,
             time.monotonic() - started,
             latency,
         )
+        if sent.deferred:
+            return self._defer(sent, event, state, headers)
         return Outcome("ack")
+
+    def _defer(
+        self, sent: Sent, event: Event, state: RetryState, headers: Mapping[str, object]
+    ) -> Outcome:
+        """A copy for the recipients refused for now, through the retry ladder (or the DLQ
+        once the window is over) like any transient failure."""
+        detail = "; ".join(f"{rcpt}: {r.text}" for rcpt, r in sent.deferred.items())
+        error = TransientError("rejected_4xx", f"recipients refused for now: {detail}")
+        return self._fail(error, event, state, headers, recipients=tuple(sent.deferred))
 
     def _fail(
         self,
@@ -153,12 +199,19 @@ class Pipeline:
         event: Event | None,
         state: RetryState,
         headers: Mapping[str, object],
+        recipients: tuple[str, ...] | None = None,
     ) -> Outcome:
         now = datetime.now(UTC)
         step = decide_failure(error, state, now, self.retry_window)
         detail = self.scrub(error.detail)
         updated = failure_headers(
-            headers, error, state=state, now=now, worker=self.worker_name, detail=detail
+            headers,
+            error,
+            state=state,
+            now=now,
+            worker=self.worker_name,
+            detail=detail,
+            recipients=recipients,
         )
         what = f"event {event.id} {event.key}" if event else "undecodable event"
         if isinstance(step, DeadLetter):
@@ -179,3 +232,23 @@ class Pipeline:
             detail,
         )
         return Outcome("retry", error.reason, step.rung, updated)
+
+
+def _still_to_reach(mail: Mail, remaining: tuple[str, ...]) -> Mail | None:
+    """``mail`` addressed only to the recipients a retry copy names, or None when none of
+    them is a recipient any more. The header can only narrow what the config chose: a
+    recipient it names that the config does not (changed config, or a forged header) is
+    left out, as no event may choose where mail goes."""
+    wanted = set(remaining)
+    kept = tuple(r for r in mail.recipients if r in wanted)
+    dropped = sorted(wanted.difference(mail.recipients))
+    if dropped:
+        log.warning(
+            "event %s: not sending to %s: not a recipient of this event under the config",
+            mail.event_id,
+            ", ".join(repr(a) for a in dropped)[:500],  # header text: repr shows it safely
+        )
+    if not kept:
+        log.info("event %s: none of its remaining recipients is configured; done", mail.event_id)
+        return None
+    return replace(mail, recipients=kept)

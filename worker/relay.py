@@ -9,6 +9,9 @@ TLS is never opportunistic: aiosmtplib's default (``start_tls=None``) upgrades o
 the server offers STARTTLS and otherwise sends in plaintext. We connect with
 ``start_tls=False`` and upgrade ourselves, refusing to continue when STARTTLS is not
 offered.
+
+Every text from the relay is masked with the relay's own password before it is kept or
+logged: a relay may echo what it was sent (see :mod:`worker.scrub`).
 """
 
 from __future__ import annotations
@@ -18,16 +21,24 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import aiosmtplib
 
 from shared.config import SmtpRelay
 from shared.errors import DeliveryError, TlsRefusedError, TransientError
 from shared.tls import client_context
-from worker.classify import classify_auth, classify_connect, classify_starttls, classify_transaction
+from worker.classify import (
+    classify_auth,
+    classify_connect,
+    classify_starttls,
+    classify_transaction,
+    relay_text,
+)
 from worker.render import Mail
+from worker.scrub import Scrubber
 
-__all__ = ["Relay", "StepHook", "quit_client"]
+__all__ = ["Refusal", "Relay", "StepHook", "quit_client"]
 
 # Called with the stage a new connection reached ("connect", "tls", "auth") and the client.
 StepHook = Callable[[str, aiosmtplib.SMTP], None]
@@ -39,10 +50,24 @@ PROBE_TIMEOUT = 5.0
 MAX_IDLE = 240.0  # relays commonly drop idle sessions after about 5 minutes
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A recipient the relay refused while it accepted the mail for others."""
+
+    code: int
+    text: str  # the reply as one line, secrets masked
+
+    @property
+    def temporary(self) -> bool:
+        """4xx, e.g. greylisting: a later attempt may reach this recipient."""
+        return 400 <= self.code < 500
+
+
 class Relay:
     def __init__(self, config: SmtpRelay):
         self.config = config
         self.label = config.label
+        self.scrub = Scrubber([config.password])
         self._tls: ssl.SSLContext | None = (
             None if config.security == "none" else client_context(config.ca_file)
         )
@@ -79,7 +104,7 @@ class Relay:
         self._failures = 0
         self._cooldown_until = 0.0
 
-    async def send(self, mail: Mail) -> dict[str, str]:
+    async def send(self, mail: Mail) -> dict[str, Refusal]:
         """Deliver ``mail``; returns the recipients the relay refused while accepting the
         mail for others. Raises a :class:`DeliveryError` subclass otherwise."""
         if self._slots is None:
@@ -98,7 +123,7 @@ class Relay:
                     log.debug(
                         "relay %s dropped a reused connection (%s); reconnecting",
                         self.label,
-                        exc.detail,
+                        exc.detail,  # masked by classify
                     )
                 else:
                     self._idle.append((client, time.monotonic()))
@@ -124,7 +149,11 @@ class Relay:
                 try:
                     await client.noop(timeout=min(PROBE_TIMEOUT, self.config.timeout))
                 except Exception as exc:
-                    log.debug("relay %s: idle connection failed NOOP (%s)", self.label, exc)
+                    log.debug(
+                        "relay %s: idle connection failed NOOP (%s)",
+                        self.label,
+                        relay_text(str(exc) or type(exc).__name__, self.scrub),
+                    )
                     client.close()
                     continue
             return client
@@ -147,7 +176,7 @@ class Relay:
             try:
                 await client.connect()
             except Exception as exc:
-                raise classify_connect(exc) from None
+                raise classify_connect(exc, self.scrub) from None
             if step:
                 step("connect", client)
             if cfg.security == "starttls":
@@ -158,7 +187,7 @@ class Relay:
                 try:
                     await client.login(cfg.username, cfg.password.reveal())
                 except Exception as exc:
-                    raise classify_auth(exc) from None
+                    raise classify_auth(exc, self.scrub) from None
                 if step:
                     step("auth", client)
         except BaseException:
@@ -171,7 +200,7 @@ class Relay:
         try:
             await client.ehlo()
         except Exception as exc:
-            raise classify_connect(exc) from None
+            raise classify_connect(exc, self.scrub) from None
         # aiosmtplib raises a bare SMTPException when STARTTLS is missing; decide from the
         # EHLO extensions instead of matching its message.
         if not client.supports_extension("starttls"):
@@ -179,16 +208,19 @@ class Relay:
         try:
             await client.starttls(tls_context=self._tls)
         except Exception as exc:
-            raise classify_starttls(exc) from None
+            raise classify_starttls(exc, self.scrub) from None
 
-    async def _transact(self, client: aiosmtplib.SMTP, mail: Mail) -> dict[str, str]:
+    async def _transact(self, client: aiosmtplib.SMTP, mail: Mail) -> dict[str, Refusal]:
         try:
             refused, _ = await client.sendmail(mail.sender, list(mail.recipients), mail.data)
         except Exception as exc:
             client.close()
-            error: DeliveryError = classify_transaction(exc)
+            error: DeliveryError = classify_transaction(exc, self.scrub)
             raise error from None
-        return {rcpt: f"{resp.code} {resp.message}" for rcpt, resp in refused.items()}
+        return {
+            rcpt: Refusal(resp.code, relay_text(f"{resp.code} {resp.message}", self.scrub))
+            for rcpt, resp in refused.items()
+        }
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []

@@ -4,6 +4,10 @@ A small pure function over the failure and the message's retry headers, so the w
 policy can be read, and tested, in one place. Transient failures climb the ladder of
 retry queues (fixed TTLs, see :mod:`shared.topology`) until the retry window since the
 first failure is used up; everything else is dead-lettered at once.
+
+A copy that carries ``x-clusteralert-recipients`` is for those recipients only: the
+relay took the mail for the others and refused these for now (4xx). The header travels
+with the copy up the ladder, into the DLQ and back out on replay.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ __all__ = [
     "HEADER_LAST_ERROR",
     "HEADER_LAST_FAILURE",
     "HEADER_REASON",
+    "HEADER_RECIPIENTS",
     "HEADER_REPLAYED",
     "HEADER_WORKER",
     "DeadLetter",
@@ -42,6 +47,7 @@ HEADER_CAUSE: Final = _PREFIX + "tls-cause"
 HEADER_LAST_ERROR: Final = _PREFIX + "last-error"
 HEADER_WORKER: Final = _PREFIX + "worker"
 HEADER_REPLAYED: Final = _PREFIX + "replayed"
+HEADER_RECIPIENTS: Final = _PREFIX + "recipients"
 _BROKER_HEADERS: Final = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
 
 
@@ -57,6 +63,8 @@ class RetryState:
 
     attempts: int = 0
     first_failure: datetime | None = None
+    # The recipients still to be reached, or None for all the event's recipients.
+    recipients: tuple[str, ...] | None = None
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, object] | None) -> RetryState:
@@ -71,7 +79,18 @@ class RetryState:
                 first_failure = None
         # Headers are broker data: a garbled one must not stop the retry logic.
         good_attempts = attempts if isinstance(attempts, int) and attempts >= 0 else 0
-        return cls(good_attempts, first_failure)
+        return cls(good_attempts, first_failure, _recipients(headers.get(HEADER_RECIPIENTS)))
+
+
+def _recipients(value: object) -> tuple[str, ...] | None:
+    """The recipients header as addresses. An unreadable one counts as absent: sending
+    to every recipient again risks a duplicate, not a lost alert."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    if not isinstance(value, str):
+        return None
+    addresses = tuple(a.strip() for a in value.split(",") if a.strip())
+    return addresses or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,10 +127,15 @@ def failure_headers(
     now: datetime,
     worker: str,
     detail: str,
+    recipients: tuple[str, ...] | None = None,
 ) -> dict[str, object]:
     """The message's headers updated with this failure, for the retry queue or the DLQ.
-    ``detail`` is the error text with secrets already scrubbed."""
+    ``detail`` is the error text with secrets already scrubbed. ``recipients``: the copy
+    is for these recipients only from now on (otherwise it keeps what it had)."""
     updated = without_broker_headers(headers)
+    if recipients is not None:
+        # Addresses come from the config, which allows no commas in them.
+        updated[HEADER_RECIPIENTS] = ", ".join(recipients)
     updated.update(
         {
             HEADER_ATTEMPTS: state.attempts + 1,

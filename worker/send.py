@@ -1,6 +1,10 @@
 """Send stage: try every relay in ``[[smtp]]`` order until one accepts, and classify the
 failure only when all of them failed. Transient failures are retried in-process with
-tenacity (exponential backoff with jitter, a few seconds in all)."""
+tenacity (exponential backoff with jitter, a few seconds in all).
+
+A relay that accepts the mail for some recipients and refuses others has delivered it:
+those refused with 5xx are logged and counted, those refused with 4xx (greylisting, a
+full mailbox) are handed back as deferred, for the retry ladder to try again later."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from tenacity import (
     AsyncRetrying,
@@ -22,10 +27,10 @@ from shared.config import SmtpRelay
 from shared.errors import DeliveryError, TlsRefusedError, TransientError
 from worker.classify import combine_attempts
 from worker.metrics import Metrics
-from worker.relay import Relay
+from worker.relay import Refusal, Relay
 from worker.render import Mail
 
-__all__ = ["Sender"]
+__all__ = ["Sender", "Sent"]
 
 COOLDOWN_AFTER = 3  # consecutive failures before a relay sits out its cool-down
 # Exponential backoff with jitter between in-process attempts: 0.2 s, 0.4 s, ... at most 2 s.
@@ -42,6 +47,14 @@ def _first_state() -> RetryCallState:
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """A relay accepted the mail. ``deferred``: recipients it refused for now (4xx)."""
+
+    relay: str
+    deferred: dict[str, Refusal] = field(default_factory=dict)
+
+
 class Sender:
     def __init__(
         self,
@@ -56,9 +69,9 @@ class Sender:
         self.retry_budget = retry_budget
         self.max_attempts = max_attempts
 
-    async def send(self, mail: Mail) -> str:
-        """Deliver ``mail`` and return the label of the relay that took it, or raise the
-        classified :class:`DeliveryError` once retries are used up."""
+    async def send(self, mail: Mail) -> Sent:
+        """Deliver ``mail`` and say which relay took it and which recipients it deferred,
+        or raise the classified :class:`DeliveryError` once retries are used up."""
         started = time.monotonic()
         try:
             # Most mails go through at once; they should not pay for retry machinery.
@@ -88,7 +101,7 @@ class Sender:
         self.metrics.retries.labels("inprocess").inc()
         log.info("retrying in-process after %s", error)
 
-    async def _attempt(self, mail: Mail) -> str:
+    async def _attempt(self, mail: Mail) -> Sent:
         errors: list[DeliveryError] = []
         now = time.monotonic()
         # A relay that keeps failing sits out its cool-down, but when every relay is
@@ -120,9 +133,13 @@ class Sender:
                     "event %s: relay %s refused some recipients: %s",
                     mail.event_id,
                     relay.label,
-                    "; ".join(f"{k} ({v})" for k, v in refused.items()),
+                    "; ".join(
+                        f"{rcpt} ({refusal.text}{', will retry' if refusal.temporary else ''})"
+                        for rcpt, refusal in refused.items()
+                    ),
                 )
-            return relay.label
+            deferred = {rcpt: r for rcpt, r in refused.items() if r.temporary}
+            return Sent(relay.label, deferred)
         failure = combine_attempts(errors)
         self.metrics.failed.labels(failure.reason).inc()
         raise failure

@@ -8,6 +8,7 @@ original acked. If the publish fails, the original stays unacked and comes back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Final
 
@@ -15,7 +16,7 @@ import amqp
 
 from shared.errors import ClusteralertError
 from shared.topology import DLX_EXCHANGE, RETRY_EXCHANGE
-from worker.pipeline import Outcome
+from worker.outcome import Outcome
 
 __all__ = ["SettleError", "Settler", "copy_properties"]
 
@@ -71,7 +72,14 @@ class Settler:
                 confirm_timeout=CONFIRM_TIMEOUT,
             )
         except Exception as exc:
+            # A fresh channel next time, as a late confirm of this publish must not be
+            # taken for the next one's. A nack or a return leaves this one open: close
+            # it rather than leak a channel per failed settle. (Not after a timeout or a
+            # socket error: the close would wait on a broker that does not answer.)
             self._channel = None
+            if not isinstance(exc, OSError) and channel.is_open:
+                with contextlib.suppress(Exception):
+                    channel.close()
             raise SettleError(
                 f"publish to {exchange or 'default exchange'} ({routing_key}) not confirmed: {exc}"
             ) from exc
