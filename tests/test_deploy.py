@@ -5,6 +5,7 @@ exported by a real worker. No Docker engine runs here, so these are the checks w
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import functools
@@ -585,6 +586,7 @@ def _alpine_like_path() -> str:
     if busybox is None or openssl is None:
         pytest.fail("busybox and openssl are needed: install Debian's packages (scripts/test does)")
     applets = Path(tempfile.mkdtemp(prefix="clusteralert-busybox-"))
+    atexit.register(shutil.rmtree, applets, ignore_errors=True)
     applets.chmod(0o755)
     listing = subprocess.run([busybox, "--list"], check=True, capture_output=True, text=True)
     for applet in listing.stdout.split():
