@@ -1088,6 +1088,10 @@ def test_definitions_are_imported_by_a_one_shot_service_not_at_boot() -> None:
     assert importer_env["RABBITMQ_NODENAME"] == rabbitmq_env["RABBITMQ_NODENAME"]
     # It reaches the node with the node's own Erlang cookie, from the data volume.
     assert ("rabbitmq-data", "/var/lib/rabbitmq", "ro") in _mounts(importer)
+    # And removes the default user RabbitMQ seeds when nothing is imported at boot
+    # (guest, as rabbitmq.conf names no other default_user).
+    assert importer["command"][-1] == "guest"  # type: ignore[index]
+    assert "default_user" not in conf
     for user in ("worker", "producer"):
         depends: dict[str, dict[str, str]] = services[user]["depends_on"]  # type: ignore[assignment]
         assert depends.get(name) == {"condition": "service_completed_successfully"}, user
@@ -1133,10 +1137,15 @@ def test_definitions_import_once_and_fail_loudly(vhost: str, tmp_path: Path) -> 
     base.chmod(0o755)
     definitions = base / "definitions"
     _definitions_for_vhost(tree / "rabbitmq-definitions", definitions, vhost, suffix)
+    # Stands in for the default user a fresh broker seeds (the real guest is the tests').
+    default_user = f"default{suffix}"
+    subprocess.run(
+        ["rabbitmqctl", "-q", "add_user", default_user, "pw"], check=True, capture_output=True
+    )
 
     def run_import() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["sh", str(IMPORT_SCRIPT), str(definitions), marker],
+            ["sh", str(IMPORT_SCRIPT), str(definitions), marker, default_user],
             capture_output=True,
             text=True,
             timeout=120,
@@ -1158,6 +1167,14 @@ def test_definitions_import_once_and_fail_loudly(vhost: str, tmp_path: Path) -> 
         path = urllib.parse.quote(vhost, safe="")
         url = f"amqp://clusteralert-worker{suffix}:{password}@127.0.0.1:5672/{path}"
         pika.BlockingConnection(pika.URLParameters(url)).close()
+        assert f"removed RabbitMQ's default user {default_user}" in first.stdout
+        users = subprocess.run(
+            ["rabbitmqctl", "-q", "list_users", "--no-table-headers"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        assert default_user not in users.split()
 
         retry_queue = retry_queue_name(RETRY_DELAYS[0][0])
         with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
@@ -1185,7 +1202,7 @@ def test_definitions_import_once_and_fail_loudly(vhost: str, tmp_path: Path) -> 
         cleanup = [["clear_global_parameter", marker]]
         cleanup += [
             ["delete_user", user + suffix]
-            for user in ("clusteralert-producer", "clusteralert-worker", "admin")
+            for user in ("clusteralert-producer", "clusteralert-worker", "admin", "default")
         ]
         running = [
             subprocess.Popen(

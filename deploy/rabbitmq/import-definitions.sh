@@ -13,10 +13,15 @@
 # changed ones (new passwords, a new permission) are, and so is everything on a fresh
 # broker, which has no MARKER.
 #
-# Usage: import-definitions.sh DIRECTORY [MARKER]
+# RabbitMQ seeds a fresh node with its default user (guest/guest, loopback only) unless it
+# imported definitions at boot; DEFAULT_USER, when given, is removed after an import, so
+# the only users are the definitions' own.
+#
+# Usage: import-definitions.sh DIRECTORY [MARKER [DEFAULT_USER]]
 set -eu
 directory=$1
 marker=${2:-clusteralert_definitions_sha256}
+default_user=${3:-}
 set -- "$directory"/*.json
 for file in "$@"; do
   [ -r "$file" ] || { echo "cannot read definitions at $file" >&2; exit 1; }
@@ -38,5 +43,10 @@ for file in "$@"; do
     exit 1
   fi
 done
+if [ -n "$default_user" ] &&
+  rabbitmqctl -q list_users --no-table-headers | cut -f 1 | grep -qxF "$default_user"; then
+  rabbitmqctl -q delete_user "$default_user"
+  echo "removed RabbitMQ's default user $default_user"
+fi
 rabbitmqctl -q set_global_parameter "$marker" "\"$digest\""
 echo "definitions imported from $directory (sha256 $digest)"
