@@ -872,6 +872,10 @@ def test_every_service_has_a_healthcheck_and_ours_probe_their_own_port() -> None
             port, _, _ = _metrics_probe(test)
             assert port == _metrics_port(service), name
             assert str(port) in service.get("expose", []), name  # type: ignore[operator]
+        # Upstream images' HTTP probes: the port the service publishes.
+        for url_port in re.findall(r"http://localhost:(\d+)/", " ".join(test)):
+            ports: list[str] = service.get("ports", [])  # type: ignore[assignment]
+            assert any(p.endswith(f":{url_port}") for p in ports), (name, url_port)
 
 
 def test_our_healthchecks_pass_against_the_real_programs(
