@@ -113,11 +113,19 @@ class Event:
     level: Level | None = None
     params: Mapping[str, str] = field(default_factory=dict)
     text: str | None = None
+    # The node whose producer spooled the event; ``node`` is the node it is about.
+    reporter: str | None = None
 
     @property
     def key(self) -> str:
         """The catalog and filter key, ``module:event_id``."""
         return f"{self.module}:{self.event_id}"
+
+    @property
+    def reported_by(self) -> str:
+        """Who reported the event: its ``reporter``, else (events from before the field
+        existed) the node it is about."""
+        return self.reporter if self.reporter is not None else self.node
 
 
 def routing_key(event: Event) -> str:
@@ -226,7 +234,7 @@ def _fit(event: Event, params: Mapping[str, str]) -> Event:
     # The common case needs no encoding to know it fits: at most 4 bytes per character,
     # plus JSON quoting (escapes double a character at most, as \uXXXX is ASCII).
     rough = sum(len(k) + 6 * len(v) for k, v in fitted.items()) + 6 * (
-        len(event.cluster) + len(event.node) + len(event.text or "")
+        len(event.cluster) + len(event.node) + len(event.reporter or "") + len(event.text or "")
     )
     if rough + 1024 < MAX_EVENT_BYTES:
         return Event(**{**_fields(event), "params": fitted})
@@ -255,6 +263,7 @@ def new_event(
     text: str | None = None,
     time: datetime | None = None,
     id: str | None = None,
+    reporter: str | None = None,
 ) -> Event:
     """Build a clean event from local input (CLI arguments, an alert agent's environment).
     Raises :class:`InvalidEvent` for structural faults, cleans everything else."""
@@ -278,6 +287,7 @@ def new_event(
         source=_clean_name(source, MAX_SOURCE_CHARS),
         level=_as_level(level),
         text=None if text is None else clean_text(text, MAX_TEXT_BYTES),
+        reporter=None if reporter is None else _clean_name(reporter, MAX_NAME_CHARS),
     )
     return _fit(event, _check_params(params or {}))
 
@@ -298,6 +308,8 @@ def _encode_unchecked(event: Event, params: Mapping[str, str]) -> bytes:
         doc["level"] = event.level
     if event.text is not None:
         doc["text"] = event.text
+    if event.reporter is not None:
+        doc["reporter"] = event.reporter
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
@@ -358,4 +370,5 @@ def decode_event(raw: bytes) -> Event:
         level=level if isinstance(level := doc.get("level"), str) else None,
         params=params,
         text=_optional_str(doc, "text"),
+        reporter=_optional_str(doc, "reporter"),
     )
