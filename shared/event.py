@@ -32,6 +32,8 @@ __all__ = [
     "clean_text",
     "decode_event",
     "encode_event",
+    "event_doc",
+    "event_from_doc",
     "new_event",
     "peek_event",
     "routing_key",
@@ -292,7 +294,7 @@ def new_event(
     return _fit(event, _check_params(params or {}))
 
 
-def _encode_unchecked(event: Event, params: Mapping[str, str]) -> bytes:
+def _doc(event: Event, params: Mapping[str, str]) -> dict[str, object]:
     doc: dict[str, object] = {
         "v": SCHEMA_VERSION,
         "id": event.id,
@@ -310,7 +312,18 @@ def _encode_unchecked(event: Event, params: Mapping[str, str]) -> bytes:
         doc["text"] = event.text
     if event.reporter is not None:
         doc["reporter"] = event.reporter
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return doc
+
+
+def _encode_unchecked(event: Event, params: Mapping[str, str]) -> bytes:
+    return json.dumps(_doc(event, params), ensure_ascii=False, separators=(",", ":")).encode(
+        "utf-8"
+    )
+
+
+def event_doc(event: Event) -> dict[str, object]:
+    """The wire form as a JSON object, for formats that carry events inside them."""
+    return _doc(event, event.params)
 
 
 def encode_event(event: Event) -> bytes:
@@ -346,6 +359,11 @@ def decode_event(raw: bytes) -> Event:
     except (ValueError, RecursionError) as exc:
         # ValueError covers JSONDecodeError and integers beyond Python's digit limit.
         raise InvalidEvent(f"not JSON: {str(exc)[:200]}") from None
+    return event_from_doc(doc)
+
+
+def event_from_doc(doc: object) -> Event:
+    """Check and clean an event already parsed from JSON (see :func:`decode_event`)."""
     if not isinstance(doc, dict):
         raise InvalidEvent(f"expected a JSON object, got {type(doc).__name__}")
     version = _require(doc, "v", int)
