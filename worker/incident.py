@@ -192,7 +192,8 @@ class _Mailed:
 
     token: str  # the local part of its mail's Message-ID
     began: datetime  # its first report's event time
-    touched: float  # when it was last mailed (or ended)
+    touched: float  # when it was last mailed (or ended): repeats count from here
+    seen: float  # when it was last reported: forgotten a repeat_interval after that
     since: int = 0  # reports folded since
     ended: bool = False
 
@@ -203,8 +204,10 @@ def _seconds(start: datetime, end: datetime) -> float:
 
 
 def _size(event: Event) -> int:
-    """Roughly what an event adds to a digest, in bytes, without encoding it."""
-    return 400 + len(event.text or "") + sum(len(k) + len(v) for k, v in event.params.items())
+    """At most what an event adds to a digest's notification, in bytes, without encoding
+    it: 4 bytes a character covers UTF-8 and JSON escapes."""
+    chars = len(event.text or "") + sum(len(k) + len(v) + 6 for k, v in event.params.items())
+    return 600 + 4 * chars
 
 
 class IncidentEngine(Generic[H]):
@@ -263,6 +266,8 @@ class IncidentEngine(Generic[H]):
         if mailed is not None and not mailed.ended:
             if now - mailed.touched < self.config.repeat_interval:
                 mailed.since += 1
+                mailed.seen = now
+                self._mailed.move_to_end(key)
                 return [Ack(handle, "repeat")]
             self._open("repeat", key, event, handle, now=now, actions=actions, mailed=mailed)
         else:
@@ -369,7 +374,7 @@ class IncidentEngine(Generic[H]):
                     return Ack(handle, "duplicate")  # another node's report of the end
                 continue
             mailed.ended = True
-            mailed.touched = now
+            mailed.touched = mailed.seen = now
             self._mailed.move_to_end(key)
             self._open("recovery", key, event, handle, now=now, actions=actions, mailed=mailed)
             return True
@@ -464,12 +469,13 @@ class IncidentEngine(Generic[H]):
         previous = self._mailed.get(pending.key)
         if pending.kind == "repeat" and previous is not None:
             # Replies keep answering the first mail of the incident.
-            previous.touched, previous.since = now, 0
+            previous.touched, previous.seen, previous.since = now, now, 0
             previous.ended = pending.resolved is not None
             self._mailed.move_to_end(pending.key)
             return
         began = pending.reports.first.time
-        self._mailed[pending.key] = _Mailed(token, began, now, ended=pending.resolved is not None)
+        ended = pending.resolved is not None
+        self._mailed[pending.key] = _Mailed(token, began, now, now, ended=ended)
         self._mailed.move_to_end(pending.key)
 
     def _send_digest(self, digest: _Digest[H], now: float, actions: list[Action[H]]) -> None:
@@ -510,13 +516,13 @@ class IncidentEngine(Generic[H]):
             self._release(due, now, actions)
 
     def _forget(self, now: float) -> None:
-        """Drop what folding and storms no longer need: mailed incidents after
+        """Drop what folding and storms no longer need: mailed incidents not reported for
         ``repeat_interval`` (and the oldest past ``max_held`` of them), storm counts of
-        quiet groups."""
+        quiet groups. A key still recurring is kept, so its next report is a repeat."""
         horizon = now - self.config.repeat_interval
         mailed = self._mailed
         while mailed and (
-            next(iter(mailed.values())).touched <= horizon or len(mailed) > self.config.max_held
+            next(iter(mailed.values())).seen <= horizon or len(mailed) > self.config.max_held
         ):
             mailed.popitem(last=False)
         if now < self._next_sweep:
