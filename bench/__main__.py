@@ -1,10 +1,10 @@
-"""``python -m bench [producer|worker] [--smoke]``: run one suite, or all of them."""
+"""``python -m bench [producer|worker|incident] [--smoke]``: run one suite, or all of them."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import producer, worker
+from bench import incident, producer, worker
 
 
 def main() -> None:
@@ -16,8 +16,10 @@ def main() -> None:
             producer.main()
         elif name == "worker":
             worker.main(smoke)
+        elif name == "incident":
+            incident.main()
         else:
-            sys.exit(f"unknown suite {name!r}; choose from producer, worker")
+            sys.exit(f"unknown suite {name!r}; choose from producer, worker, incident")
 
 
 main()
