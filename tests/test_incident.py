@@ -168,6 +168,22 @@ def test_group_wait_zero_and_no_storms_is_one_mail_per_event_at_once() -> None:
     assert stage.held == 0 and stage.next_deadline() is None
 
 
+def test_a_quiet_incident_is_forgotten_and_memory_is_bounded() -> None:
+    stage = engine(repeat_interval=100, max_held=5)
+    stage.offer(ev(at=0), 0, now=0)
+    [first] = publishes(stage.tick(2))
+    assert stage.offer(ev(), 1, now=50) == [Ack(1, "repeat")]
+    # Not reported for a whole repeat_interval: the next report is a new incident.
+    stage.tick(151)
+    stage.offer(ev(), 2, now=151)
+    [again] = publishes(stage.tick(153))
+    assert again.notification.kind == "incident" and again.notification.items[0].replies_to is None
+    for i in range(20):
+        stage.offer(ev(node=f"x{i}"), 10 + i, now=200 + i)
+        stage.tick(203 + i)
+    assert len(stage._mailed) <= 5  # white box: what bounds memory
+
+
 def test_filtered_events_are_acked_with_their_reason() -> None:
     stage = IncidentEngine[int](CONFIG, CATALOG, FilterConfig(disable=("rm:9",)))
     assert stage.offer(ev("rm", 9, monitor="m"), 1, now=0) == [Ack(1, "disabled")]
