@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, get_args
 
 from shared.errors import InvalidEvent
-from shared.event import Event, clean_text, event_doc, event_from_doc
+from shared.event import MAX_EVENT_BYTES, Event, clean_text, event_doc, event_from_doc
 
 __all__ = [
     "DIGEST_PREFIX",
@@ -35,9 +35,11 @@ __all__ = [
     "Item",
     "Kind",
     "Notification",
+    "decode_mail_body",
     "decode_notification",
     "encode_notification",
     "is_notification",
+    "single",
 ]
 
 NOTIFICATION_VERSION: Final = 1
@@ -79,6 +81,25 @@ class Notification:
     @property
     def first(self) -> Event:
         return self.items[0].event
+
+    @property
+    def events(self) -> int:
+        """How many events (reports) it covers."""
+        return sum(i.reports + (i.resolved.reports if i.resolved else 0) for i in self.items)
+
+    def summary(self, keys: int = 3) -> str:
+        """One line for logs and ``dlq list``: the kind, the count and the commonest
+        kinds of event, e.g. ``digest of 490 events: rm:9 x480, nm:2 x10``."""
+        counts: dict[str, int] = {}
+        for item in self.items:
+            counts[item.event.key] = counts.get(item.event.key, 0) + item.reports
+            if item.resolved is not None:
+                key = item.resolved.event.key
+                counts[key] = counts.get(key, 0) + item.resolved.reports
+        common = sorted(counts.items(), key=lambda kv: -kv[1])[:keys]
+        shown = ", ".join(f"{key} x{count}" for key, count in common)
+        more = ", ..." if len(counts) > keys else ""
+        return f"{self.kind} of {self.events} event(s): {shown}{more}"
 
     @property
     def event_ids(self) -> tuple[str, ...]:
@@ -126,9 +147,27 @@ def encode_notification(notification: Notification) -> bytes:
 
 
 def is_notification(raw: bytes) -> bool:
-    """Whether a message on the mail queue is a notification rather than a bare event
-    (a 0.1 message, or a 0.1 dead letter replayed): a cheap look at its start."""
+    """Whether a message on the mail queue looks like a notification rather than a bare
+    event (a 0.1 message, or a 0.1 dead letter replayed): a cheap look at its start, as
+    :func:`encode_notification` writes it. :func:`decode_mail_body` decides for sure."""
     return raw[:40].lstrip().startswith(b'{"notification"')
+
+
+def single(event: Event) -> Notification:
+    """A bare event as a notification of one incident with one report."""
+    return Notification("incident", (Item(event, (event.id,), ((event.reported_by, 1),)),))
+
+
+def decode_mail_body(raw: bytes) -> Notification | Event:
+    """A message from the mail queue: a notification, or a bare event (from 0.1, or a 0.1
+    dead letter replayed), which the delivery stage mails on its own as before.
+    :class:`InvalidEvent` with a one-line reason when it is neither."""
+    doc = _parse(raw)
+    if isinstance(doc, dict) and "notification" in doc:
+        return _notification(doc)
+    if len(raw) > MAX_EVENT_BYTES:
+        raise InvalidEvent(f"event is {len(raw)} bytes, at most {MAX_EVENT_BYTES} allowed")
+    return event_from_doc(doc)
 
 
 def _field(doc: dict[str, Any], name: str, kind: type, where: str) -> Any:
@@ -206,16 +245,23 @@ def _item(doc: object, where: str, depth: int = 0) -> Item:
     )
 
 
-def decode_notification(raw: bytes) -> Notification:
-    """Parse and check a notification; :class:`InvalidEvent` with a one-line reason."""
+def _parse(raw: bytes) -> object:
     if len(raw) > MAX_NOTIFICATION_BYTES:
         raise InvalidEvent(
             f"notification is {len(raw)} bytes, at most {MAX_NOTIFICATION_BYTES} allowed"
         )
     try:
-        doc = json.loads(raw.decode("utf-8", errors="replace"))
+        return json.loads(raw.decode("utf-8", errors="replace"))
     except (ValueError, RecursionError) as exc:
-        raise InvalidEvent(f"notification: not JSON: {str(exc)[:200]}") from None
+        raise InvalidEvent(f"not JSON: {str(exc)[:200]}") from None
+
+
+def decode_notification(raw: bytes) -> Notification:
+    """Parse and check a notification; :class:`InvalidEvent` with a one-line reason."""
+    return _notification(_parse(raw))
+
+
+def _notification(doc: object) -> Notification:
     if not isinstance(doc, dict):
         raise InvalidEvent("notification: expected a JSON object")
     version = doc.get("notification")

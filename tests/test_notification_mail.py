@@ -15,15 +15,17 @@ import pytest
 from shared.catalog import load_catalog
 from shared.config import FilterConfig, IncidentConfig, MailConfig
 from shared.errors import InvalidEvent
-from shared.event import Event, new_event
+from shared.event import Event, encode_event, new_event
 from shared.filter import Decision, decide
 from shared.notification import (
     MAX_NOTIFICATION_BYTES,
     Item,
     Notification,
+    decode_mail_body,
     decode_notification,
     encode_notification,
     is_notification,
+    single,
 )
 from worker.incident import Action, IncidentEngine, Publish
 from worker.render import Mail, Renderer
@@ -201,7 +203,28 @@ def test_codec_round_trip_and_strict_one_line_errors() -> None:
             decode_notification(json.dumps(value).encode())
         assert str(caught.value).startswith(expected), (expected, str(caught.value))
         assert "\n" not in str(caught.value)
-    with pytest.raises(InvalidEvent, match=r"^notification: not JSON"):
+    with pytest.raises(InvalidEvent, match=r"^not JSON"):
         decode_notification(b"{")
     with pytest.raises(InvalidEvent, match=r"^notification is"):
         decode_notification(b" " * (MAX_NOTIFICATION_BYTES + 1))
+
+
+def test_the_mail_queue_carries_notifications_and_bare_events_from_0_1() -> None:
+    event = ev("rm", 9, monitor="m")
+    assert decode_mail_body(encode_event(event)) == event
+    notification = single(event)
+    assert decode_mail_body(encode_notification(notification)) == notification
+    assert notification.summary() == "incident of 1 event(s): rm:9 x1"
+    with pytest.raises(InvalidEvent, match=r"^event is 70002 bytes, at most 65536"):
+        decode_mail_body(b" " * 70_000 + b"{}")
+    with pytest.raises(InvalidEvent, match=r"^cluster: missing$"):
+        decode_mail_body(b'{"v":1,"id":"%s","time":"2026-01-01T00:00:00Z"}' % event.id.encode())
+
+
+def test_a_digest_summary_names_its_count_and_commonest_kinds() -> None:
+    stage = engine(storm_threshold=1, storm_window=10)
+    events = [(ev("rm", 9, node=f"n{i}", monitor=f"m{i}"), i / 10) for i in range(6)]
+    events += [(ev("nm", 2, server=f"s{i}"), 0.6) for i in range(2)]
+    events += [(ev("zz", 1, level="error"), 0.7), (ev("pm", 20, process="p"), 0.8)]
+    digest = next(p for p in run(stage, events) if p.notification.kind == "digest")
+    assert digest.notification.summary() == "digest of 8 event(s): rm:9 x5, nm:2 x2, pm:20 x1"
