@@ -14,7 +14,8 @@ from shared.catalog import load_catalog
 from shared.config import FilterConfig, IncidentConfig
 from shared.event import Event, new_event
 from shared.notification import decode_notification, encode_notification
-from worker.incident import Ack, Action, IncidentEngine, Publish
+from worker.incident import Ack, Action, IncidentEngine, Publish, count
+from worker.metrics import Metrics
 
 CATALOG = load_catalog([])
 T0 = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
@@ -182,6 +183,30 @@ def test_a_quiet_incident_is_forgotten_and_memory_is_bounded() -> None:
         stage.offer(ev(node=f"x{i}"), 10 + i, now=200 + i)
         stage.tick(203 + i)
     assert len(stage._mailed) <= 5  # white box: what bounds memory
+
+
+def test_counting_the_actions_fills_the_incident_metrics() -> None:
+    metrics = Metrics([])
+    stage = engine(storm_threshold=1, storm_window=10)
+    out = [a for i in range(3) for a in stage.offer(ev(reporter=f"r{i}"), i, now=0)]
+    out += stage.offer(ev("rm", 9, node="b", monitor="m"), 3, now=0)
+    out += stage.offer(ev("zz", 1), 4, now=0)
+    out += stage.tick(2) + stage.offer(ev(), 5, now=3) + stage.flush(20)
+    # The storm goes on: the recovery waits for the next digest, and is counted there.
+    out += stage.offer(ev("pacemaker", 2), 6, now=21) + stage.tick(23) + stage.flush(40)
+    for action in out:
+        count(metrics, action)
+
+    def get(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    assert get("clusteralert_incidents_opened_total") == 2
+    assert get("clusteralert_events_folded_total", reason="duplicate") == 2
+    assert get("clusteralert_events_folded_total", reason="repeat") == 1
+    assert get("clusteralert_events_filtered_total", reason="unknown") == 1
+    assert get("clusteralert_digests_sent_total") == 2
+    assert get("clusteralert_recoveries_total") == 1
+    assert get("clusteralert_incident_held") == 0 and get("clusteralert_incident_stage_active") == 0
 
 
 def test_filtered_events_are_acked_with_their_reason() -> None:

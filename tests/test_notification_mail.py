@@ -228,3 +228,27 @@ def test_a_digest_summary_names_its_count_and_commonest_kinds() -> None:
     events += [(ev("zz", 1, level="error"), 0.7), (ev("pm", 20, process="p"), 0.8)]
     digest = next(p for p in run(stage, events) if p.notification.kind == "digest")
     assert digest.notification.summary() == "digest of 8 event(s): rm:9 x5, nm:2 x2, pm:20 x1"
+
+
+def test_digest_lines_say_which_incidents_ended_or_repeat() -> None:
+    def item(event: Event, **extra: object) -> Item:
+        return Item(event, (event.id,), (("node1", 1),), **extra)  # type: ignore[arg-type]
+
+    failure, back = ev("rm", 9, monitor="a"), ev("rm", 26, monitor="a", at=2)
+    recovered = ev("rm", 26, monitor="b")
+    again = ev("rm", 9, monitor="c")
+    items = (
+        item(failure, resolved=item(back), duration=2),
+        item(recovered, replies_to=failure.id, duration=65),
+        item(again, replies_to=failure.id, since=3),
+    )
+    _, parsed = mail_of(Notification("digest", items, window=60))
+    lines = [line.split("  ")[4] for line in text(parsed).splitlines() if line.startswith("2026")]
+    assert lines == [
+        "Monitor a on db1 found an error: {detail?} (code {code?}).",
+        "[ends an incident after 2.0 s] Monitor a on db1 is back to normal.",
+        "[ends an incident after 1 min 5 s] Monitor b on db1 is back to normal.",
+        "[still happening: 4 more since the last mail] Monitor c on db1 found an error: "
+        "{detail?} (code {code?}).",
+    ]
+    assert parsed["Subject"] == "[storm] prod: 4 events in 60 s: rm:9 x2, rm:26 x2"

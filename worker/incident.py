@@ -44,7 +44,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Final, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Final, Generic, Literal, TypeVar
 
 from shared.catalog import Catalog, CatalogEntry
 from shared.config import FilterConfig, IncidentConfig
@@ -52,7 +52,10 @@ from shared.event import Event
 from shared.filter import Decision, FilterReason, decide
 from shared.notification import DIGEST_PREFIX, MAX_IDS, MAX_REPORTERS, Item, Kind, Notification
 
-__all__ = ["Ack", "AckReason", "Action", "IncidentEngine", "Publish"]
+if TYPE_CHECKING:
+    from worker.metrics import Metrics
+
+__all__ = ["Ack", "AckReason", "Action", "IncidentEngine", "Publish", "count"]
 
 H = TypeVar("H")
 AckReason = Literal["duplicate", "repeat"] | FilterReason
@@ -533,3 +536,19 @@ class IncidentEngine(Generic[H]):
             del self._sent[group]
         for group in [g for g, at in self._last_digest.items() if at <= now - window]:
             del self._last_digest[group]
+
+
+def count(metrics: Metrics, done: Action[H]) -> None:
+    """Count an action once it is carried out: an :class:`Ack` once acked, a
+    :class:`Publish` once its confirm came (not before: unconfirmed, it did not happen)."""
+    if isinstance(done, Ack):
+        if done.reason in ("duplicate", "repeat"):
+            metrics.folded.labels(done.reason).inc()
+        else:
+            metrics.filtered.labels(done.reason).inc()
+        return
+    metrics.incidents_opened.inc(done.opened)
+    metrics.folded.labels("duplicate").inc(done.folded)
+    metrics.recoveries.inc(done.recoveries)
+    if done.notification.kind == "digest":
+        metrics.digests.inc()

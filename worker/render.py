@@ -240,8 +240,7 @@ class Renderer:
                 event = part.event
                 decision = decider(event)
                 message = _message(event, decision, _values(event, decision.level))
-                if part.replies_to is not None or part is item.resolved:
-                    message = f"[ends an incident after {_duration(item.duration)}] {message}"
+                message = _digest_note(item, part) + message
                 if part.reports > 1:
                     message += f" ({part.reports} reports)"
                 row = (
@@ -405,6 +404,16 @@ def _intro(kind: str, item: Item, decider: Callable[[Event], Decision]) -> list[
             "",
         ]
     return []
+
+
+def _digest_note(item: Item, part: Item) -> str:
+    """What a digest line says besides the event's text: whether it ends an incident or
+    repeats one (then it answers an earlier mail)."""
+    if part is item.resolved or (item.replies_to is not None and item.duration is not None):
+        return f"[ends an incident after {_duration(item.duration)}] "
+    if item.replies_to is not None:
+        return f"[still happening: {item.since + 1} more since the last mail] "
+    return ""
 
 
 def _digest_html(title: str, rows: list[tuple[str, ...]]) -> str:
