@@ -115,6 +115,25 @@ def test_a_storm_sends_at_most_threshold_singles_then_one_digest_per_window() ->
     assert now <= 2.0 + 0.11 + 10 + 1e-9
 
 
+def test_a_lasting_storm_gets_one_digest_per_window_and_a_trickle_after_it_does_not() -> None:
+    stage = engine(storm_threshold=5, storm_window=10)
+    out: list[Action[int]] = []
+    handle = 0
+    for i in range(400):  # 10 new incidents a second for 40 s
+        now = i / 10
+        out += stage.tick(now) + stage.offer(ev("rm", 9, node=f"n{i}", monitor="m"), i, now)
+        handle = i
+    for t in (60.0, 75.0, 90.0):  # then one every 15 s: below the threshold
+        handle += 1
+        out += stage.tick(t) + stage.offer(ev("rm", 9, node=f"late{t}", monitor="m"), handle, t)
+    out += stage.tick(200)
+    kinds = [(p.notification.kind, len(p.notification.items)) for p in publishes(out)]
+    assert kinds[:5] == [("incident", 1)] * 5
+    digests = [n for kind, n in kinds if kind == "digest"]
+    assert len(digests) == 4 and sum(digests) == 395  # one per window while it lasts
+    assert kinds[-3:] == [("incident", 1)] * 3
+
+
 def test_recovery_answers_the_failure_and_states_how_long_it_lasted() -> None:
     stage = engine()
     stage.offer(ev("rm", 9, node="db1", at=0, monitor="httpw", detail="x", code="1"), 1, now=0)
@@ -192,8 +211,7 @@ def test_counting_the_actions_fills_the_incident_metrics() -> None:
     out += stage.offer(ev("rm", 9, node="b", monitor="m"), 3, now=0)
     out += stage.offer(ev("zz", 1), 4, now=0)
     out += stage.tick(2) + stage.offer(ev(), 5, now=3) + stage.flush(20)
-    # The storm goes on: the recovery waits for the next digest, and is counted there.
-    out += stage.offer(ev("pacemaker", 2), 6, now=21) + stage.tick(23) + stage.flush(40)
+    out += stage.offer(ev("pacemaker", 2), 6, now=21) + stage.tick(23)
     for action in out:
         count(metrics, action)
 
@@ -204,7 +222,7 @@ def test_counting_the_actions_fills_the_incident_metrics() -> None:
     assert get("clusteralert_events_folded_total", reason="duplicate") == 2
     assert get("clusteralert_events_folded_total", reason="repeat") == 1
     assert get("clusteralert_events_filtered_total", reason="unknown") == 1
-    assert get("clusteralert_digests_sent_total") == 2
+    assert get("clusteralert_digests_sent_total") == 1
     assert get("clusteralert_recoveries_total") == 1
     assert get("clusteralert_incident_held") == 0 and get("clusteralert_incident_stage_active") == 0
 

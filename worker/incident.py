@@ -29,7 +29,8 @@ What it does with an event, in order:
    was seen since.
 4. Per storm group, once ``storm_threshold`` notifications went out within the last
    ``storm_window`` seconds, further notifications are held and go out as one digest at
-   the end of the window, and so on while the storm lasts.
+   the end of the window, and so on, one digest per window, while the rate stays that
+   high (digested notifications count as sent).
 5. At most ``max_held`` events are held: past it, the oldest held window goes out early.
 
 ``group_wait = 0`` turns grouping off: every event is its own notification at once, and
@@ -62,7 +63,7 @@ AckReason = Literal["duplicate", "repeat"] | FilterReason
 # A digest goes out early rather than grow past these: the mail must stay well under a
 # relay's size limit, and the notification under the queue's.
 MAX_DIGEST_ITEMS: Final = 1000
-MAX_DIGEST_BYTES: Final = 4 * 1024 * 1024
+MAX_DIGEST_BYTES: Final = 3 * 1024 * 1024
 
 IncidentKey = tuple[str, str, tuple[tuple[str, str | None], ...]]
 StormGroup = tuple[str, ...]
@@ -363,6 +364,10 @@ class IncidentEngine(Generic[H]):
                     pending.resolved.add(event, handle)
                 pending.size += _size(event)
                 self.held += 1
+                if pending.in_digest:
+                    digest = self._digests[pending.group]
+                    digest.size += _size(event)
+                    self._check_digest_size(digest, now, actions)
                 return True
             recovering = self._recovering.get(key)
             if recovering is not None:
@@ -417,16 +422,17 @@ class IncidentEngine(Generic[H]):
         heapq.heappush(self._heap, (pending.deadline, next(self._seq), pending))
 
     def _storming(self, group: StormGroup, now: float) -> bool:
+        """Whether ``storm_threshold`` notifications of the group went out, or would
+        have but were digested, within the last ``storm_window``; or a digest is open."""
         threshold = self.config.storm_threshold
         if threshold <= 0:
             return False
         if group in self._digests:
             return True
-        window = self.config.storm_window
-        if self._last_digest.get(group, -window) > now - window:
-            return True  # the storm goes on: the next digest follows the last one
         sent = self._sent.get(group)
-        return sent is not None and len(sent) >= threshold and sent[0] > now - window
+        return (
+            sent is not None and len(sent) >= threshold and sent[0] > now - self.config.storm_window
+        )
 
     def _count_sent(self, group: StormGroup, now: float) -> None:
         threshold = self.config.storm_threshold
@@ -446,11 +452,12 @@ class IncidentEngine(Generic[H]):
                 self._digests[pending.group] = digest
                 heapq.heappush(self._heap, (digest.deadline, next(self._seq), digest))
             # Still listed: later reports and its end join it until the digest goes out.
+            # Counted as if sent: the storm lasts as long as the rate stays high.
             pending.in_digest = True
+            self._count_sent(pending.group, now)
             digest.pendings.append(pending)
             digest.size += pending.size
-            if len(digest.pendings) >= MAX_DIGEST_ITEMS or digest.size >= MAX_DIGEST_BYTES:
-                self._send_digest(digest, now, actions)
+            self._check_digest_size(digest, now, actions)
             return
         self._unlist(pending)
         item = pending.item()
@@ -459,6 +466,10 @@ class IncidentEngine(Generic[H]):
         self.held -= len(handles)
         self._count_sent(pending.group, now)
         actions.append(Publish(Notification(pending.kind, (item,)), handles))
+
+    def _check_digest_size(self, digest: _Digest[H], now: float, actions: list[Action[H]]) -> None:
+        if len(digest.pendings) >= MAX_DIGEST_ITEMS or digest.size >= MAX_DIGEST_BYTES:
+            self._send_digest(digest, now, actions)
 
     def _unlist(self, pending: _Pending[H]) -> None:
         table = self._recovering if pending.kind == "recovery" else self._pending
@@ -495,7 +506,6 @@ class IncidentEngine(Generic[H]):
             self._remember(pending, token, now)
             handles += pending.handles
         self.held -= len(handles)
-        self._count_sent(digest.group, now)
         self._last_digest[digest.group] = now
         notification = Notification("digest", items, window=self.config.storm_window)
         actions.append(Publish(notification, tuple(handles)))
