@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import logging
-import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from shared.filter import Decision
 from shared.levels import Level, level_rank
 from shared.notification import DIGEST_PREFIX, Item, Notification
 from shared.placeholders import render_template
-from worker.mime import body_part, header_value, one_line
+from worker.mime import Mail, header_value, mail_content, one_line
 
 __all__ = ["Mail", "Renderer"]
 
@@ -34,15 +33,6 @@ MAX_SUBJECT_CHARS: Final = 200
 MAX_DIGEST_LINE_CHARS: Final = 300  # the rendered text on a digest line
 DIGEST_COLUMNS: Final = ("Time", "Node", "Level", "Kind", "Text", "Event")
 FALLBACK_CHARSET: Final = "utf-8"
-
-
-@dataclass(frozen=True, slots=True)
-class Mail:
-    event_id: str
-    sender: str
-    recipients: tuple[str, ...]
-    data: bytes
-    charset: str
 
 
 def _values(event: Event, level: str) -> dict[str, str]:
@@ -81,33 +71,52 @@ def _message(event: Event, decision: Decision, values: dict[str, str]) -> str:
     return f"Event {event.key} (not in the catalog)"
 
 
-def _body(
-    event: Event,
-    decision: Decision,
-    message: str,
-    values: dict[str, str],
-    *,
-    intro: Sequence[str] = (),
-    outro: Sequence[str] = (),
-) -> str:
-    lines = [*intro, message, ""]
+@dataclass(frozen=True, slots=True)
+class _Content:
+    """What a one-event mail says, worked out once and then written as plain text and,
+    if configured, as HTML."""
+
+    message: str  # the rendered catalog text (or the event's own text)
+    action: str  # the rendered suggested action, or ""
+    details: str  # the event's free text when a catalog text is shown, or ""
+    # Label and value of each event field. "Event ID" is the catalog number
+    # (``event_id``); "Event" is the event's UUID (``id``), which the Message-ID uses.
+    fields: tuple[tuple[str, str], ...]
+    params: tuple[tuple[str, str], ...]
+    event_uuid: str
+
+
+def _content_of(event: Event, decision: Decision) -> _Content:
+    values = _values(event, decision.level)
     entry = decision.entry
-    if entry is not None and entry.action:
-        lines += ["Suggested action:", render_template(entry.action, values), ""]
-    if entry is not None and event.text:
-        lines += ["Details:", event.text, ""]
-    lines += [
-        f"Cluster:    {event.cluster}",
-        f"Node:       {event.node}",
-        f"Module:     {event.module}",
-        f"Event ID:   {event.event_id}",
-        f"Level:      {decision.level}",
-        f"Event time: {event.time.strftime('%Y-%m-%d %H:%M:%S.%f')} UTC",
-    ]
-    if event.params:
+    return _Content(
+        message=_message(event, decision, values),
+        action=render_template(entry.action, values) if entry is not None and entry.action else "",
+        details=event.text if entry is not None and event.text else "",
+        fields=(
+            ("Cluster", event.cluster),
+            ("Node", event.node),
+            ("Module", event.module),
+            ("Event ID", str(event.event_id)),
+            ("Level", decision.level),
+            ("Event time", f"{event.time.strftime('%Y-%m-%d %H:%M:%S.%f')} UTC"),
+        ),
+        params=tuple(sorted(event.params.items())),
+        event_uuid=event.id,
+    )
+
+
+def _body(content: _Content, *, intro: Sequence[str] = (), outro: Sequence[str] = ()) -> str:
+    lines = [*intro, content.message, ""]
+    if content.action:
+        lines += ["Suggested action:", content.action, ""]
+    if content.details:
+        lines += ["Details:", content.details, ""]
+    lines += [f"{label + ':':<12}{value}" for label, value in content.fields]
+    if content.params:
         lines.append("Parameters:")
-        lines += [f"  {key}: {value}" for key, value in sorted(event.params.items())]
-    lines += ["", *outro, f"Event: {event.id}", "-- ", "Sent by clusteralert."]
+        lines += [f"  {key}: {value}" for key, value in content.params]
+    lines += ["", *outro, f"Event: {content.event_uuid}", "-- ", "Sent by clusteralert."]
     return "\n".join(lines)
 
 
@@ -120,36 +129,22 @@ def _fits(charset: str, *texts: str) -> bool:
     return True
 
 
-def _html(
-    event: Event,
-    decision: Decision,
-    message: str,
-    values: dict[str, str],
-    *,
-    intro: Sequence[str] = (),
-) -> str:
+def _html(content: _Content, *, intro: Sequence[str] = ()) -> str:
     """The HTML alternative. Every value comes from the event or the catalog and is
     escaped; nothing from an event can become markup."""
     esc = html.escape
     rows = [
-        ("Cluster", event.cluster),
-        ("Node", event.node),
-        ("Module", event.module),
-        ("Event ID", str(event.event_id)),
-        ("Level", decision.level),
-        ("Event time", f"{event.time.strftime('%Y-%m-%d %H:%M:%S.%f')} UTC"),
-        *((f"Param {key}", value) for key, value in sorted(event.params.items())),
-        ("Event", event.id),
+        *content.fields,
+        *((f"Param {key}", value) for key, value in content.params),
+        ("Event", content.event_uuid),
     ]
     parts = ["<!DOCTYPE html>", "<html><body>"]
     parts += [f"<p>{esc(line)}</p>" for line in intro if line]
-    parts.append(f"<p><strong>{esc(message)}</strong></p>")
-    entry = decision.entry
-    if entry is not None and entry.action:
-        action = render_template(entry.action, values)
-        parts.append(f"<p>Suggested action: {esc(action)}</p>")
-    if entry is not None and event.text:
-        parts.append(f"<p>Details: {esc(event.text)}</p>")
+    parts.append(f"<p><strong>{esc(content.message)}</strong></p>")
+    if content.action:
+        parts.append(f"<p>Suggested action: {esc(content.action)}</p>")
+    if content.details:
+        parts.append(f"<p>Details: {esc(content.details)}</p>")
     parts.append("<table>")
     parts += [f'<tr><th align="left">{esc(k)}</th><td>{esc(v)}</td></tr>' for k, v in rows]
     parts += ["</table>", "</body></html>"]
@@ -179,12 +174,11 @@ class Renderer:
     def render(self, event: Event, decision: Decision) -> Mail:
         """The mail for one event, as mailed before incidents existed (and for a bare
         event on the mail queue, such as a replayed 0.1 dead letter)."""
-        values = _values(event, decision.level)
-        message = _message(event, decision, values)
-        body = _body(event, decision, message, values)
-        html_body = _html(event, decision, message, values) if self.config.html else ""
+        content = _content_of(event, decision)
+        body = _body(content)
+        html_body = _html(content) if self.config.html else ""
         return self._assemble(
-            self._subject(event, decision.level, message),
+            self._subject(event, decision.level, content.message),
             body,
             html_body,
             recipients=self.recipients(event, decision.level),
@@ -203,19 +197,16 @@ class Renderer:
         [item] = notification.items
         event = item.event
         decision = decider(event)
-        values = _values(event, decision.level)
-        message = _message(event, decision, values)
+        content = _content_of(event, decision)
         intro = _intro(notification.kind, item, decider)
-        body = _body(event, decision, message, values, intro=intro, outro=_reported(item))
-        html_body = ""
-        if self.config.html:
-            html_body = _html(event, decision, message, values, intro=intro + _reported(item))
+        body = _body(content, intro=intro, outro=_reported(item))
+        html_body = _html(content, intro=intro + _reported(item)) if self.config.html else ""
         threading: list[tuple[str, str]] = []
         if item.replies_to is not None:
             answered = f"<{item.replies_to}@{self.config.domain}>"
             threading = [("In-Reply-To", answered), ("References", answered)]
         return self._assemble(
-            self._subject(event, decision.level, message),
+            self._subject(event, decision.level, content.message),
             body,
             html_body,
             recipients=self.recipients(event, decision.level),
@@ -340,7 +331,7 @@ class Renderer:
             event_id=message_id,
             sender=self.config.sender,
             recipients=recipients,
-            data=head + _content(body, html_body, charset, message_id),
+            data=head + mail_content(body, html_body, charset),
             charset=charset,
         )
 
@@ -423,27 +414,3 @@ def _digest_html(title: str, rows: list[tuple[str, ...]]) -> str:
     parts += ["<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in rows]
     parts += ["</table>", "</body></html>"]
     return "\n".join(parts)
-
-
-def _part(text: str, subtype: str, charset: str) -> bytes:
-    encoding, payload = body_part(text, charset)
-    return (
-        f'Content-Type: text/{subtype}; charset="{charset}"\r\n'
-        f"Content-Transfer-Encoding: {encoding}\r\n\r\n"
-    ).encode("ascii") + payload
-
-
-def _content(body: str, html_body: str, charset: str, event_id: str) -> bytes:
-    """The Content-* headers and the body: plain text, or plain text and HTML as
-    multipart/alternative with a random boundary: event text cannot guess it."""
-    if not html_body:
-        return _part(body, "plain", charset)
-    boundary = f"=_clusteralert_{uuid.uuid4().hex}"
-    return (
-        f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n\r\n'.encode("ascii")
-        + f"--{boundary}\r\n".encode("ascii")
-        + _part(body, "plain", charset)
-        + f"--{boundary}\r\n".encode("ascii")
-        + _part(html_body, "html", charset)
-        + f"--{boundary}--\r\n".encode("ascii")
-    )
