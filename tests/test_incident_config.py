@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from shared.config import IncidentConfig, parse_config
 from shared.errors import ConfigError
+from tests.test_check_config import GOOD, check
 
 
 def test_defaults_and_every_key() -> None:
@@ -50,3 +53,19 @@ def test_bad_values_are_one_line_errors(table: dict[str, object], expected: str)
         parse_config({"incident": table}, sections=("incident",))
     [problem] = caught.value.problems
     assert str(problem).startswith(expected) and "\n" not in str(problem)
+
+
+def test_check_config_reports_incident_and_catalog_incident_keys(tmp_path: Path) -> None:
+    catalog = tmp_path / "site.toml"
+    catalog.write_text(
+        '[[message]]\nmodule = "rm"\nevent_id = 26\nlevel = "info"\ntext = "x"\n'
+        'resolves = ["rm9"]\n'
+    )
+    config = tmp_path / "c.toml"
+    config.write_text(GOOD + f'[catalog]\npath = "{catalog}"\n[incident]\nstorm_by = ["rack"]\n')
+    result = check(config)
+    assert result.returncode == 1
+    assert (
+        "error: incident.storm_by[0]: expected one of cluster, node, module, key" in result.stdout
+    )
+    assert "message[0].resolves[0]: expected module:event_id, e.g. rm:9, got 'rm9'" in result.stdout
