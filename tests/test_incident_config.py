@@ -65,7 +65,7 @@ def test_check_config_reports_incident_and_catalog_incident_keys(tmp_path: Path)
     config.write_text(GOOD + f'[catalog]\npath = "{catalog}"\n[incident]\nstorm_by = ["rack"]\n')
     result = check(config)
     assert result.returncode == 1
-    assert (
-        "error: incident.storm_by[0]: expected one of cluster, node, module, key" in result.stdout
+    assert result.stdout.startswith(
+        "incident.storm_by[0]: expected one of cluster, node, module, key, got 'rack'\n"
     )
     assert "message[0].resolves[0]: expected module:event_id, e.g. rm:9, got 'rm9'" in result.stdout
