@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from shared.catalog import load_catalog
@@ -271,6 +271,14 @@ step = st.one_of(
 
 
 @settings(max_examples=300, deadline=None)
+# Found by this test: with group_wait 0 a storm held events past max_held.
+@example(
+    steps=[("offer", ("rm", 9), "n1", "r1", "c1")] * 3,
+    group_wait=0.0,
+    repeat_interval=0.0,
+    threshold=1,
+    max_held=1,
+)
 @given(
     steps=st.lists(step, max_size=80),
     group_wait=st.sampled_from([0.0, 0.5, 2.0]),

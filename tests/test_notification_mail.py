@@ -153,31 +153,41 @@ def test_digest_subject_message_id_and_one_line_per_incident() -> None:
 
 
 def test_a_digest_of_hostile_events_stays_small_and_injects_nothing() -> None:
-    """64 params of 4 KiB with CR/LF and header text each, 1,000 of them in a storm: the
-    digests are split under the notification limit, every mail stays far under a relay's
-    10 MB limit, and no header is added."""
+    """64 params of 4 KiB with CR/LF and header text each, 1,000 of them in a storm: one
+    digest under the notification limit, its mail far under a relay's 10 MB limit, and
+    no header added."""
     value = ("x\r\nBcc: evil@example.net\r\n" * 200)[:4096]
-    hostile = ev("zz", 1, monitor="m", **{f"p{k}": value for k in range(63)})
+    hostile = ev(
+        "rm", 9, monitor=value, detail=value, code=value, **{f"p{k}": value for k in range(61)}
+    )
     assert len(hostile.params) == 64
     events = [
         (
-            replace(hostile, id=str(uuid.uuid4()), params={**hostile.params, "monitor": f"m{i}"}),
+            replace(
+                hostile, id=str(uuid.uuid4()), params={**hostile.params, "monitor": f"m{i} {value}"}
+            ),
             i / 1000,
         )
         for i in range(1000)
     ]
-    stage = IncidentEngine[int](
-        IncidentConfig(storm_threshold=1, storm_window=60), CATALOG, FilterConfig(unknown="info")
-    )
+    stage = engine(storm_threshold=1, storm_window=60)
     sent = run(stage, events)
-    assert sum(len(p.notification.items) for p in sent) == 1000
+    assert [(p.notification.kind, len(p.notification.items)) for p in sent] == [
+        ("incident", 1),
+        ("digest", 999),
+    ]
     for publish in sent:
         raw = encode_notification(publish.notification)
         assert len(raw) < MAX_NOTIFICATION_BYTES
         mail, parsed = mail_of(decode_notification(raw))
-        assert len(mail.data) < 1_000_000
+        assert len(mail.data) < 2_000_000
         assert "Bcc" not in parsed and parsed["To"] == "ops@example.com"
-        assert all(b"\r\nBcc" not in line for line in mail.data.split(b"\r\n\r\n")[:1])
+        head = mail.data.split(b"\r\n\r\n")[0]
+        assert b"evil" not in head
+    digest = sent[1].notification
+    assert len(encode_notification(digest)) < 4 * 1024 * 1024
+    shown = digest.items[0].event.params["monitor"]
+    assert shown.startswith("m1 x\\r\\nBcc: evil") and "[truncated" in shown
 
 
 def test_codec_round_trip_and_strict_one_line_errors() -> None:

@@ -43,15 +43,16 @@ import heapq
 import itertools
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Final, Generic, Literal, TypeVar
 
 from shared.catalog import Catalog, CatalogEntry
 from shared.config import FilterConfig, IncidentConfig
-from shared.event import Event
+from shared.event import Event, clean_text, encode_event
 from shared.filter import Decision, FilterReason, decide
 from shared.notification import DIGEST_PREFIX, MAX_IDS, MAX_REPORTERS, Item, Kind, Notification
+from shared.placeholders import placeholders
 
 if TYPE_CHECKING:
     from worker.metrics import Metrics
@@ -64,6 +65,7 @@ AckReason = Literal["duplicate", "repeat"] | FilterReason
 # relay's size limit, and the notification under the queue's.
 MAX_DIGEST_ITEMS: Final = 1000
 MAX_DIGEST_BYTES: Final = 3 * 1024 * 1024
+DIGEST_VALUE_BYTES: Final = 512
 
 IncidentKey = tuple[str, str, tuple[tuple[str, str | None], ...]]
 StormGroup = tuple[str, ...]
@@ -155,7 +157,7 @@ class _Pending(Generic[H]):
     group: StormGroup
     reports: _Reports[H]
     deadline: float
-    size: int
+    size: int  # bytes it adds to a digest
     replies_to: str | None = None
     since: int = 0
     started: datetime | None = None  # recovery: when the incident it ends began
@@ -207,11 +209,21 @@ def _seconds(start: datetime, end: datetime) -> float:
     return max(0.0, (end - start).total_seconds())
 
 
+def _brief(event: Event, entry: CatalogEntry | None) -> Event:
+    """What a digest line needs of an event: the params its catalog text names, each cut
+    to DIGEST_VALUE_BYTES, and its own text cut likewise. A digest of a thousand events
+    with 64 params of 4 KiB each stays one mail this way."""
+    wanted = set(placeholders(entry.text)) if entry is not None else set()
+    params = {k: clean_text(v, DIGEST_VALUE_BYTES) for k, v in event.params.items() if k in wanted}
+    text = None if event.text is None else clean_text(event.text, 2 * DIGEST_VALUE_BYTES)
+    if params == event.params and text == event.text:
+        return event
+    return replace(event, params=params, text=text)
+
+
 def _size(event: Event) -> int:
-    """At most what an event adds to a digest's notification, in bytes, without encoding
-    it: 4 bytes a character covers UTF-8 and JSON escapes."""
-    chars = len(event.text or "") + sum(len(k) + len(v) + 6 for k, v in event.params.items())
-    return 600 + 4 * chars
+    """What a (shortened) event adds to a digest's notification, in bytes."""
+    return len(encode_event(event)) + 200
 
 
 class IncidentEngine(Generic[H]):
@@ -258,6 +270,7 @@ class IncidentEngine(Generic[H]):
         key = self._key(event, entry)
         if self.config.group_wait <= 0:
             self._open("incident", key, event, handle, now=now, actions=actions)
+            self._bound(now, actions)  # a storm may hold it, and max_held still holds
             return actions
         pending = self._pending.get(key)
         if pending is not None:
@@ -366,7 +379,7 @@ class IncidentEngine(Generic[H]):
                 self.held += 1
                 if pending.in_digest:
                     digest = self._digests[pending.group]
-                    digest.size += _size(event)
+                    digest.size += _size(_brief(event, entry))
                     self._check_digest_size(digest, now, actions)
                 return True
             recovering = self._recovering.get(key)
@@ -407,7 +420,7 @@ class IncidentEngine(Generic[H]):
             group=self._group(event),
             reports=_Reports.start(event, handle),
             deadline=now + self.config.group_wait,
-            size=_size(event),
+            size=0,  # counted once it goes into a digest (see _shorten)
         )
         if mailed is not None:
             pending.replies_to = mailed.token
@@ -456,6 +469,7 @@ class IncidentEngine(Generic[H]):
             pending.in_digest = True
             self._count_sent(pending.group, now)
             digest.pendings.append(pending)
+            self._shorten(pending)
             digest.size += pending.size
             self._check_digest_size(digest, now, actions)
             return
@@ -466,6 +480,16 @@ class IncidentEngine(Generic[H]):
         self.held -= len(handles)
         self._count_sent(pending.group, now)
         actions.append(Publish(Notification(pending.kind, (item,)), handles))
+
+    def _shorten(self, pending: _Pending[H]) -> None:
+        """Keep of a digested incident's reports only what its digest line shows."""
+        for reports in (pending.reports, pending.resolved):
+            if reports is not None:
+                first = reports.first
+                reports.first = _brief(first, self.catalog.lookup(first.module, first.event_id))
+        pending.size = 40 * len(pending.handles) + sum(
+            _size(r.first) for r in (pending.reports, pending.resolved) if r is not None
+        )
 
     def _check_digest_size(self, digest: _Digest[H], now: float, actions: list[Action[H]]) -> None:
         if len(digest.pendings) >= MAX_DIGEST_ITEMS or digest.size >= MAX_DIGEST_BYTES:
@@ -498,6 +522,8 @@ class IncidentEngine(Generic[H]):
             del self._digests[digest.group]
         if not digest.pendings:
             return
+        for pending in digest.pendings:
+            self._shorten(pending)  # what joined it meanwhile too
         items = tuple(p.item() for p in digest.pendings)
         token = f"{DIGEST_PREFIX}{items[0].event.id}"
         handles: list[H] = []
