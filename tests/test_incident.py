@@ -185,6 +185,11 @@ def test_group_wait_zero_and_no_storms_is_one_mail_per_event_at_once() -> None:
     for i in range(30):
         [sent] = stage.offer(ev(at=i), i, now=float(i))
         assert isinstance(sent, Publish) and sent.handles == (i,)
+    # Recoveries too: each report is mailed (the first ends the incident, in its thread).
+    for i in range(30, 33):
+        [sent] = stage.offer(ev("pacemaker", 2, reporter=f"r{i}"), i, now=float(i))
+        assert isinstance(sent, Publish) and sent.handles == (i,)
+        assert (sent.notification.items[0].replies_to is not None) == (i == 30)
     assert stage.held == 0 and stage.next_deadline() is None
 
 

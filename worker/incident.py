@@ -391,7 +391,8 @@ class IncidentEngine(Generic[H]):
             if mailed is None:
                 continue
             if mailed.ended:
-                if now - mailed.touched < self.config.repeat_interval:
+                recent = now - mailed.touched < self.config.repeat_interval
+                if recent and self.config.group_wait > 0:
                     return Ack(handle, "duplicate")  # another node's report of the end
                 continue
             mailed.ended = True
