@@ -1,4 +1,4 @@
-"""``python -m bench [producer|worker|incident] [--smoke]``: run one suite, or all of them."""
+"""``python -m bench [producer|worker] [--smoke]``: run one suite, or all of them."""
 
 from __future__ import annotations
 
