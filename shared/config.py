@@ -548,11 +548,14 @@ class _Reader:
                 )
         if not storm_by:
             t.error("storm_by", f"at least one of {', '.join(STORM_BY)} is required")
+        # Held events are unacked: a held event waits at most group_wait plus a storm
+        # window, which must stay well under RabbitMQ's consumer ack timeout (30 minutes
+        # by default), or the broker closes the channel and takes back everything held.
         config = IncidentConfig(
-            group_wait=t.number("group_wait", 2.0, low=0, high=3600),
+            group_wait=t.number("group_wait", 2.0, low=0, high=300),
             repeat_interval=t.number("repeat_interval", 3600.0, low=0, high=7 * 86400),
             storm_threshold=t.integer("storm_threshold", 10, low=0, high=1_000_000),
-            storm_window=t.number("storm_window", 60.0, low=1, high=86400),
+            storm_window=t.number("storm_window", 60.0, low=1, high=1200),
             storm_by=tuple(dict.fromkeys(storm_by)),
             max_held=t.integer("max_held", 50_000, low=1, high=10_000_000),
         )

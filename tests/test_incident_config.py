@@ -40,6 +40,9 @@ def test_defaults_and_every_key() -> None:
     [
         ({"group_wait": -1}, "incident.group_wait: must be at least 0, got -1.0"),
         ({"storm_window": 0}, "incident.storm_window: must be at least 1, got 0.0"),
+        # Held events stay unacked: past RabbitMQ's consumer timeout the broker takes them.
+        ({"storm_window": 3600}, "incident.storm_window: must be at most 1200, got 3600.0"),
+        ({"group_wait": 301}, "incident.group_wait: must be at most 300, got 301.0"),
         ({"storm_threshold": 1.5}, "incident.storm_threshold: expected an integer, got float 1.5"),
         ({"max_held": 0}, "incident.max_held: must be at least 1, got 0"),
         ({"storm_by": ["rack"]}, "incident.storm_by[0]: expected one of cluster, node, module"),
