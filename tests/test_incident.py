@@ -158,6 +158,24 @@ def test_recovery_answers_the_failure_and_states_how_long_it_lasted() -> None:
     assert again.notification.kind == "incident" and again.notification.items[0].replies_to is None
 
 
+def test_an_all_clear_hours_later_still_answers_its_failure() -> None:
+    stage = engine(repeat_interval=3600)
+    stage.offer(ev("monitor", 1, node="a", monitor="m", detail="d"), 1, now=0)
+    [failure] = publishes(stage.tick(2))
+    stage.tick(4 * 3600)  # nothing about it for hours: no longer recurring
+    # Its failure again would be a new incident; its end (mail flag off) answers it.
+    assert stage.offer(ev("monitor", 2, node="a", monitor="m", at=4 * 3600), 2, 4 * 3600) == []
+    [sent] = publishes(stage.tick(4 * 3600 + 2))
+    assert sent.notification.kind == "recovery"
+    assert sent.notification.items[0].replies_to == failure.notification.first.id
+    assert sent.notification.items[0].duration == 4 * 3600
+    # A kind nothing resolves is simply forgotten.
+    stage.offer(ev("pm", 20, node="a", process="p"), 3, now=20_000)
+    assert len(publishes(stage.tick(20_002))) == 1
+    stage.tick(30_000)
+    assert len(stage._awaiting) == 0 and len(stage._mailed) == 0  # white box: memory
+
+
 def test_failure_and_recovery_within_group_wait_are_one_mail() -> None:
     stage = engine()
     stage.offer(ev("pacemaker", 1, node="node3", at=0), 1, now=0)

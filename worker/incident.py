@@ -243,6 +243,11 @@ class IncidentEngine(Generic[H]):
         self._pending: dict[IncidentKey, _Pending[H]] = {}
         self._recovering: dict[IncidentKey, _Pending[H]] = {}
         self._mailed: OrderedDict[IncidentKey, _Mailed] = OrderedDict()
+        # Mailed incidents that stopped recurring but that a kind in the catalog can end:
+        # kept (at most max_held, oldest dropped first) so that an all-clear hours later
+        # still answers its failure's mail.
+        self._awaiting: OrderedDict[IncidentKey, _Mailed] = OrderedDict()
+        self._resolvable = {target for key in catalog for target in catalog[key].resolves}
         self._digests: dict[StormGroup, _Digest[H]] = {}
         self._sent: dict[StormGroup, deque[float]] = {}
         self._last_digest: dict[StormGroup, float] = {}
@@ -389,7 +394,10 @@ class IncidentEngine(Generic[H]):
                 return True
             mailed = self._mailed.get(key)
             if mailed is None:
-                continue
+                mailed = self._awaiting.pop(key, None)
+                if mailed is None:
+                    continue
+                self._mailed[key] = mailed
             if mailed.ended:
                 recent = now - mailed.touched < self.config.repeat_interval
                 if recent and self.config.group_wait > 0:
@@ -514,6 +522,7 @@ class IncidentEngine(Generic[H]):
             return
         began = pending.reports.first.time
         ended = pending.resolved is not None
+        self._awaiting.pop(pending.key, None)  # a new incident of the key replaces it
         self._mailed[pending.key] = _Mailed(token, began, now, now, ended=ended)
         self._mailed.move_to_end(pending.key)
 
@@ -558,13 +567,18 @@ class IncidentEngine(Generic[H]):
     def _forget(self, now: float) -> None:
         """Drop what folding and storms no longer need: mailed incidents not reported for
         ``repeat_interval`` (and the oldest past ``max_held`` of them), storm counts of
-        quiet groups. A key still recurring is kept, so its next report is a repeat."""
+        quiet groups. A key still recurring is kept, so its next report is a repeat; one
+        that a recovery can still end waits for it in ``_awaiting``."""
         horizon = now - self.config.repeat_interval
         mailed = self._mailed
         while mailed and (
             next(iter(mailed.values())).seen <= horizon or len(mailed) > self.config.max_held
         ):
-            mailed.popitem(last=False)
+            key, record = mailed.popitem(last=False)
+            if not record.ended and key[1] in self._resolvable:
+                self._awaiting[key] = record
+                if len(self._awaiting) > self.config.max_held:
+                    self._awaiting.popitem(last=False)
         if now < self._next_sweep:
             return
         window = self.config.storm_window
