@@ -79,6 +79,8 @@ DEFAULT_SUBJECT: Final = "[{level}] {cluster} {node}: {message}"
 # Printable ASCII only: the mail head is ASCII, and SMTPUTF8 is not supported.
 _ADDRESS_RE: Final = re.compile(r"[!#-'*+\-/-9=?A-Z^-~]+@[A-Za-z0-9.-]+")
 _KEY_PATTERN_RE: Final = re.compile(r"[a-z0-9_*?-]+:[0-9*?]+")
+_HOSTNAME_RE: Final = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,253}[A-Za-z0-9])?")
+_CONTROL_RE: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +178,8 @@ class MailConfig:
     subject_encode: bool = True
     # Add an HTML alternative part (every event field escaped) to the plain text.
     html: bool = False
+    # A display name for From ("Cluster alerts"), encoded in the mail's charset if needed.
+    from_name: str = ""
 
     @property
     def domain(self) -> str:
@@ -207,6 +211,10 @@ class SmtpRelay:
     # At most this many mails per second to this relay from one worker (0: no limit);
     # providers throttle or block senders that flood them.
     rate_limit: float = 0.0
+    # The envelope sender and From address through this relay (None: [mail] from), since
+    # providers accept only their approved senders; and the name we give in EHLO.
+    sender: str | None = None
+    helo: str | None = None
 
     @property
     def label(self) -> str:
@@ -476,9 +484,11 @@ class _Reader:
         return FollowConfig(path, patterns, module, event_id, level)
 
     def mail(self, t: Table) -> MailConfig:
-        sender = t.text("from", DEFAULT_SENDER)
-        if not _ADDRESS_RE.fullmatch(sender):
-            t.error("from", f"not a plain e-mail address: {sender!r:.80}")
+        sender = _sender(t, "from", DEFAULT_SENDER)
+        assert sender is not None
+        from_name = t.text("from_name", "")
+        if _CONTROL_RE.search(from_name) or len(from_name) > 200:
+            t.error("from_name", "must be one line of at most 200 characters")
         to = _recipients(t)
         subject = t.text("subject", DEFAULT_SUBJECT)
         if "\n" in subject or "\r" in subject:
@@ -490,6 +500,7 @@ class _Reader:
             charset=t.choice("charset", CHARSETS, "utf-8"),
             subject_encode=t.flag("subject_encode", True),
             html=t.flag("html", False),
+            from_name=from_name,
         )
         t.finish()
         return config
@@ -517,7 +528,11 @@ class _Reader:
             max_connections=t.integer("max_connections", 4, low=1, high=100),
             cooldown=t.number("cooldown", 30.0, low=0, high=3600),
             rate_limit=t.number("rate_limit", 0.0, low=0, high=100_000),
+            sender=_sender(t, "from", None),
+            helo=t.text("helo", None),
         )
+        if relay.helo is not None and not _HOSTNAME_RE.fullmatch(relay.helo):
+            t.error("helo", f"not a host name: {relay.helo!r:.80}")
         t.finish()
         return relay
 
@@ -570,6 +585,14 @@ class _Reader:
         paths = tuple(p if p.is_absolute() else self.base / p for p in (Path(r) for r in raw if r))
         t.finish()
         return CatalogConfig(paths=paths)
+
+
+def _sender(t: Table, key: str, default: str | None) -> str | None:
+    """A sender address ([mail] from, [[smtp]] from): plain ASCII, one address."""
+    sender: str | None = t.text(key, default)
+    if sender is not None and not _ADDRESS_RE.fullmatch(sender):
+        t.error(key, f"not a plain e-mail address: {sender!r:.80}")
+    return sender
 
 
 def _recipients(t: Table) -> tuple[str, ...]:

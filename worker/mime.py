@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 __all__ = ["Mail", "body_part", "header_value", "mail_content", "one_line"]
@@ -32,8 +32,31 @@ class Mail:
     event_id: str
     sender: str
     recipients: tuple[str, ...]
-    data: bytes
+    data: bytes  # begins with the From header, so a relay can put its own sender there
     charset: str
+    sender_name: str = ""
+
+    def with_sender(self, sender: str) -> Mail:
+        """The same mail from ``sender`` (a relay's own approved address): the envelope
+        and the From header change; everything else, the Message-ID too, stays."""
+        if sender == self.sender:
+            return self
+        first, rest = self.data.split(b"\r\n", 1)
+        assert first.startswith(b"From: "), "a mail's data begins with its From header"
+        line = f"From: {from_header(sender, self.sender_name, self.charset)}\r\n"
+        return replace(self, sender=sender, data=line.encode("ascii") + rest)
+
+
+def from_header(address: str, name: str, charset: str) -> str:
+    """The From header's value: the address, after the display name when there is one
+    (quoted when it is printable ASCII, else encoded words in ``charset``)."""
+    name = one_line(name)
+    if not name:
+        return address
+    if _PLAIN_HEADER_RE.fullmatch(name) and "=?" not in name:
+        quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{quoted}" <{address}>'
+    return f"{header_value(name, charset)} <{address}>"
 
 
 def one_line(text: str) -> str:

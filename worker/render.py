@@ -23,7 +23,7 @@ from shared.filter import Decision
 from shared.levels import Level, level_rank
 from shared.notification import DIGEST_PREFIX, Item, Notification
 from shared.placeholders import render_template
-from worker.mime import Mail, header_value, mail_content, one_line
+from worker.mime import Mail, from_header, header_value, mail_content, one_line
 
 __all__ = ["Mail", "Renderer"]
 
@@ -302,7 +302,8 @@ class Renderer:
         """Head and body in the configured charset (UTF-8 when it cannot say it all).
         ``fields``: headers after the fixed ones; values are encoded here."""
         charset = self.config.charset
-        if not _fits(charset, subject, body, html_body, *(value for _, value in fields)):
+        texts = (subject, body, html_body, self.config.from_name, *(v for _, v in fields))
+        if not _fits(charset, *texts):
             log.info(
                 "%s: text cannot be encoded in %s; sending this mail as %s",
                 what,
@@ -316,7 +317,8 @@ class Renderer:
             # Legacy receivers: the subject raw in the charset (still one line).
             subject_bytes = subject.encode(charset)
         headers = [
-            ("From", self.config.sender),
+            # First, so that a relay with a sender of its own can replace it (Mail.with_sender).
+            ("From", from_header(self.config.sender, self.config.from_name, charset)),
             # One address per line: a long list must not exceed the 998-byte line limit.
             ("To", ",\r\n ".join(recipients)),
             ("Date", format_datetime(datetime.now(UTC))),
@@ -333,6 +335,7 @@ class Renderer:
             recipients=recipients,
             data=head + mail_content(body, html_body, charset),
             charset=charset,
+            sender_name=self.config.from_name,
         )
 
 
