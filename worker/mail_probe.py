@@ -183,7 +183,8 @@ def probe_relays(
         ok = True
         for _, relay_config in relays:
             session = _Session(Relay(relay_config), out, scrub)
-            ok = await session.run(config.mail.sender, recipients, send) and ok
+            sender = relay_config.sender or config.mail.sender
+            ok = await session.run(sender, recipients, send) and ok
         return ok
 
     return asyncio.run(run_all())
