@@ -1,11 +1,13 @@
 """A TCP proxy between a client and the shared broker, so a test can cut a client's
-connection without touching the broker everyone else uses."""
+connection without touching the broker everyone else uses. It also keeps what the client
+sent, one entry per ``recv``, so a test can see which commands travelled together."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import threading
+from collections.abc import Callable
 
 
 class TcpProxy:
@@ -16,6 +18,7 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._open: list[socket.socket] = []
         self.accepted = 0
+        self.sent: list[bytes] = []  # client to upstream, chunk by chunk
         threading.Thread(target=self._accept, name="tcpproxy", daemon=True).start()
 
     def _accept(self) -> None:
@@ -33,8 +36,14 @@ class TcpProxy:
             with self._lock:
                 self.accepted += 1
                 self._open += [client, server]
-            for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+            threading.Thread(
+                target=_pump, args=(client, server, self._record), daemon=True
+            ).start()
+            threading.Thread(target=_pump, args=(server, client), daemon=True).start()
+
+    def _record(self, chunk: bytes) -> None:
+        with self._lock:
+            self.sent.append(chunk)
 
     def cut(self) -> None:
         """Drop every connection through the proxy at once, as a failing network would;
@@ -51,9 +60,13 @@ class TcpProxy:
         self.cut()
 
 
-def _pump(source: socket.socket, sink: socket.socket) -> None:
+def _pump(
+    source: socket.socket, sink: socket.socket, record: Callable[[bytes], None] | None = None
+) -> None:
     with contextlib.suppress(OSError):
         while data := source.recv(65536):
+            if record:
+                record(data)
             sink.sendall(data)
     for sock in (source, sink):
         with contextlib.suppress(OSError):
