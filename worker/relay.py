@@ -156,6 +156,9 @@ class Relay:
                     )
                     client.close()
                     continue
+                except BaseException:
+                    client.close()  # cancelled while out of the pool: nobody else holds it
+                    raise
             return client
         return None
 
@@ -217,6 +220,11 @@ class Relay:
             client.close()
             error: DeliveryError = classify_transaction(exc, self.scrub)
             raise error from None
+        except BaseException:
+            # Cancelled (the worker's max_hold, a shutdown) in the middle of a transaction:
+            # the session is in an unknown state, so it is closed, never pooled or left open.
+            client.close()
+            raise
         return {
             rcpt: Refusal(resp.code, relay_text(f"{resp.code} {resp.message}", self.scrub))
             for rcpt, resp in refused.items()
