@@ -90,7 +90,12 @@ class _Handler:
     pipelining: bool = False
 
     async def handle_EHLO(
-        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
     ) -> list[str]:
         # With this hook aiosmtpd leaves recording the client's name to it.
         session.host_name = hostname

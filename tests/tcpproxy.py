@@ -36,9 +36,7 @@ class TcpProxy:
             with self._lock:
                 self.accepted += 1
                 self._open += [client, server]
-            threading.Thread(
-                target=_pump, args=(client, server, self._record), daemon=True
-            ).start()
+            threading.Thread(target=_pump, args=(client, server, self._record), daemon=True).start()
             threading.Thread(target=_pump, args=(server, client), daemon=True).start()
 
     def _record(self, chunk: bytes) -> None:

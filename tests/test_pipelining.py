@@ -123,8 +123,10 @@ def test_what_goes_on_the_wire_in_plaintext(
 @BOTH
 @pytest.mark.parametrize(
     ("reply", "error", "reason"),
-    [("550 5.7.1 sender not allowed", PermanentError, "rejected_5xx"),
-     ("451 4.3.0 try later", TransientError, "rejected_4xx")],
+    [
+        ("550 5.7.1 sender not allowed", PermanentError, "rejected_5xx"),
+        ("451 4.3.0 try later", TransientError, "rejected_4xx"),
+    ],
 )
 def test_a_refused_mail_from_is_its_own_step(
     smtp_server: ServerFactory,
@@ -180,8 +182,10 @@ def test_one_recipient_refused_for_now_among_accepted_ones_is_deferred(
 @BOTH
 @pytest.mark.parametrize(
     ("second", "error", "reason"),
-    [("550 5.1.1 no such user", PermanentError, "rejected_5xx"),
-     ("450 4.2.0 greylisted", TransientError, "rejected_4xx")],
+    [
+        ("550 5.1.1 no such user", PermanentError, "rejected_5xx"),
+        ("450 4.2.0 greylisted", TransientError, "rejected_4xx"),
+    ],
 )
 def test_every_recipient_refused(
     smtp_server: ServerFactory,
@@ -207,8 +211,10 @@ def test_every_recipient_refused(
 @BOTH
 @pytest.mark.parametrize(
     ("reply", "error", "reason"),
-    [("554 5.5.1 no valid recipients", PermanentError, "rejected_5xx"),
-     ("451 4.3.0 DATA not now", TransientError, "rejected_4xx")],
+    [
+        ("554 5.5.1 no valid recipients", PermanentError, "rejected_5xx"),
+        ("451 4.3.0 DATA not now", TransientError, "rejected_4xx"),
+    ],
 )
 def test_data_refused_instead_of_354(
     smtp_server: ServerFactory,
@@ -230,8 +236,10 @@ def test_data_refused_instead_of_354(
 @BOTH
 @pytest.mark.parametrize(
     ("reply", "error", "reason"),
-    [("550 5.7.1 rejected by policy", PermanentError, "rejected_5xx"),
-     ("451 4.3.0 try later", TransientError, "rejected_4xx")],
+    [
+        ("550 5.7.1 rejected by policy", PermanentError, "rejected_5xx"),
+        ("451 4.3.0 try later", TransientError, "rejected_4xx"),
+    ],
 )
 def test_the_message_refused_after_its_body(
     smtp_server: ServerFactory,
@@ -341,3 +349,59 @@ def test_a_cancelled_send_closes_its_connection(
         await sender.close()
 
     asyncio.run(go())
+
+
+class _Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+
+REPLIES = b"250 sender ok\r\n250-first\r\n250 rcpt ok\r\n550 no such user\r\n354 go ahead\r\n"
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [REPLIES],  # all replies in one read
+        [bytes([b]) for b in REPLIES],  # one byte per read
+        [REPLIES[:20], REPLIES[20:45], REPLIES[45:]],  # cut in the middle of lines
+    ],
+    ids=["together", "bytewise", "cut"],
+)
+def test_replies_are_kept_however_they_arrive(chunks: list[bytes]) -> None:
+    """Unit test of the protocol: aiosmtplib's own drops a reply that arrives while the
+    previous one waits to be picked up, and leaves a second reply of one read unparsed."""
+    from worker.pipelining import PipeliningProtocol
+
+    async def go() -> list[tuple[int, str]]:
+        protocol = PipeliningProtocol(loop=asyncio.get_running_loop())
+        transport = _Transport()
+        protocol.connection_made(transport)
+        protocol._response_pending = False  # no greeting in this test
+        commands = [[b"MAIL", b"FROM:<a@b>"], [b"RCPT", b"TO:<c@d>"], [b"RCPT", b"TO:<e@f>"]]
+        task = asyncio.create_task(protocol.execute_pipelined([*commands, [b"DATA"]], 5))
+        await asyncio.sleep(0)  # let it write
+        assert transport.written == [
+            b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nRCPT TO:<e@f>\r\nDATA\r\n"
+        ]
+        # Every chunk is delivered before the reader runs again: the worst case.
+        for chunk in chunks:
+            protocol.data_received(chunk)
+        return [(r.code, r.message) for r in await task]
+
+    assert asyncio.run(go()) == [
+        (250, "sender ok"),
+        (250, "first\nrcpt ok"),
+        (550, "no such user"),
+        (354, "go ahead"),
+    ]

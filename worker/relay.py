@@ -35,6 +35,7 @@ from worker.classify import (
     classify_transaction,
     relay_text,
 )
+from worker.pipelining import sendmail
 from worker.render import Mail
 from worker.scrub import Scrubber
 
@@ -215,7 +216,7 @@ class Relay:
 
     async def _transact(self, client: aiosmtplib.SMTP, mail: Mail) -> dict[str, Refusal]:
         try:
-            refused, _ = await client.sendmail(mail.sender, list(mail.recipients), mail.data)
+            refused = await sendmail(client, mail.sender, mail.recipients, mail.data)
         except Exception as exc:
             client.close()
             error: DeliveryError = classify_transaction(exc, self.scrub)
