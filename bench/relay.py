@@ -78,6 +78,18 @@ def _serve(
     asyncio.run(main())
 
 
+def wait_listening(port: int, what: str, timeout: float = 10.0) -> None:
+    """Wait until a process just started accepts connections on ``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"{what} did not start")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -124,14 +136,8 @@ class BenchRelay:
     def __enter__(self) -> BenchRelay:
         self._proc.start()
         self._reader.start()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("bench relay did not start")
+        wait_listening(self.port, "bench relay")
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self._proc.terminate()

@@ -8,10 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
-import socket
-import time
 
-from bench.relay import free_port
+from bench.relay import free_port, wait_listening
 
 
 async def _carry(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
@@ -63,14 +61,8 @@ class Wan:
 
     def __enter__(self) -> Wan:
         self._proc.start()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("WAN proxy did not start")
+        wait_listening(self.port, "WAN proxy")
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self._proc.terminate()
