@@ -405,3 +405,62 @@ def test_replies_are_kept_however_they_arrive(chunks: list[bytes]) -> None:
         (550, "no such user"),
         (354, "go ahead"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("mail_reply", "rcpt_reply", "error"),
+    [
+        ("550 5.7.1 no", "503 5.5.1 need MAIL", "SMTPSenderRefused"),
+        ("250 ok", "550 5.1.1 no such user", "SMTPRecipientsRefused"),
+    ],
+    ids=["sender-refused", "recipients-refused"],
+)
+def test_a_354_after_a_refused_envelope_gets_an_empty_message(
+    mail_reply: str, rcpt_reply: str, error: str
+) -> None:
+    """RFC 2920 3.1: a relay that accepts DATA although it refused the envelope gets a
+    lone "." (aiosmtpd always refuses such a DATA, so a scripted relay plays this one)."""
+    import aiosmtplib
+
+    from worker.pipelining import sendmail
+
+    heard: list[bytes] = []
+
+    async def relay_session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        replies = {
+            b"EHLO": b"250-relay.test\r\n250 PIPELINING\r\n",
+            b"MAIL": mail_reply.encode() + b"\r\n",
+            b"RCPT": rcpt_reply.encode() + b"\r\n",
+            b"DATA": b"354 go ahead\r\n",
+            b".": b"554 5.5.1 no valid recipients\r\n",
+            b"RSET": b"250 ok\r\n",
+            b"QUIT": b"221 bye\r\n",
+        }
+        writer.write(b"220 relay.test\r\n")
+        while line := await reader.readline():
+            heard.append(line.rstrip(b"\r\n"))
+            writer.write(replies[line.split()[0].rstrip(b"\r\n")])
+
+    async def go() -> str:
+        server = await asyncio.start_server(relay_session, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=5)
+        await client.connect()
+        try:
+            await sendmail(client, "a@example.com", ["b@example.com"], b"Subject: x\r\n\r\nhi\r\n")
+        except aiosmtplib.SMTPException as exc:
+            return type(exc).__name__
+        finally:
+            client.close()
+            server.close()
+        return "sent"
+
+    assert asyncio.run(go()) == error
+    assert heard[0].startswith(b"EHLO ")
+    assert [h.split(b":")[0] for h in heard[1:]] == [
+        b"MAIL FROM",
+        b"RCPT TO",
+        b"DATA",
+        b".",
+        b"RSET",
+    ]
