@@ -109,6 +109,9 @@ class PipeliningProtocol(SMTPProtocol):
                         break
             finally:
                 self._owed = 0
+                # Nothing is owed now: bytes left over are not a reply to anything, and
+                # must not be taken for the next command's (aiosmtplib ignores those too).
+                del self._buffer[:]
         return replies
 
     async def execute_message(
