@@ -126,6 +126,7 @@ def test_what_goes_on_the_wire_in_plaintext(
     [
         ("550 5.7.1 sender not allowed", PermanentError, "rejected_5xx"),
         ("451 4.3.0 try later", TransientError, "rejected_4xx"),
+        ("421 4.3.2 closing", TransientError, "rejected_4xx"),
     ],
 )
 def test_a_refused_mail_from_is_its_own_step(
@@ -464,3 +465,19 @@ def test_a_354_after_a_refused_envelope_gets_an_empty_message(
         b".",
         b"RSET",
     ]
+
+
+@BOTH
+def test_a_421_to_a_recipient_ends_the_session(
+    smtp_server: ServerFactory, certs: Certs, pipelining: bool
+) -> None:
+    """One by one, aiosmtplib closes on a 421 and the next command finds the connection
+    gone; pipelined, the replies after a 421 are not waited for, with the same outcome."""
+    server = smtp_server("starttls")
+    server.handler.pipelining = pipelining
+    server.handler.rcpt_replies = {"b@example.com": "421 4.3.2 closing"}
+    mail = make_mail(to=("a@example.com", "b@example.com", "c@example.com"))
+    _, result = send_with(relay(server, certs), mail=mail, max_attempts=1)
+    assert isinstance(result, TransientError) and result.reason == "disconnected"
+    assert server.received == []
+    wait_until(lambda: all(p.transport is None for p in server._protocols), 5, "the session closed")
