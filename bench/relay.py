@@ -1,7 +1,8 @@
 """The benchmarks' relay: aiosmtpd with STARTTLS (trustme certificate), in a process of its
 own so that it never shares a GIL with what it measures. It records when each mail
 arrived and its event id (from the Message-ID), with an optional delay before each DATA
-reply to play a slow cloud relay."""
+reply to play a slow cloud relay, and optionally offering PIPELINING (aiosmtpd does not by
+itself; it answers commands in the order it reads them, which is all RFC 2920 asks)."""
 
 from __future__ import annotations
 
@@ -28,9 +29,23 @@ class Arrival:
 
 
 class _Handler:
-    def __init__(self, delay: float, out: Connection):
+    def __init__(self, delay: float, out: Connection, pipelining: bool):
         self.delay = delay
         self.out = out
+        self.pipelining = pipelining
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname  # with this hook, aiosmtpd leaves it to us
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.delay:
@@ -40,10 +55,12 @@ class _Handler:
         return "250 OK"
 
 
-def _serve(port: int, cert: str, key: str, delay: float, out: Connection) -> None:
+def _serve(
+    port: int, cert: str, key: str, delay: float, out: Connection, *, pipelining: bool
+) -> None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
-    handler = _Handler(delay, out)
+    handler = _Handler(delay, out, pipelining)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -61,6 +78,18 @@ def _serve(port: int, cert: str, key: str, delay: float, out: Connection) -> Non
     asyncio.run(main())
 
 
+def wait_listening(port: int, what: str, timeout: float = 10.0) -> None:
+    """Wait until a process just started accepts connections on ``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"{what} did not start")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -72,12 +101,19 @@ class BenchRelay:
     """Start with ``with BenchRelay(certdir, delay) as relay``; ``arrivals()`` drains what
     arrived so far."""
 
-    def __init__(self, certdir: Path, delay: float = 0.0):
+    def __init__(self, certdir: Path, delay: float = 0.0, *, pipelining: bool = False):
         self.port = free_port()
         self._recv, send = multiprocessing.Pipe(duplex=False)
         self._proc = multiprocessing.Process(
             target=_serve,
-            args=(self.port, str(certdir / "cert.pem"), str(certdir / "key.pem"), delay, send),
+            args=(
+                self.port,
+                str(certdir / "cert.pem"),
+                str(certdir / "key.pem"),
+                delay,
+                send,
+            ),
+            kwargs={"pipelining": pipelining},
             daemon=True,
         )
         self._arrivals: list[Arrival] = []
@@ -100,14 +136,8 @@ class BenchRelay:
     def __enter__(self) -> BenchRelay:
         self._proc.start()
         self._reader.start()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("bench relay did not start")
+        wait_listening(self.port, "bench relay")
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self._proc.terminate()

@@ -10,6 +10,12 @@ B3 latency: spool write to relay acceptance through producer, broker, worker and
    plus a cold ``emit``'s end-to-end latency.
 B4 scale-out: 1, 2 and 4 workers against the slow relay, 4 connections each.
 B5 memory: worker peak RSS during B1, and RSS growth across 50,000 mails.
+B8 far relay: 25 ms round trip (a delay proxy, 12.5 ms each way), 4 connections, 2,000
+   mails, to a relay offering PIPELINING and to one that does not, against the ideal
+   ``4 / (round trips x 0.025)``.
+
+B1 and B8 run against a relay offering PIPELINING, as Postfix, Exchange Online and Gmail
+do, and in the same run against one that does not.
 
 ``--smoke`` runs every part with tiny sizes so CI keeps the harness working; it asserts
 nothing about timing.
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -39,6 +46,7 @@ import pika
 
 from bench.common import amqp_url, report, vhost
 from bench.relay import BenchRelay, make_certs
+from bench.wan import Wan
 
 BIN = Path(sys.executable).parent
 
@@ -52,9 +60,12 @@ class Sizes:
     b3_seconds: float = 60.0
     b4: int = 1000
     b5: int = 50_000
+    b8: int = 2000
 
 
-SMOKE = Sizes(b1=200, naive=50, b2=100, b2_naive=10, b3_seconds=3.0, b4=100, b5=400)
+SMOKE = Sizes(b1=200, naive=50, b2=100, b2_naive=10, b3_seconds=3.0, b4=100, b5=400, b8=50)
+WAN_ONE_WAY = 0.0125  # seconds each way: a 25 ms round trip
+PARTS = ("b1", "b2", "b3", "b4", "b5", "b8")
 
 
 # -- the system under test -------------------------------------------------------------------
@@ -107,13 +118,14 @@ def _config(
     *,
     connections: int,
     spool: Path | None = None,
+    port: int | None = None,
 ) -> Path:
     config = tmp / f"worker-{uuid.uuid4().hex[:6]}.toml"
     config.write_text(
         f'[broker]\nurls = ["{amqp_url(name)}"]\n'
         f'[producer]\nspool_dir = "{spool or tmp / "spool"}"\n'
         '[mail]\nfrom = "cluster@example.com"\nto = ["ops@example.com"]\n'
-        f'[[smtp]]\nhost = "127.0.0.1"\nport = {relay.port}\nsecurity = "starttls"\n'
+        f'[[smtp]]\nhost = "127.0.0.1"\nport = {port or relay.port}\nsecurity = "starttls"\n'
         f'ca_file = "{ca}"\nmax_connections = {connections}\n'
     )
     return config
@@ -149,14 +161,25 @@ def _rss_kib(pid: int, field: str) -> int:
 
 
 def workers_rate(
-    tmp: Path, ca: Path, count: int, *, workers: int, connections: int, delay: float
+    tmp: Path,
+    ca: Path,
+    count: int,
+    *,
+    workers: int,
+    connections: int,
+    delay: float,
+    pipelining: bool = False,
+    wan: float = 0.0,
 ) -> tuple[float, int]:
     """Mails/s of ``workers`` processes draining ``count`` events; and the first one's
-    peak RSS (KiB)."""
-    with vhost() as name, BenchRelay(tmp, delay) as relay:
+    peak RSS (KiB). ``wan``: one-way delay of a proxy between worker and relay."""
+    with contextlib.ExitStack() as stack:
+        name = stack.enter_context(vhost())
+        relay = stack.enter_context(BenchRelay(tmp, delay, pipelining=pipelining))
+        port = stack.enter_context(Wan(relay.port, wan)).port if wan else relay.port
         _declare(name)
         _publish(name, count)
-        config = _config(tmp, name, relay, ca, connections=connections)
+        config = _config(tmp, name, relay, ca, connections=connections, port=port)
         procs = [_start_worker(config) for _ in range(workers)]
         try:
             rate = _rate(relay, count, timeout=max(120.0, count / 5))
@@ -378,78 +401,140 @@ def memory_growth(tmp: Path, ca: Path, count: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench worker")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: harness check only")
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}"
+    )
     args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    if parts - set(PARTS):
+        parser.error(f"unknown parts: {', '.join(sorted(parts - set(PARTS)))}")
     sizes = SMOKE if args.smoke else Sizes()
+    figures: dict[str, object] = {"smoke": args.smoke}
+    rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         ca = make_certs(tmp)
-        b1, b1_peak = workers_rate(tmp, ca, sizes.b1, workers=1, connections=4, delay=0.0)
-        naive = naive_rate(tmp, ca, sizes.naive, 0.0)
-        ceiling = ceiling_rate(tmp, ca, sizes.b1)
-        b2_default, _ = workers_rate(tmp, ca, sizes.b2, workers=1, connections=4, delay=0.1)
-        b2_wide, _ = workers_rate(tmp, ca, sizes.b2, workers=1, connections=16, delay=0.1)
-        b2_naive = naive_rate(tmp, ca, sizes.b2_naive, 0.1)
-        b3 = latency(tmp, ca, sizes.b3_seconds)
-        b4 = {
-            n: workers_rate(tmp, ca, sizes.b4, workers=n, connections=4, delay=0.1)[0]
-            for n in (1, 2, 4)
-        }
-        b5 = memory_growth(tmp, ca, sizes.b5)
-    figures = {
-        "smoke": args.smoke,
-        "b1": {
-            "worker_per_s": b1,
-            "naive_per_s": naive,
-            "ceiling_per_s": ceiling,
-            "worker_over_naive": b1 / naive,
-            "worker_over_ceiling": b1 / ceiling,
-        },
-        "b2": {
-            "default_4_per_s": b2_default,
-            "connections_16_per_s": b2_wide,
-            "naive_per_s": b2_naive,
-            "wide_over_naive": b2_wide / b2_naive,
-            "wide_over_ideal": b2_wide / (16 / 0.1),
-        },
-        "b3": b3,
-        "b4": {f"{n}_workers_per_s": r for n, r in b4.items()}
-        | {"4_over_1": b4[4] / b4[1], "2_over_1": b4[2] / b4[1]},
-        "b5": b5 | {"b1_peak_kib": b1_peak},
-    }
-    report(
-        "worker-smoke" if args.smoke else "worker",
-        [
-            ("B1 worker, fast relay", f"{b1:.0f} mails/s"),
-            ("B1 naive (connect+STARTTLS per mail)", f"{naive:.0f} mails/s"),
-            ("B1 ceiling (aiosmtplib pool, no broker)", f"{ceiling:.0f} mails/s"),
-            ("B1 worker/naive (target >= 6x)", f"{b1 / naive:.1f}x"),
-            ("B1 worker/ceiling (stretch 0.7x)", f"{b1 / ceiling:.2f}x"),
-            ("B2 100 ms relay, 4 connections", f"{b2_default:.0f} mails/s"),
-            (
-                "B2 100 ms relay, 16 connections",
-                f"{b2_wide:.0f} mails/s ({b2_wide / (16 / 0.1):.2f} of 160/s)",
-            ),
-            ("B2 naive", f"{b2_naive:.1f} mails/s"),
-            ("B2 16 connections/naive (target >= 12x)", f"{b2_wide / b2_naive:.1f}x"),
-            (
-                "B3 spool to relay at 50/s",
-                f"p50 {b3['p50_ms']:.0f} ms, p95 {b3['p95_ms']:.0f} ms, "
-                f"p99 {b3['p99_ms']:.0f} ms, max {b3['max_ms']:.0f} ms",
-            ),
-            ("B3 cold emit end to end", f"{b3['cold_emit_ms_median']:.0f} ms (median of 5)"),
-            (
-                "B4 1/2/4 workers, 100 ms relay",
-                " / ".join(f"{b4[n]:.0f}" for n in (1, 2, 4))
-                + f" mails/s; 4/1 = {b4[4] / b4[1]:.2f}x (target >= 3.5x)",
-            ),
-            ("B5 worker peak RSS in B1", f"{b1_peak / 1024:.1f} MiB"),
-            (
-                f"B5 RSS growth over {b5['mails']} mails",
-                f"{b5['growth_kib'] / 1024:+.1f} MiB (from {b5['rss_after_20pct_kib'] / 1024:.1f})",
-            ),
-        ],
-        figures,
-    )
+        b1_peak = 0
+        if "b1" in parts or "b5" in parts:
+            b1, b1_peak = workers_rate(
+                tmp, ca, sizes.b1, workers=1, connections=4, delay=0.0, pipelining=True
+            )
+        if "b1" in parts:
+            b1_plain, _ = workers_rate(tmp, ca, sizes.b1, workers=1, connections=4, delay=0.0)
+            naive = naive_rate(tmp, ca, sizes.naive, 0.0)
+            ceiling = ceiling_rate(tmp, ca, sizes.b1)
+            figures["b1"] = {
+                "worker_per_s": b1,
+                "worker_no_pipelining_per_s": b1_plain,
+                "naive_per_s": naive,
+                "ceiling_per_s": ceiling,
+                "worker_over_naive": b1 / naive,
+                "worker_over_ceiling": b1 / ceiling,
+            }
+            rows += [
+                ("B1 worker, fast relay with PIPELINING", f"{b1:.0f} mails/s"),
+                ("B1 worker, fast relay without PIPELINING", f"{b1_plain:.0f} mails/s"),
+                ("B1 naive (connect+STARTTLS per mail)", f"{naive:.0f} mails/s"),
+                ("B1 ceiling (aiosmtplib pool, no broker)", f"{ceiling:.0f} mails/s"),
+                ("B1 worker/naive (target >= 6x)", f"{b1 / naive:.1f}x"),
+                ("B1 worker/ceiling (stretch 0.7x)", f"{b1 / ceiling:.2f}x"),
+            ]
+        if "b2" in parts:
+            b2_default, _ = workers_rate(tmp, ca, sizes.b2, workers=1, connections=4, delay=0.1)
+            b2_wide, _ = workers_rate(tmp, ca, sizes.b2, workers=1, connections=16, delay=0.1)
+            b2_naive = naive_rate(tmp, ca, sizes.b2_naive, 0.1)
+            figures["b2"] = {
+                "default_4_per_s": b2_default,
+                "connections_16_per_s": b2_wide,
+                "naive_per_s": b2_naive,
+                "wide_over_naive": b2_wide / b2_naive,
+                "wide_over_ideal": b2_wide / (16 / 0.1),
+            }
+            rows += [
+                ("B2 100 ms relay, 4 connections", f"{b2_default:.0f} mails/s"),
+                (
+                    "B2 100 ms relay, 16 connections",
+                    f"{b2_wide:.0f} mails/s ({b2_wide / (16 / 0.1):.2f} of 160/s)",
+                ),
+                ("B2 naive", f"{b2_naive:.1f} mails/s"),
+                ("B2 16 connections/naive (target >= 12x)", f"{b2_wide / b2_naive:.1f}x"),
+            ]
+        if "b3" in parts:
+            b3 = latency(tmp, ca, sizes.b3_seconds)
+            figures["b3"] = b3
+            rows += [
+                (
+                    "B3 spool to relay at 50/s",
+                    f"p50 {b3['p50_ms']:.0f} ms, p95 {b3['p95_ms']:.0f} ms, "
+                    f"p99 {b3['p99_ms']:.0f} ms, max {b3['max_ms']:.0f} ms",
+                ),
+                ("B3 cold emit end to end", f"{b3['cold_emit_ms_median']:.0f} ms (median of 5)"),
+            ]
+        if "b4" in parts:
+            b4 = {
+                n: workers_rate(tmp, ca, sizes.b4, workers=n, connections=4, delay=0.1)[0]
+                for n in (1, 2, 4)
+            }
+            figures["b4"] = {f"{n}_workers_per_s": r for n, r in b4.items()} | {
+                "4_over_1": b4[4] / b4[1],
+                "2_over_1": b4[2] / b4[1],
+            }
+            rows.append(
+                (
+                    "B4 1/2/4 workers, 100 ms relay",
+                    " / ".join(f"{b4[n]:.0f}" for n in (1, 2, 4))
+                    + f" mails/s; 4/1 = {b4[4] / b4[1]:.2f}x (target >= 3.5x)",
+                )
+            )
+        if "b5" in parts:
+            b5 = memory_growth(tmp, ca, sizes.b5)
+            figures["b5"] = b5 | {"b1_peak_kib": b1_peak}
+            rows += [
+                ("B5 worker peak RSS in B1", f"{b1_peak / 1024:.1f} MiB"),
+                (
+                    f"B5 RSS growth over {b5['mails']} mails",
+                    f"{b5['growth_kib'] / 1024:+.1f} MiB "
+                    f"(from {b5['rss_after_20pct_kib'] / 1024:.1f})",
+                ),
+            ]
+        if "b8" in parts:
+            rtt = 2 * WAN_ONE_WAY
+            far = {
+                piped: workers_rate(
+                    tmp,
+                    ca,
+                    sizes.b8,
+                    workers=1,
+                    connections=4,
+                    delay=0.0,
+                    pipelining=piped,
+                    wan=WAN_ONE_WAY,
+                )[0]
+                for piped in (True, False)
+            }
+            # Round trips per one-recipient mail: envelope + DATA, body; or MAIL, RCPT,
+            # DATA, body.
+            ideal = {True: 4 / (2 * rtt), False: 4 / (4 * rtt)}
+            figures["b8"] = {
+                "rtt_ms": rtt * 1000,
+                "pipelining_per_s": far[True],
+                "no_pipelining_per_s": far[False],
+                "ratio": far[True] / far[False],
+                "ideal_pipelining_per_s": ideal[True],
+                "ideal_no_pipelining_per_s": ideal[False],
+            }
+            rows += [
+                (
+                    f"B8 {rtt * 1000:.0f} ms RTT relay with PIPELINING, 4 connections",
+                    f"{far[True]:.1f} mails/s (ideal {ideal[True]:.0f}/s)",
+                ),
+                (
+                    "B8 same relay without PIPELINING",
+                    f"{far[False]:.1f} mails/s (ideal {ideal[False]:.0f}/s)",
+                ),
+                ("B8 with/without (target >= 2x)", f"{far[True] / far[False]:.2f}x"),
+            ]
+    report("worker-smoke" if args.smoke else "worker", rows, figures)
 
 
 if __name__ == "__main__":

@@ -78,9 +78,30 @@ class _Handler:
     mail_replies: list[str] = field(default_factory=list)
     rcpt_replies: dict[str, str | list[str]] = field(default_factory=dict)
     data_commands: int = 0
+    # Replies used (and consumed) for the next DATA commands themselves, in place of 354:
+    # only when the envelope has a recipient, as aiosmtpd checks that first.
+    data_command_replies: list[str] = field(default_factory=list)
     rcpt_commands: list[str] = field(default_factory=list)
     # Close each connection after this many accepted mails (0: never), as some relays do.
     max_per_connection: int = 0
+    # Offer PIPELINING (RFC 2920) in the EHLO reply. aiosmtpd does not by itself, but it
+    # reads commands one line at a time from its buffer and answers them in order, which
+    # is all a pipelining server has to do.
+    pipelining: bool = False
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        # With this hook aiosmtpd leaves recording the client's name to it.
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -132,7 +153,19 @@ class _Handler:
         return "250 OK"
 
 
-class _RejectingStartTls(SMTP):
+class _Smtp(SMTP):
+    """aiosmtpd, able to refuse the DATA command itself (see ``data_command_replies``)."""
+
+    async def smtp_DATA(self, arg: str) -> None:
+        handler = self.event_handler
+        assert isinstance(handler, _Handler)
+        if handler.data_command_replies and self.envelope is not None and self.envelope.rcpt_tos:
+            await self.push(handler.data_command_replies.pop(0))
+            return
+        await super().smtp_DATA(arg)
+
+
+class _RejectingStartTls(_Smtp):
     """Advertises STARTTLS, then refuses it: a broken or tampered relay."""
 
     async def smtp_STARTTLS(self, arg: str) -> None:
@@ -191,7 +224,7 @@ class SmtpServer:
     def _protocol(self) -> SMTP:
         self.handler.connections += 1
         starttls = self.mode == "starttls"
-        protocol = (_RejectingStartTls if self.reject_starttls else SMTP)(
+        protocol = (_RejectingStartTls if self.reject_starttls else _Smtp)(
             self.handler,
             hostname="relay.test",
             # aiosmtpd offers STARTTLS exactly when it has a context for it.

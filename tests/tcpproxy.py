@@ -1,8 +1,9 @@
-"""A TCP proxy between a client and the shared broker, so a test can misbehave the network
-for one client without touching the broker everyone else uses: :meth:`TcpProxy.cut` drops
-every connection at once, as a failing network does; :meth:`TcpProxy.mute` stops passing
-the broker's bytes but keeps every socket open, as a broker in a minority partition or a
-stuck quorum leader does."""
+"""A TCP proxy between a client and the shared broker (or a relay), so a test can misbehave
+the network for one client without touching what everyone else uses: :meth:`TcpProxy.cut`
+drops every connection at once, as a failing network does; :meth:`TcpProxy.mute` stops
+passing the upstream's bytes but keeps every socket open, as a broker in a minority
+partition or a stuck quorum leader does. It also keeps what the client sent, one entry per
+``recv``, so a test can see which commands travelled together."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class TcpProxy:
         self._muted = threading.Event()
         self._closed = threading.Event()
         self.accepted = 0
+        self.sent: list[bytes] = []  # client to upstream, chunk by chunk
         threading.Thread(target=self._accept, name="tcpproxy", daemon=True).start()
 
     def _accept(self) -> None:
@@ -38,24 +40,27 @@ class TcpProxy:
             with self._lock:
                 self.accepted += 1
                 self._open += [client, server]
-            for source, sink, from_broker in ((client, server, False), (server, client, True)):
+            for source, sink, upstream in ((client, server, False), (server, client, True)):
                 threading.Thread(
-                    target=self._pump, args=(source, sink, from_broker), daemon=True
+                    target=self._pump, args=(source, sink, upstream), daemon=True
                 ).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, from_broker: bool) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, upstream: bool) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
-                if from_broker and self._muted.is_set():
+                if upstream and self._muted.is_set():
                     self._closed.wait()  # silent, sockets open, until the test ends
                     return
+                if not upstream:
+                    with self._lock:
+                        self.sent.append(data)
                 sink.sendall(data)
         for sock in (source, sink):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
     def mute(self) -> None:
-        """Stop passing the broker's bytes to clients, keeping the connections up."""
+        """Stop passing the upstream's bytes to clients, keeping the connections up."""
         self._muted.set()
 
     def cut(self) -> None:

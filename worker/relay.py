@@ -35,6 +35,7 @@ from worker.classify import (
     classify_transaction,
     relay_text,
 )
+from worker.pipelining import sendmail
 from worker.render import Mail
 from worker.scrub import Scrubber
 
@@ -156,6 +157,9 @@ class Relay:
                     )
                     client.close()
                     continue
+                except BaseException:
+                    client.close()  # cancelled while out of the pool: nobody else holds it
+                    raise
             return client
         return None
 
@@ -212,11 +216,16 @@ class Relay:
 
     async def _transact(self, client: aiosmtplib.SMTP, mail: Mail) -> dict[str, Refusal]:
         try:
-            refused, _ = await client.sendmail(mail.sender, list(mail.recipients), mail.data)
+            refused = await sendmail(client, mail.sender, mail.recipients, mail.data)
         except Exception as exc:
             client.close()
             error: DeliveryError = classify_transaction(exc, self.scrub)
             raise error from None
+        except BaseException:
+            # Cancelled (the worker's max_hold, a shutdown) in the middle of a transaction:
+            # the session is in an unknown state, so it is closed, never pooled or left open.
+            client.close()
+            raise
         return {
             rcpt: Refusal(resp.code, relay_text(f"{resp.code} {resp.message}", self.scrub))
             for rcpt, resp in refused.items()
