@@ -32,6 +32,7 @@ class Received:
     data: bytes
     tls: bool
     auth_login: str | None
+    helo: str | None = None  # the name the client gave in EHLO
 
     @property
     def event_id(self) -> str:
@@ -88,6 +89,8 @@ class _Handler:
     # reads commands one line at a time from its buffer and answers them in order, which
     # is all a pipelining server has to do.
     pipelining: bool = False
+    # Like a provider that takes mail only from its approved senders (empty: any sender).
+    approved_senders: set[str] = field(default_factory=set)
 
     async def handle_EHLO(
         self,
@@ -108,6 +111,8 @@ class _Handler:
     ) -> str:
         if self.mail_replies:
             return _echo(self.mail_replies.pop(0), session)
+        if self.approved_senders and address not in self.approved_senders:
+            return "550 5.7.1 sender not approved for this account"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 OK"
@@ -140,6 +145,7 @@ class _Handler:
             data=bytes(envelope.original_content or b""),
             tls=session.ssl is not None or bool(implicit_tls),
             auth_login=auth.login.decode() if isinstance(auth, LoginPassword) else None,
+            helo=session.host_name,
         )
         with self.condition:
             self.received.append(record)

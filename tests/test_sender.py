@@ -3,8 +3,10 @@ that carries the mail, and nothing else in the mail changes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from email import message_from_bytes, policy
 from email.message import EmailMessage
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +15,9 @@ from shared.config import FilterConfig, MailConfig, parse_config
 from shared.errors import ConfigError
 from shared.event import new_event
 from shared.filter import decide
+from tests.conftest import Certs, Process
+from tests.pipeline import SMTP_PASSWORD, publish_events, start_worker, write_config
+from tests.smtpserver import SmtpServer
 from worker.mime import from_header
 from worker.render import Renderer
 
@@ -96,3 +101,42 @@ def test_sender_helo_and_from_name_are_validated() -> None:
         "smtp[0].from: not a plain e-mail address: 'Not An Address'",
         "smtp[0].helo: not a host name: 'bad host!'",
     ]
+
+
+@pytest.mark.integration
+def test_each_relay_gets_mail_from_its_own_approved_sender(
+    tmp_path: Path,
+    vhost: str,
+    certs: Certs,
+    smtp_server: Callable[..., SmtpServer],
+    processes: Callable[..., Process],
+) -> None:
+    first = smtp_server("starttls", credentials=("alert", SMTP_PASSWORD))
+    second = smtp_server("starttls", credentials=("alert", SMTP_PASSWORD))
+    first.handler.approved_senders = {"alerts@one.example"}
+    second.handler.approved_senders = {"alerts@two.example"}
+    config = write_config(tmp_path, vhost, [first, second], certs)
+    text = config.read_text()
+    # Each [[smtp]] table gets its provider's sender; the first also its EHLO name.
+    text = text.replace(
+        f"port = {first.port}\n",
+        f'port = {first.port}\nfrom = "alerts@one.example"\nhelo = "node1.example.com"\n',
+    ).replace(f"port = {second.port}\n", f'port = {second.port}\nfrom = "alerts@two.example"\n')
+    text = text.replace(
+        'to = ["ops@example.com"', 'from_name = "HA cluster"\nto = ["ops@example.com"', 1
+    )
+    config.write_text(text)
+    start_worker(processes, config)
+    [one] = publish_events(vhost, 1)
+    assert first.wait_for(lambda received: len(received) == 1, 30)
+    first.go_down()  # failover: the next mail goes to the other provider's relay
+    [two] = publish_events(vhost, 1)
+    assert second.wait_for(lambda received: len(received) == 1, 60)
+    [via_first], [via_second] = first.received, second.received
+    assert (via_first.event_id, via_second.event_id) == (one, two)
+    assert via_first.mail_from == "alerts@one.example" and via_first.helo == "node1.example.com"
+    assert via_second.mail_from == "alerts@two.example"
+    assert str(via_first.parsed()["From"]) == "HA cluster <alerts@one.example>"
+    assert str(via_second.parsed()["From"]) == "HA cluster <alerts@two.example>"
+    # The Message-ID's domain stays [mail] from's, whatever relay carried it.
+    assert str(via_second.parsed()["Message-ID"]) == f"<{two}@example.com>"

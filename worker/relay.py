@@ -108,6 +108,9 @@ class Relay:
     async def send(self, mail: Mail) -> dict[str, Refusal]:
         """Deliver ``mail``; returns the recipients the relay refused while accepting the
         mail for others. Raises a :class:`DeliveryError` subclass otherwise."""
+        if self.config.sender:
+            # This relay's provider accepts only its approved sender.
+            mail = mail.with_sender(self.config.sender)
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.config.max_connections)
         if self.config.rate_limit > 0:
@@ -175,6 +178,7 @@ class Relay:
             use_tls=smtps,
             start_tls=False,
             tls_context=self._tls if smtps else None,
+            local_hostname=cfg.helo,
         )
         try:
             try:
