@@ -1,6 +1,11 @@
 """A real SMTP server for tests: aiosmtpd on its own event loop thread, on a free port,
 with STARTTLS, implicit TLS (SMTPS) or plaintext, optional AUTH, and a record of what it
-received and whether it came over TLS.
+received, whether it came over TLS, and every byte a client sent it in the clear.
+
+The server is deliberately permissive: it offers STARTTLS but also takes mail and AUTH
+without it, as a careless or tampered relay would. Whether mail and passwords travel
+encrypted is then up to the client under test, so assertions on ``Received.tls`` and
+``cleartext`` can fail.
 
 aiosmtpd's ``Controller`` cannot bind port 0 (its readiness check connects to the
 configured port), so the server is started with ``loop.create_server`` instead, the way
@@ -10,6 +15,7 @@ aiosmtplib's own tests do.
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import ssl
 import threading
@@ -22,6 +28,14 @@ from typing import Any, Literal
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 _MESSAGE_ID_RE = re.compile(rb"^Message-ID: <([^@>]+)@", re.MULTILINE | re.IGNORECASE)
+
+
+def secret_forms(username: str, password: str) -> list[bytes]:
+    """The password as it would cross the wire: as typed, and base64-encoded alone (AUTH
+    LOGIN) or inside an AUTH PLAIN token, with or without an authorisation identity."""
+    user, secret = username.encode(), password.encode()
+    plain_tokens = (b"\0" + user + b"\0" + secret, user + b"\0" + user + b"\0" + secret)
+    return [secret, base64.b64encode(secret), *map(base64.b64encode, plain_tokens)]
 
 
 @dataclass
@@ -58,6 +72,8 @@ class _Handler:
     data_commands: int = 0
     # Close each connection after this many accepted mails (0: never), as some relays do.
     max_per_connection: int = 0
+    # Every byte clients sent before any TLS: what an eavesdropper would have seen.
+    cleartext: bytearray = field(default_factory=bytearray)
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -97,7 +113,25 @@ class _Handler:
         return "250 OK"
 
 
-class _RejectingStartTls(SMTP):
+class _RecordingSmtp(SMTP):
+    """Keeps what arrives before TLS. After STARTTLS the raw socket feeds aiosmtpd's TLS
+    protocol, which passes only decrypted bytes on; with implicit TLS the transport is
+    encrypted from the start."""
+
+    def data_received(self, data: bytes) -> None:
+        transport = self.transport
+        encrypted = self._tls_protocol is not None or (
+            transport is not None and transport.get_extra_info("ssl_object") is not None
+        )
+        if not encrypted:
+            handler = self.event_handler
+            assert isinstance(handler, _Handler)
+            with handler.condition:
+                handler.cleartext.extend(data)
+        super().data_received(data)
+
+
+class _RejectingStartTls(_RecordingSmtp):
     """Advertises STARTTLS, then refuses it: a broken or tampered relay."""
 
     async def smtp_STARTTLS(self, arg: str) -> None:
@@ -121,6 +155,12 @@ class SmtpServer:
         self._server: asyncio.AbstractServer | None = None
         self._protocols: list[SMTP] = []
         self.reject_starttls = False
+
+    @property
+    def cleartext(self) -> bytes:
+        """Everything clients sent this server before TLS, on every connection."""
+        with self.handler.condition:
+            return bytes(self.handler.cleartext)
 
     @property
     def received(self) -> list[Received]:
@@ -147,16 +187,19 @@ class SmtpServer:
     def _protocol(self) -> SMTP:
         self.handler.connections += 1
         starttls = self.mode == "starttls"
-        protocol = (_RejectingStartTls if self.reject_starttls else SMTP)(
+        protocol = (_RejectingStartTls if self.reject_starttls else _RecordingSmtp)(
             self.handler,
             hostname="relay.test",
             # aiosmtpd offers STARTTLS exactly when it has a context for it.
             tls_context=self.tls_context if starttls else None,
-            require_starttls=starttls and self.tls_context is not None,
+            # Mail is taken without TLS too: the client must insist on it.
+            require_starttls=False,
             authenticator=self._authenticate if self.credentials else None,
             auth_required=self.credentials is not None,
-            auth_require_tls=self.mode != "plain",
         )
+        # AUTH without TLS as well. Set after construction: passing it warns on every
+        # connection that this is unsafe, which here is the point.
+        protocol._auth_require_tls = False
         self._protocols.append(protocol)
         return protocol
 

@@ -4,8 +4,10 @@ verified TLS unless plaintext was chosen, and refusals are counted."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,12 +15,12 @@ import pytest
 import trustme
 
 from shared.config import MailConfig, SmtpRelay
-from shared.errors import PermanentError, TlsRefusedError, TransientError
+from shared.errors import DeliveryError, PermanentError, TlsRefusedError, TransientError
 from shared.event import new_event
 from shared.filter import Decision
 from shared.secret import Secret
 from tests.conftest import Certs, free_port
-from tests.smtpserver import SmtpServer
+from tests.smtpserver import SmtpServer, secret_forms
 from worker.classify import combine_attempts
 from worker.metrics import Metrics
 from worker.render import Mail, Renderer
@@ -92,6 +94,10 @@ def test_starttls_with_auth_delivers(
     assert result == config.label
     [received] = server.received
     assert received.tls and received.auth_login == "alert"
+    # The relay would take AUTH in the clear; the client upgraded first.
+    assert b"STARTTLS" in server.cleartext.upper()
+    for form in secret_forms("alert", "pw-123"):
+        assert form not in server.cleartext
     assert received.rcpt_tos == ["ops@example.com"]
     assert received.parsed()["Message-ID"] == f"<{mail.event_id}@example.com>"
     assert value(metrics, "clusteralert_mails_sent_total", relay=config.label) == 1
@@ -132,6 +138,21 @@ def test_no_starttls_offered_means_no_mail(smtp_server: ServerFactory, certs: Ce
     assert value(metrics, "clusteralert_mails_failed_total", reason="tls_refused") == 1
 
 
+def test_stripped_starttls_never_sends_the_password_in_the_clear(
+    smtp_server: ServerFactory, certs: Certs
+) -> None:
+    # STARTTLS stripped from the EHLO reply (as a man in the middle does), while the relay
+    # offers AUTH and would check the password and take the mail in plaintext.
+    server = smtp_server("starttls", context=None, credentials=("alert", "pw-123"))
+    config = relay(server, certs, username="alert", password=Secret("pw-123"))
+    metrics, result = send(config)
+    assert b"EHLO" in server.cleartext.upper()  # the recorder saw the conversation
+    for form in secret_forms("alert", "pw-123"):
+        assert form not in server.cleartext, form
+    assert isinstance(result, TlsRefusedError) and result.cause == "not_offered"
+    assert server.received == []
+
+
 def test_starttls_offered_then_refused_means_no_mail(
     smtp_server: ServerFactory, certs: Certs
 ) -> None:
@@ -150,6 +171,75 @@ def test_tls_contexts_verify_and_require_tls_1_2() -> None:
     context = client_context()
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+
+
+def old_tls_context(certs: Certs) -> ssl.SSLContext:
+    """A server that offers only TLS 1.0 and 1.1. OpenSSL 3 refuses those below security
+    level 0, so the level is lowered on purpose: the server must really offer them."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    certs.ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    with warnings.catch_warnings():  # the versions are deprecated: that is the point
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = ssl.TLSVersion.TLSv1
+        context.maximum_version = ssl.TLSVersion.TLSv1_1
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    return context
+
+
+def weak_platform_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``ssl.create_default_context`` behave as on platforms whose default still
+    allows TLS 1.0 (Python before 3.10, some distributions' OpenSSL settings): the floor
+    must be ours, not an accident of the machine the tests run on."""
+    original = ssl.create_default_context
+
+    def weak(*args: object, **kwargs: object) -> ssl.SSLContext:
+        context = original(*args, **kwargs)  # type: ignore[arg-type]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            context.minimum_version = ssl.TLSVersion.TLSv1
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
+        return context
+
+    monkeypatch.setattr(ssl, "create_default_context", weak)
+
+
+@pytest.mark.parametrize("platform", ["as_installed", "weak_default"])
+@pytest.mark.parametrize("mode", ["starttls", "smtps"])
+def test_a_relay_offering_only_tls_1_1_gets_no_mail(
+    mode: str,
+    platform: str,
+    smtp_server: ServerFactory,
+    certs: Certs,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = smtp_server(mode, context=old_tls_context(certs), credentials=("alert", "pw-123"))
+    if platform == "weak_default":
+        weak_platform_default(monkeypatch)
+    config = relay(server, certs, security=mode, username="alert", password=Secret("pw-123"))
+    metrics, result = send(config)
+    # No handshake, so no mail and no password. (The failure is classified from what the
+    # client sees, a reset during the handshake: see the report on issue 17.)
+    assert isinstance(result, DeliveryError), result
+    assert server.received == []
+    for form in secret_forms("alert", "pw-123"):
+        assert form not in server.cleartext
+
+
+def test_the_old_tls_server_is_real(smtp_server: ServerFactory, certs: Certs) -> None:
+    """The control for the test above: a client that allows TLS 1.1 does get through, so
+    the refusal there is our floor and not a broken server."""
+    server = smtp_server("smtps", context=old_tls_context(certs))
+    client = ssl.create_default_context(cafile=str(certs.ca_file))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        client.minimum_version = ssl.TLSVersion.TLSv1
+    client.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
+        client.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        assert tls.version() == "TLSv1.1"
+        assert tls.recv(100).startswith(b"220 ")
 
 
 def test_untrusted_certificate_means_no_mail(smtp_server: ServerFactory, certs: Certs) -> None:
@@ -360,7 +450,10 @@ def test_a_failing_relay_sits_out_its_cooldown(smtp_server: ServerFactory, certs
     from worker.send import Sender
 
     backup = smtp_server("starttls")
-    dead = relay(None, certs, cooldown=60.0)
+    # A relay that answers but refuses STARTTLS: every attempt is a connection it counts.
+    failing = smtp_server("starttls")
+    failing.reject_starttls = True
+    dead = relay(failing, certs, cooldown=60.0)
     metrics = Metrics([dead.label])
     sender = Sender([dead, relay(backup, certs)], metrics)
 
@@ -371,5 +464,32 @@ def test_a_failing_relay_sits_out_its_cooldown(smtp_server: ServerFactory, certs
 
     asyncio.run(go())
     assert len(backup.received) == 6
-    # Three failures start the cool-down; the next three mails skip the dead relay.
+    # Three failures start the cool-down; the next three mails skip the failing relay.
+    assert failing.handler.connections == 3
     assert sender.relays[0].cooling_down(time.monotonic())
+
+
+def test_when_every_relay_cools_down_all_are_tried(
+    smtp_server: ServerFactory, certs: Certs
+) -> None:
+    from worker.send import Sender
+
+    failing = smtp_server("starttls")
+    failing.reject_starttls = True
+    config = relay(failing, certs, cooldown=60.0)
+    sender = Sender([config], Metrics([config.label]), retry_budget=0, max_attempts=1)
+
+    async def go() -> list[BaseException]:
+        errors = []
+        for _ in range(5):
+            try:
+                await sender.send(make_mail())
+            except Exception as exc:
+                errors.append(exc)
+        await sender.close()
+        return errors
+
+    errors = asyncio.run(go())
+    assert [type(e) for e in errors] == [TlsRefusedError] * 5
+    # Skipping the only relay would only delay the alert: it is tried every time.
+    assert failing.handler.connections == 5
