@@ -137,6 +137,14 @@ def publish_events(vhost: str, count: int, module: str = "node", event_id: int =
     return ids
 
 
+def queue_depth(vhost: str, queue: str = "clusteralert.mail") -> int:
+    """Messages ready on ``queue``. Unacked ones count only once their consumer is gone,
+    so call it after stopping the worker to see what it left behind."""
+    with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
+        method = connection.channel().queue_declare(queue, passive=True).method
+        return int(method.message_count)
+
+
 def received_ids(received: SmtpServer | Sequence[Received]) -> list[str]:
     """The event id of every mail the relay took, duplicates included."""
     mails = received.received if isinstance(received, SmtpServer) else received

@@ -7,11 +7,13 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from producer.spool import Spool
 from shared.event import Event, encode_event, new_event
-from tests.conftest import BIN
+from tests.conftest import BIN, Process, free_port
+from tests.waiting import wait_until
 
 
 def event(i: int = 0) -> Event:
@@ -92,23 +94,33 @@ def test_half_written_files_are_recovered_or_set_aside(tmp_path: Path) -> None:
     assert fresh.exists()  # a writer may still be busy with it
 
 
-def test_status_reports_depth_age_and_last_error(tmp_path: Path) -> None:
+def test_status_reports_depth_age_and_the_agents_last_real_error(
+    tmp_path: Path, processes: Callable[..., Process]
+) -> None:
+    # The agent itself meets a real failure: nothing listens on the broker's port. The
+    # status command must report what that agent wrote, not a file the test made up.
+    dead_port = free_port()
     config = tmp_path / "c.toml"
-    config.write_text(f'[producer]\nspool_dir = "{tmp_path / "spool"}"\n')
-    assert emit(config, "emit", "--module", "rm", "--event-id", "1").returncode == 0
-    Spool(tmp_path / "spool").write_status(
-        {
-            "connected": False,
-            "published": 0,
-            "last_error": "broker unreachable",
-            "last_error_time": time.time(),
-        }
+    config.write_text(
+        f'[broker]\nurls = ["amqp://guest:guest@127.0.0.1:{dead_port}/"]\n'
+        f'[producer]\nspool_dir = "{tmp_path / "spool"}"\n'
     )
-    result = emit(config, "status", "--json")
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    assert report["events"] == 1 and report["bytes"] > 0
-    assert 0 <= report["oldest_age_seconds"] < 60
-    assert report["last_error"] == "broker unreachable"
-    text = emit(config, "status")
-    assert "events waiting: 1" in text.stdout and "broker unreachable" in text.stdout
+    assert emit(config, "emit", "--module", "rm", "--event-id", "1").returncode == 0
+    processes("clusteralert-producer", "run", "--config", str(config))
+
+    def report() -> dict[str, object] | None:
+        result = emit(config, "status", "--json")
+        assert result.returncode == 0, result.stderr
+        doc: dict[str, object] = json.loads(result.stdout)
+        return doc if doc["last_error"] else None
+
+    doc = wait_until(report, 30, "the agent to report its broker failure")
+    assert doc["events"] == 1 and isinstance(doc["bytes"], int) and doc["bytes"] > 0
+    assert isinstance(doc["oldest_age_seconds"], float) and 0 <= doc["oldest_age_seconds"] < 60
+    assert doc["forwarder_connected"] is False
+    assert f"127.0.0.1:{dead_port}" in str(doc["last_error"])
+    assert isinstance(doc["last_error_time"], float)
+    assert abs(time.time() - doc["last_error_time"]) < 60
+    text = emit(config, "status").stdout
+    assert "events waiting: 1" in text and "not connected" in text
+    assert f"127.0.0.1:{dead_port}" in text
