@@ -71,6 +71,26 @@ def spool_events(config: Path, count: int) -> list[str]:
     ]
 
 
+def emit_in_process(config: Path, i: int) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = producer_main(
+            [
+                "emit",
+                "--config",
+                str(config),
+                "--module",
+                "rm",
+                "--event-id",
+                str(i),
+                "--param",
+                f"n={i}",
+            ]
+        )
+    assert code == 0, f"emit {i} failed"
+    return out.getvalue().strip()
+
+
 def test_broker_stopped_during_a_burst_of_500_emits(
     node: tuple[Path, int], vhost: str, processes: Processes
 ) -> None:
@@ -82,32 +102,39 @@ def test_broker_stopped_during_a_burst_of_500_emits(
         "the agent connected",
     )
     emitted: list[str] = []
-    subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=120)
+    stopped = False
     try:
         for i in range(500):
-            out = io.StringIO()
-            with contextlib.redirect_stdout(out):
-                code = producer_main(
-                    [
-                        "emit",
-                        "--config",
-                        str(config),
-                        "--module",
-                        "rm",
-                        "--event-id",
-                        str(i),
-                        "--param",
-                        f"n={i}",
-                    ]
+            emitted.append(emit_in_process(config, i))
+            if i == 99:
+                # A fifth of the way in, with the agent already forwarding the burst (and
+                # so with publishes in flight), the broker goes away; the rest of the
+                # burst arrives while it is down.
+                wait_until(
+                    lambda: scrape(port).get("clusteralert_producer_published_total", 0) >= 1,
+                    30,
+                    "the agent forwarding the burst",
                 )
-            assert code == 0, f"emit {i} failed while the broker was down"
-            emitted.append(out.getvalue().strip())
-        assert scrape(port).get("clusteralert_spool_events") == 500
+                subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=120)
+                stopped = True
+        wait_until(
+            lambda: scrape(port).get("clusteralert_producer_broker_connected") == 0,
+            30,
+            "the agent to notice",
+        )
+        # What the broker had not confirmed is still in the spool, with the 400 emitted
+        # while it was down.
+        assert scrape(port)["clusteralert_spool_events"] >= 400
     finally:
-        subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120)
+        if stopped:
+            subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120)
     wait_until(lambda: queued(vhost) >= 500, 90, "500 events on the work queue")
+    wait_until(lambda: scrape(port).get("clusteralert_spool_events") == 0, 30, "spool drained")
     ids = drain_ids(vhost)
-    assert sorted(ids) == sorted(emitted)
+    # Each event arrives; one published before the stop but never confirmed may arrive
+    # twice (at least once is the promise), never more than a confirm window of them.
+    assert set(ids) == set(emitted)
+    assert len(ids) - len(set(ids)) <= 256
     assert agent.proc.poll() is None
     assert agent.stop() == 0
 
