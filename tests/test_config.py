@@ -168,3 +168,31 @@ def test_invalid_toml_is_one_problem(tmp_path: Path) -> None:
         load_config(str(path))
     assert len(info.value.problems) == 1
     assert "not valid TOML" in str(info.value.problems[0])
+
+
+# Every table of the config, with the smallest valid body, and where its keys are reported.
+TABLES = {
+    "": ("", ""),
+    "broker": ("[broker]\n", "broker."),
+    "producer": ("[producer]\n", "producer."),
+    "producer.follow": ('[[producer.follow]]\npath = "/var/log/x"\n', "producer.follow[0]."),
+    "mail": ('[mail]\nfrom = "a@example.com"\nto = ["b@example.com"]\n', "mail."),
+    "smtp": ('[[smtp]]\nhost = "smtp.example.com"\n', "smtp[0]."),
+    "route": ('[[route]]\nto = ["c@example.com"]\n', "route[0]."),
+    "filter": ("[filter]\n", "filter."),
+    "catalog": ("[catalog]\n", "catalog."),
+    "metrics": ("[metrics]\n", "metrics."),
+    "worker": ("[worker]\n", "worker."),
+}
+
+
+@pytest.mark.parametrize("table", sorted(TABLES))
+def test_an_unknown_key_is_an_error_in_every_table(table: str, tmp_path: Path) -> None:
+    body, where = TABLES[table]
+    rest = "".join(b for name, (b, _) in TABLES.items() if name not in ("", table))
+    if table == "producer.follow":  # [producer] must come first, then its array
+        rest = rest.replace(TABLES["producer"][0], "")
+        body = TABLES["producer"][0] + body
+    # Top-level keys must precede every table in TOML.
+    text = (body + "colour = 1\n" + rest) if table else ("colour = 1\n" + rest)
+    assert problems(text, tmp_path) == [f"{where}colour: unknown key"]

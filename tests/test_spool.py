@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import stat
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -124,3 +126,36 @@ def test_status_reports_depth_age_and_the_agents_last_real_error(
     text = emit(config, "status").stdout
     assert "events waiting: 1" in text and "not connected" in text
     assert f"127.0.0.1:{dead_port}" in text
+
+
+def test_max_events_and_max_bytes_0_mean_unbounded(tmp_path: Path) -> None:
+    spool_dir = tmp_path / "spool"
+    Spool(spool_dir).write(event(0))
+    # More than the default bound (10000) already waiting, made cheaply as hard links
+    # (10000 separate writes take seconds on some disks).
+    first = next(spool_dir.glob("0*.json"))
+    for i in range(1, 10_001):
+        os.link(first, spool_dir / f"{i + 1:020d}-{uuid.uuid4()}.json")
+    bounded = tmp_path / "bounded.toml"
+    bounded.write_text(f'[producer]\nspool_dir = "{spool_dir}"\n')
+    full = emit(bounded, "emit", "--module", "rm", "--event-id", "1")
+    assert full.returncode == 1 and "is full" in full.stderr  # the default bound holds
+    unbounded = tmp_path / "unbounded.toml"
+    unbounded.write_text(
+        f'[producer]\nspool_dir = "{spool_dir}"\nmax_events = 0\nmax_bytes = 0\n'
+    )
+    result = emit(unbounded, "emit", "--module", "rm", "--event-id", "1")
+    assert result.returncode == 0, result.stderr
+    assert Spool(spool_dir).stats().events == 10_002
+
+
+def test_a_new_spool_directory_is_group_writable_and_setgid(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    spool_dir = tmp_path / "state" / "spool"
+    config.write_text(f'[producer]\nspool_dir = "{spool_dir}"\n')
+    old = os.umask(0o022)  # a typical service umask must not strip the group bits
+    try:
+        assert emit(config, "emit", "--module", "rm", "--event-id", "1").returncode == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(spool_dir.stat().st_mode) == 0o2770
