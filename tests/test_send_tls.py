@@ -493,3 +493,43 @@ def test_when_every_relay_cools_down_all_are_tried(
     assert [type(e) for e in errors] == [TlsRefusedError] * 5
     # Skipping the only relay would only delay the alert: it is tried every time.
     assert failing.handler.connections == 5
+
+
+def test_a_relay_step_slower_than_the_timeout_is_a_transient_timeout(
+    smtp_server: ServerFactory, certs: Certs
+) -> None:
+    server = smtp_server("starttls")
+    server.handler.data_delay = 5.0  # the reply to DATA never comes within the timeout
+    config = relay(server, certs, timeout=0.5)
+    started = time.monotonic()
+    metrics, result = send_with(config, retry_budget=0, max_attempts=1)
+    elapsed = time.monotonic() - started
+    assert isinstance(result, TransientError) and result.reason == "timeout", result
+    # Bounded by the step timeout, not by the relay's 5 s.
+    assert elapsed < 3, elapsed
+    assert value(metrics, "clusteralert_mails_failed_total", reason="timeout") == 1
+
+
+def test_a_connection_idle_past_the_limit_is_closed_not_reused(
+    smtp_server: ServerFactory, certs: Certs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import relay as relay_module
+    from worker.send import Sender
+
+    # Relays drop idle sessions after a few minutes; a short limit stands in for 4 min.
+    monkeypatch.setattr(relay_module, "MAX_IDLE", 0.2)
+    server = smtp_server("starttls")
+    config = relay(server, certs, max_connections=1)
+    sender = Sender([config], Metrics([config.label]))
+
+    async def go() -> None:
+        await sender.send(make_mail())
+        await sender.send(make_mail())  # at once: the pooled connection is reused
+        assert server.handler.connections == 1
+        await asyncio.sleep(0.3)  # idle past the limit (the limit is what is tested)
+        await sender.send(make_mail())
+        await sender.close()
+
+    asyncio.run(go())
+    assert len(server.received) == 3
+    assert server.handler.connections == 2

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import stat
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -141,9 +141,7 @@ def test_max_events_and_max_bytes_0_mean_unbounded(tmp_path: Path) -> None:
     full = emit(bounded, "emit", "--module", "rm", "--event-id", "1")
     assert full.returncode == 1 and "is full" in full.stderr  # the default bound holds
     unbounded = tmp_path / "unbounded.toml"
-    unbounded.write_text(
-        f'[producer]\nspool_dir = "{spool_dir}"\nmax_events = 0\nmax_bytes = 0\n'
-    )
+    unbounded.write_text(f'[producer]\nspool_dir = "{spool_dir}"\nmax_events = 0\nmax_bytes = 0\n')
     result = emit(unbounded, "emit", "--module", "rm", "--event-id", "1")
     assert result.returncode == 0, result.stderr
     assert Spool(spool_dir).stats().events == 10_002
