@@ -7,7 +7,7 @@ import json
 import subprocess
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pika
@@ -104,9 +104,16 @@ def dlq_list(config: Path) -> list[dict[str, object]]:
     return rows
 
 
-def publish_events(vhost: str, count: int, module: str = "node", event_id: int = 1) -> list[str]:
+def publish_events(
+    vhost: str,
+    count: int,
+    module: str = "node",
+    event_id: int = 1,
+    age: timedelta = timedelta(0),
+) -> list[str]:
     """Publish ``count`` valid events straight to the exchange, with confirms: a load
-    test needs hundreds, far faster than as many ``emit`` processes."""
+    test needs hundreds, far faster than as many ``emit`` processes. ``age`` dates the
+    events that long ago."""
     ids = []
     with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
         channel = connection.channel()
@@ -117,7 +124,7 @@ def publish_events(vhost: str, count: int, module: str = "node", event_id: int =
                 {
                     "v": 1,
                     "id": event_uuid,
-                    "time": datetime.now(UTC).isoformat(),
+                    "time": (datetime.now(UTC) - age).isoformat(),
                     "cluster": "c",
                     "node": f"n{i % 7}",
                     "module": module,
