@@ -196,3 +196,38 @@ def test_an_unknown_key_is_an_error_in_every_table(table: str, tmp_path: Path) -
     # Top-level keys must precede every table in TOML.
     text = (body + "colour = 1\n" + rest) if table else ("colour = 1\n" + rest)
     assert problems(text, tmp_path) == [f"{where}colour: unknown key"]
+
+
+@pytest.mark.parametrize("kind", ["dev_zero", "fifo", "huge"])
+def test_a_secret_file_that_never_ends_is_a_clear_error_not_a_hang(
+    kind: str, tmp_path: Path
+) -> None:
+    """A password_file pointing at /dev/zero, a FIFO nobody writes, or a huge file must
+    not stall the worker's start (or eat its memory): one clear error instead."""
+    import os
+    import subprocess
+
+    from tests.conftest import BIN
+
+    if kind == "dev_zero":
+        secret = Path("/dev/zero")
+    elif kind == "fifo":
+        secret = tmp_path / "fifo"
+        os.mkfifo(secret)
+    else:
+        secret = tmp_path / "huge"
+        with secret.open("wb") as fh:
+            fh.truncate(1 << 30)  # sparse: a gigabyte of nothing, cheap to make
+    config = tmp_path / "c.toml"
+    config.write_text(MINIMAL + f'password_file = "{secret}"\n')
+    result = subprocess.run(
+        [str(BIN / "clusteralert-worker"), "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1, result.stderr
+    [line] = [
+        x for x in result.stdout.splitlines() + result.stderr.splitlines() if str(secret) in x
+    ]
+    assert line.startswith("smtp[0].password_file: "), line
