@@ -231,3 +231,100 @@ def test_a_secret_file_that_never_ends_is_a_clear_error_not_a_hang(
         x for x in result.stdout.splitlines() + result.stderr.splitlines() if str(secret) in x
     ]
     assert line.startswith("smtp[0].password_file: "), line
+
+
+@pytest.mark.parametrize(
+    ("raw", "scheme", "host", "port", "vhost", "user", "shown", "full"),
+    [
+        (
+            "amqp://h",
+            "amqp",
+            "h",
+            5672,
+            "/",
+            "guest",
+            "amqp://guest@h:5672/%2F",
+            "amqp://guest@h:5672/%2F",
+        ),
+        (
+            "amqps://rabbit.example/",
+            "amqps",
+            "rabbit.example",
+            5671,
+            "/",
+            "guest",
+            "amqps://guest@rabbit.example:5671/%2F",
+            "amqps://guest@rabbit.example:5671/%2F",
+        ),
+        (
+            "amqps://a%40b:p%3Aw%2Fd@h:5999/prod%2Fvh",
+            "amqps",
+            "h",
+            5999,
+            "prod/vh",
+            "a@b",
+            "amqps://a@b@h:5999/prod%2Fvh",
+            "amqps://a%40b:p%3Aw%2Fd@h:5999/prod%2Fvh",
+        ),
+    ],
+)
+def test_broker_urls_take_their_defaults_and_round_trip(
+    raw: str,
+    scheme: str,
+    host: str,
+    port: int,
+    vhost: str,
+    user: str,
+    shown: str,
+    full: str,
+    tmp_path: Path,
+) -> None:
+    config = parse_config({"broker": {"urls": [raw]}}, sections=("broker",), base=tmp_path)
+    [url] = config.broker.urls
+    assert (url.scheme, url.host, url.port, url.vhost, url.username) == (
+        scheme,
+        host,
+        port,
+        vhost,
+        user,
+    )
+    assert str(url) == shown  # for logs: never the password
+    assert url.with_secret() == full  # for the client library: everything, re-quoted
+    if ":" in raw.split("//", 1)[1].split("@", 1)[0]:
+        assert url.password is not None and url.password.reveal() == "p:w/d"
+    else:
+        assert url.password is None
+
+
+def test_a_broker_url_without_a_host_is_an_error(tmp_path: Path) -> None:
+    found = problems('[broker]\nurls = ["amqp:///vh"]\n', tmp_path, sections=("broker",))
+    assert found == ["broker.urls[0]: no host name"]
+
+
+def test_load_config_reports_a_missing_named_file_and_bad_toml(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config(str(missing))
+    assert [str(p) for p in info.value.problems] == [f"{missing}: config file not found"]
+    # Named by the environment counts as named too.
+    monkeypatch.setenv("CLUSTERALERT_CONFIG", str(missing))
+    with pytest.raises(ConfigError) as info:
+        load_config(None)
+    assert [str(p) for p in info.value.problems] == [f"{missing}: config file not found"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[mail\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(bad))
+    [problem] = [str(p) for p in info.value.problems]
+    assert problem.startswith(f"{bad}: not valid TOML: ")
+    # Relative paths are taken from the config file's directory, not the caller's.
+    good = tmp_path / "sub" / "good.toml"
+    good.parent.mkdir()
+    good.write_text('[producer]\nspool_dir = "spool"\n')
+    monkeypatch.chdir("/")
+    assert load_config(str(good), sections=("producer",)).producer.spool_dir == (
+        good.parent / "spool"
+    )
+    assert load_config(str(good), sections=("producer",)).path == good
