@@ -155,6 +155,8 @@ class SmtpServer:
         self._server: asyncio.AbstractServer | None = None
         self._protocols: list[SMTP] = []
         self.reject_starttls = False
+        # A reply to AUTH instead of checking the credentials, e.g. "454 4.7.0 try later".
+        self.auth_reply: str | None = None
 
     @property
     def cleartext(self) -> bytes:
@@ -177,6 +179,8 @@ class SmtpServer:
     def _authenticate(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
     ) -> AuthResult:
+        if self.auth_reply:
+            return AuthResult(success=False, handled=False, message=self.auth_reply)
         ok = (
             isinstance(data, LoginPassword)
             and self.credentials is not None

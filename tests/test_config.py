@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -328,3 +329,66 @@ def test_load_config_reports_a_missing_named_file_and_bad_toml(
         good.parent / "spool"
     )
     assert load_config(str(good), sections=("producer",)).path == good
+
+
+# (table, key, default, lowest, highest, how to read it back); None: no upper bound.
+BOUNDS: list[tuple[str, str, float, float, float | None, Any]] = [
+    ("smtp", "port", 587, 1, 65535, lambda c: c.smtp[0].port),
+    ("smtp", "timeout", 30.0, 0.1, 600, lambda c: c.smtp[0].timeout),
+    ("smtp", "max_connections", 4, 1, 100, lambda c: c.smtp[0].max_connections),
+    ("smtp", "cooldown", 30.0, 0, 3600, lambda c: c.smtp[0].cooldown),
+    ("smtp", "rate_limit", 0.0, 0, 100_000, lambda c: c.smtp[0].rate_limit),
+    ("broker", "heartbeat", 30, 0, 3600, lambda c: c.broker.heartbeat),
+    ("broker", "connect_timeout", 10.0, 0.1, 300, lambda c: c.broker.connect_timeout),
+    ("producer", "max_events", 10_000, 0, None, lambda c: c.producer.max_events),
+    ("producer", "max_bytes", 100 * 1024 * 1024, 0, None, lambda c: c.producer.max_bytes),
+    ("producer", "metrics_port", 0, 0, 65535, lambda c: c.producer.metrics_port),
+    ("metrics", "port", 9464, 0, 65535, lambda c: c.metrics.port),
+    ("worker", "prefetch", 32, 1, 10_000, lambda c: c.worker.prefetch),
+    ("worker", "shutdown_grace", 30.0, 0, 3600, lambda c: c.worker.shutdown_grace),
+    ("worker", "retry_window", 3600.0, 0, 7 * 86400, lambda c: c.worker.retry_window),
+]
+
+
+def with_value(table: str, key: str, value: object | None) -> dict[str, Any]:
+    data: dict[str, Any] = tomllib.loads(MINIMAL)
+    target: dict[str, Any] = data["smtp"][0] if table == "smtp" else data.setdefault(table, {})
+    if value is not None:
+        target[key] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "default", "low", "high", "read"),
+    BOUNDS,
+    ids=[f"{t}.{k}" for t, k, *_ in BOUNDS],
+)
+def test_numeric_keys_have_their_default_and_exact_bounds(
+    table: str,
+    key: str,
+    default: float,
+    low: float,
+    high: float | None,
+    read: Any,
+    tmp_path: Path,
+) -> None:
+    assert read(parse_config(with_value(table, key, None), base=tmp_path)) == default
+    step = 1 if isinstance(low, int) and isinstance(default, int) else 0.01
+    edges = [low] + ([high] if high is not None else [])
+    for ok in edges:
+        assert read(parse_config(with_value(table, key, ok), base=tmp_path)) == ok
+    outside = [low - step] + ([high + step] if high is not None else [])
+    where = "smtp[0]" if table == "smtp" else table
+    for bad in outside:
+        with pytest.raises(ConfigError) as info:
+            parse_config(with_value(table, key, bad), base=tmp_path)
+        [problem] = [str(p) for p in info.value.problems]
+        assert problem.startswith(f"{where}.{key}: "), problem
+
+
+@pytest.mark.parametrize(("security", "port"), [("smtps", 465), ("starttls", 587), ("none", 25)])
+def test_the_default_smtp_port_follows_the_security(
+    security: str, port: int, tmp_path: Path
+) -> None:
+    config = parse_config(with_value("smtp", "security", security), base=tmp_path)
+    assert config.smtp[0].port == port

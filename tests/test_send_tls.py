@@ -533,3 +533,27 @@ def test_a_connection_idle_past_the_limit_is_closed_not_reused(
     asyncio.run(go())
     assert len(server.received) == 3
     assert server.handler.connections == 2
+
+
+@pytest.mark.parametrize(
+    ("reply", "kind", "reason"),
+    [
+        ("400 4.0.0 try later", TransientError, "rejected_4xx"),
+        ("454 4.7.0 Temporary authentication failure", TransientError, "rejected_4xx"),
+        ("499 4.0.0 odd but temporary", TransientError, "rejected_4xx"),
+        ("500 5.5.2 Syntax error", PermanentError, "auth"),
+        ("535 5.7.8 Authentication credentials invalid", PermanentError, "auth"),
+    ],
+)
+def test_an_auth_reply_is_classified_by_its_code(
+    reply: str, kind: type, reason: str, smtp_server: ServerFactory, certs: Certs
+) -> None:
+    server = smtp_server("starttls", credentials=("alert", "pw-123"))
+    server.auth_reply = reply
+    config = relay(server, certs, username="alert", password=Secret("pw-123"))
+    metrics, result = send_with(config, retry_budget=0, max_attempts=1)
+    assert isinstance(result, kind) and result.reason == reason, result
+    assert str(result).count("AUTH " + reply[:3]) == 1, str(result)
+    assert reply[4:] in str(result)
+    assert "pw-123" not in str(result)
+    assert server.received == []
