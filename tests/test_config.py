@@ -392,3 +392,58 @@ def test_the_default_smtp_port_follows_the_security(
 ) -> None:
     config = parse_config(with_value("smtp", "security", security), base=tmp_path)
     assert config.smtp[0].port == port
+
+
+def test_a_follower_reads_every_key(tmp_path: Path) -> None:
+    from shared.config import CLUSTERPRO_PATTERN, FollowConfig
+
+    config = parse_config(
+        tomllib.loads(
+            '[[producer.follow]]\npath = "logs/app.log"\npatterns = "^(?P<message>.*)$"\n'
+            'module = "app"\nevent_id = 0\nlevel = "warning"\n'
+            '[[producer.follow]]\npath = "/var/log/other.log"\n'
+        ),
+        base=tmp_path,
+        sections=("producer",),
+    )
+    assert config.producer.follow == (
+        FollowConfig(tmp_path / "logs/app.log", ("^(?P<message>.*)$",), "app", 0, "warning"),
+        FollowConfig(Path("/var/log/other.log"), (CLUSTERPRO_PATTERN,), None, None, None),
+    )
+
+
+def test_a_followers_mistakes_are_reported_where_they_are(tmp_path: Path) -> None:
+    found = problems(
+        "[[producer.follow]]\n"
+        'patterns = ["(", "^(?P<message>.*)$"]\nevent_id = -1\nlevel = "loud"\n',
+        tmp_path,
+        sections=("producer",),
+    )
+    where = "producer.follow[0]"
+    assert f"{where}.path: missing" in found
+    assert any(
+        p.startswith(f"{where}.patterns[0]: not a valid regular expression: ") for p in found
+    )
+    assert (
+        f"{where}.patterns[1]: has no (?P<module>...) group and no module is set for this follower"
+        in found
+    )
+    assert any(p.startswith(f"{where}.event_id: ") for p in found), found
+    assert any(p.startswith(f"{where}.level: expected one of info, warning, error") for p in found)
+
+
+def test_a_route_reads_every_key(tmp_path: Path) -> None:
+    from shared.config import Route
+
+    config = parse_config(
+        tomllib.loads(
+            MINIMAL
+            + '[[route]]\nto = "db@example.com"\nmatch = "db:*"\nmin_level = "error"\n'
+            + '[[route]]\nto = ["all@example.com"]\n'
+        ),
+        base=tmp_path,
+    )
+    assert config.routes == (
+        Route(to=("db@example.com",), match=("db:*",), min_level="error"),
+        Route(to=("all@example.com",), match=(), min_level="info"),
+    )
