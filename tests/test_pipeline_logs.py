@@ -11,7 +11,7 @@ import pytest
 from shared.errors import PermanentError, TransientError
 from shared.event import encode_event, new_event
 from tests.test_pipeline import BODY, FakeSender, make, run
-from worker.retry_policy import HEADER_ATTEMPTS
+from worker.retry_policy import HEADER_ATTEMPTS, HEADER_REPLAYED
 
 
 def lines(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
@@ -94,3 +94,11 @@ def test_an_undecodable_event_is_one_error_line(caplog: pytest.LogCaptureFixture
     [(level, line)] = lines(caplog)
     assert level == logging.ERROR
     assert line.startswith("dead-lettering undecodable event after 1 attempt(s): invalid_event: ")
+
+
+@pytest.mark.parametrize(("attempts", "counted"), [(0, 1), (1, 0)])
+def test_a_replay_is_counted_on_its_first_round_only(attempts: int, counted: int) -> None:
+    # Separately: a total over both rounds would pass with the condition inverted.
+    pipeline, metrics = make(FakeSender())
+    run(pipeline, BODY, {HEADER_REPLAYED: "x", HEADER_ATTEMPTS: attempts})
+    assert metrics.registry.get_sample_value("clusteralert_replayed_total") == counted

@@ -557,3 +557,42 @@ def test_an_auth_reply_is_classified_by_its_code(
     assert reply[4:] in str(result)
     assert "pw-123" not in str(result)
     assert server.received == []
+
+
+@pytest.mark.parametrize(
+    ("replies", "kind", "reason"),
+    [
+        (
+            {"a@example.com": "450 4.2.1 busy", "b@example.com": "451 4.3.0 later"},
+            TransientError,
+            "rejected_4xx",
+        ),
+        (
+            {"a@example.com": "400 4.0.0 hm", "b@example.com": "550 5.1.1 gone"},
+            TransientError,
+            "rejected_4xx",
+        ),
+        (
+            {"a@example.com": "499 4.0.0 hm", "b@example.com": "550 5.1.1 gone"},
+            TransientError,
+            "rejected_4xx",
+        ),
+        (
+            {"a@example.com": "500 5.0.0 no", "b@example.com": "550 5.1.1 gone"},
+            PermanentError,
+            "rejected_5xx",
+        ),
+    ],
+)
+def test_every_recipient_refused_is_classified_by_the_codes(
+    replies: dict[str, str], kind: type, reason: str, smtp_server: ServerFactory, certs: Certs
+) -> None:
+    server = smtp_server("starttls")
+    server.handler.rcpt_replies = replies
+    mail = make_mail(to=tuple(replies))
+    _, result = send_with(relay(server, certs), mail=mail, retry_budget=0, max_attempts=1)
+    assert isinstance(result, kind) and result.reason == reason, result
+    assert str(result).count("all recipients refused: ") == 1
+    for address, reply in replies.items():
+        assert f"{address}: {reply}" in str(result)
+    assert server.received == []
