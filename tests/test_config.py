@@ -447,3 +447,57 @@ def test_a_route_reads_every_key(tmp_path: Path) -> None:
         Route(to=("db@example.com",), match=("db:*",), min_level="error"),
         Route(to=("all@example.com",), match=(), min_level="info"),
     )
+
+
+def test_mail_broker_and_catalog_read_every_key(tmp_path: Path) -> None:
+    from shared.config import DEFAULT_SUBJECT, MailConfig
+
+    config = parse_config(
+        tomllib.loads(
+            '[mail]\nfrom = "a@example.com"\nto = "b@example.com"\nsubject = "{level}"\n'
+            'charset = "iso-2022-jp"\nsubject_encode = false\nhtml = true\n'
+            '[broker]\nurls = ["amqps://h/"]\nca_file = "ca.pem"\ncert_file = "/c.pem"\n'
+            'key_file = "k.pem"\n'
+            '[catalog]\npath = "site.toml"\n'
+        ),
+        base=tmp_path,
+        sections=("mail", "broker", "catalog"),
+    )
+    assert config.mail == MailConfig(
+        sender="a@example.com",
+        to=("b@example.com",),
+        subject="{level}",
+        charset="iso-2022-jp",
+        subject_encode=False,
+        html=True,
+    )
+    broker = config.broker
+    assert (broker.ca_file, broker.cert_file, broker.key_file) == (
+        tmp_path / "ca.pem",
+        Path("/c.pem"),
+        tmp_path / "k.pem",
+    )
+    assert config.catalog.paths == (tmp_path / "site.toml",)
+    defaults = parse_config(
+        {"mail": {"to": ["b@example.com"]}, "catalog": {"path": ["a.csv", "", "/b.toml"]}},
+        base=tmp_path,
+        sections=("mail", "catalog"),
+    )
+    assert (defaults.mail.subject, defaults.mail.charset) == (DEFAULT_SUBJECT, "utf-8")
+    assert (defaults.mail.subject_encode, defaults.mail.html) == (True, False)
+    assert defaults.catalog.paths == (tmp_path / "a.csv", Path("/b.toml"))
+
+
+def test_mail_and_broker_mistakes_are_reported_where_they_are(tmp_path: Path) -> None:
+    found = problems(
+        '[mail]\nfrom = "Ops <a@example.com>"\nto = []\nsubject = "a\\nb"\ncharset = "ebcdic"\n'
+        '[broker]\nurls = []\ncert_file = "c.pem"\n',
+        tmp_path,
+        sections=("mail", "broker"),
+    )
+    assert "mail.from: not a plain e-mail address: 'Ops <a@example.com>'" in found
+    assert "mail.to: at least one recipient is required" in found
+    assert "mail.subject: must be one line" in found
+    assert any(p.startswith("mail.charset: expected one of utf-8, ") for p in found), found
+    assert "broker.urls: at least one broker URL is required" in found
+    assert "broker.cert_file: cert_file and key_file must be given together" in found
