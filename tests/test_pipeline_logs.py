@@ -40,13 +40,12 @@ def test_a_sent_mail_is_one_info_line_with_id_key_level_node_relay_and_attempt(
 def test_a_filtered_event_is_one_info_line_with_why(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     pipeline, _ = make(FakeSender())
-    body = encode_event(  # not mailed, says the shipped catalog
-        new_event(module="heartbeat", event_id=2, cluster="c", node="n", source="t")
-    )
-    run(pipeline, body)
+    event = new_event(module="heartbeat", event_id=2, cluster="c", node="n", source="t")
+    run(pipeline, encode_event(event))  # not mailed, says the shipped catalog
     [(level, line)] = lines(caplog)
     assert level == logging.INFO
-    assert line.startswith("filtered event ") and " heartbeat:2 from n: " in line, line
+    assert line.startswith(f"filtered event {event.id} heartbeat:2 from n: "), line
+    assert line.endswith("catalog has mail off for heartbeat:2"), line
 
 
 def test_an_unknown_event_that_is_mailed_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
@@ -89,8 +88,16 @@ def test_a_dead_letter_is_one_error_line(caplog: pytest.LogCaptureFixture) -> No
 
 def test_an_undecodable_event_is_one_error_line(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    pipeline, _ = make(FakeSender())
-    run(pipeline, b"{nope")
+    pipeline, metrics = make(FakeSender())
+    outcome = run(pipeline, b"{nope")
+    assert outcome.headers is not None
+    assert str(outcome.headers["x-clusteralert-last-error"]).startswith("not JSON: ")
+    assert (
+        metrics.registry.get_sample_value(
+            "clusteralert_mails_failed_total", {"reason": "invalid_event"}
+        )
+        == 1
+    )
     [(level, line)] = lines(caplog)
     assert level == logging.ERROR
     assert line.startswith("dead-lettering undecodable event after 1 attempt(s): invalid_event: ")
