@@ -7,7 +7,7 @@ import json
 import subprocess
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pika
@@ -106,9 +106,16 @@ def dlq_list(config: Path) -> list[dict[str, object]]:
     return rows
 
 
-def publish_events(vhost: str, count: int, module: str = "node", event_id: int = 1) -> list[str]:
+def publish_events(
+    vhost: str,
+    count: int,
+    module: str = "node",
+    event_id: int = 1,
+    age: timedelta = timedelta(0),
+) -> list[str]:
     """Publish ``count`` valid events straight to the exchange, with confirms: a load
-    test needs hundreds, far faster than as many ``emit`` processes."""
+    test needs hundreds, far faster than as many ``emit`` processes. ``age`` dates the
+    events that long ago."""
     ids = []
     with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
         channel = connection.channel()
@@ -119,7 +126,7 @@ def publish_events(vhost: str, count: int, module: str = "node", event_id: int =
                 {
                     "v": 1,
                     "id": event_uuid,
-                    "time": datetime.now(UTC).isoformat(),
+                    "time": (datetime.now(UTC) - age).isoformat(),
                     "cluster": "c",
                     "node": f"n{i % 7}",
                     "module": module,
@@ -137,6 +144,14 @@ def publish_events(vhost: str, count: int, module: str = "node", event_id: int =
             )
             ids.append(event_uuid)
     return ids
+
+
+def queue_depth(vhost: str, queue: str = "clusteralert.mail") -> int:
+    """Messages ready on ``queue``. Unacked ones count only once their consumer is gone,
+    so call it after stopping the worker to see what it left behind."""
+    with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
+        method = connection.channel().queue_declare(queue, passive=True).method
+        return int(method.message_count)
 
 
 def received_ids(received: SmtpServer | Sequence[Received]) -> list[str]:

@@ -1,6 +1,11 @@
 """A real SMTP server for tests: aiosmtpd on its own event loop thread, on a free port,
 with STARTTLS, implicit TLS (SMTPS) or plaintext, optional AUTH, and a record of what it
-received and whether it came over TLS.
+received, whether it came over TLS, and every byte a client sent it in the clear.
+
+The server is deliberately permissive: it offers STARTTLS but also takes mail and AUTH
+without it, as a careless or tampered relay would. Whether mail and passwords travel
+encrypted is then up to the client under test, so assertions on ``Received.tls`` and
+``cleartext`` can fail.
 
 aiosmtpd's ``Controller`` cannot bind port 0 (its readiness check connects to the
 configured port), so the server is started with ``loop.create_server`` instead, the way
@@ -23,6 +28,14 @@ from typing import Any, Literal
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 _MESSAGE_ID_RE = re.compile(rb"^Message-ID: <([^@>]+)@", re.MULTILINE | re.IGNORECASE)
+
+
+def secret_forms(username: str, password: str) -> list[bytes]:
+    """The password as it would cross the wire: as typed, and base64-encoded alone (AUTH
+    LOGIN) or inside an AUTH PLAIN token, with or without an authorisation identity."""
+    user, secret = username.encode(), password.encode()
+    plain_tokens = (b"\0" + user + b"\0" + secret, user + b"\0" + user + b"\0" + secret)
+    return [secret, base64.b64encode(secret), *map(base64.b64encode, plain_tokens)]
 
 
 @dataclass
@@ -117,6 +130,9 @@ class _Handler:
         envelope.mail_options.extend(options)
         return "250 OK"
 
+    # Every byte clients sent before any TLS: what an eavesdropper would have seen.
+    cleartext: bytearray = field(default_factory=bytearray)
+
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
@@ -160,7 +176,22 @@ class _Handler:
 
 
 class _Smtp(SMTP):
-    """aiosmtpd, able to refuse the DATA command itself (see ``data_command_replies``)."""
+    """aiosmtpd, able to refuse the DATA command itself (see ``data_command_replies``), and
+    keeping what arrives before TLS. After STARTTLS the raw socket feeds aiosmtpd's TLS
+    protocol, which passes only decrypted bytes on; with implicit TLS the transport is
+    encrypted from the start."""
+
+    def data_received(self, data: bytes) -> None:
+        transport = self.transport
+        encrypted = self._tls_protocol is not None or (
+            transport is not None and transport.get_extra_info("ssl_object") is not None
+        )
+        if not encrypted:
+            handler = self.event_handler
+            assert isinstance(handler, _Handler)
+            with handler.condition:
+                handler.cleartext.extend(data)
+        super().data_received(data)
 
     async def smtp_DATA(self, arg: str) -> None:
         handler = self.event_handler
@@ -199,6 +230,14 @@ class SmtpServer:
         # only these mechanisms are offered (None: aiosmtpd's LOGIN and PLAIN).
         self.auth_failure_reply: str | None = None
         self.auth_mechanisms: tuple[str, ...] | None = None
+        # A reply to AUTH instead of checking the credentials, e.g. "454 4.7.0 try later".
+        self.auth_reply: str | None = None
+
+    @property
+    def cleartext(self) -> bytes:
+        """Everything clients sent this server before TLS, on every connection."""
+        with self.handler.condition:
+            return bytes(self.handler.cleartext)
 
     @property
     def received(self) -> list[Received]:
@@ -215,6 +254,8 @@ class SmtpServer:
     def _authenticate(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
     ) -> AuthResult:
+        if self.auth_reply:
+            return AuthResult(success=False, handled=False, message=self.auth_reply)
         ok = (
             isinstance(data, LoginPassword)
             and self.credentials is not None
@@ -235,14 +276,17 @@ class SmtpServer:
             hostname="relay.test",
             # aiosmtpd offers STARTTLS exactly when it has a context for it.
             tls_context=self.tls_context if starttls else None,
-            require_starttls=starttls and self.tls_context is not None,
+            # Mail is taken without TLS too: the client must insist on it.
+            require_starttls=False,
             authenticator=self._authenticate if self.credentials else None,
             auth_required=self.credentials is not None,
-            auth_require_tls=self.mode != "plain",
             auth_exclude_mechanism=[
                 m for m in ("LOGIN", "PLAIN") if m not in (self.auth_mechanisms or (m,))
             ],
         )
+        # AUTH without TLS as well. Set after construction: passing it warns on every
+        # connection that this is unsafe, which here is the point.
+        protocol._auth_require_tls = False
         self._protocols.append(protocol)
         return protocol
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -168,3 +169,335 @@ def test_invalid_toml_is_one_problem(tmp_path: Path) -> None:
         load_config(str(path))
     assert len(info.value.problems) == 1
     assert "not valid TOML" in str(info.value.problems[0])
+
+
+# Every table of the config, with the smallest valid body, and where its keys are reported.
+TABLES = {
+    "": ("", ""),
+    "broker": ("[broker]\n", "broker."),
+    "producer": ("[producer]\n", "producer."),
+    "producer.follow": ('[[producer.follow]]\npath = "/var/log/x"\n', "producer.follow[0]."),
+    "mail": ('[mail]\nfrom = "a@example.com"\nto = ["b@example.com"]\n', "mail."),
+    "smtp": ('[[smtp]]\nhost = "smtp.example.com"\n', "smtp[0]."),
+    "route": ('[[route]]\nto = ["c@example.com"]\n', "route[0]."),
+    "filter": ("[filter]\n", "filter."),
+    "catalog": ("[catalog]\n", "catalog."),
+    "metrics": ("[metrics]\n", "metrics."),
+    "worker": ("[worker]\n", "worker."),
+}
+
+
+@pytest.mark.parametrize("table", sorted(TABLES))
+def test_an_unknown_key_is_an_error_in_every_table(table: str, tmp_path: Path) -> None:
+    body, where = TABLES[table]
+    rest = "".join(b for name, (b, _) in TABLES.items() if name not in ("", table))
+    if table == "producer.follow":  # [producer] must come first, then its array
+        rest = rest.replace(TABLES["producer"][0], "")
+        body = TABLES["producer"][0] + body
+    # Top-level keys must precede every table in TOML.
+    text = (body + "colour = 1\n" + rest) if table else ("colour = 1\n" + rest)
+    assert problems(text, tmp_path) == [f"{where}colour: unknown key"]
+
+
+@pytest.mark.parametrize("kind", ["dev_zero", "fifo", "huge"])
+def test_a_secret_file_that_never_ends_is_a_clear_error_not_a_hang(
+    kind: str, tmp_path: Path
+) -> None:
+    """A password_file pointing at /dev/zero, a FIFO nobody writes, or a huge file must
+    not stall the worker's start (or eat its memory): one clear error instead."""
+    import os
+    import subprocess
+
+    from tests.conftest import BIN
+
+    if kind == "dev_zero":
+        secret = Path("/dev/zero")
+    elif kind == "fifo":
+        secret = tmp_path / "fifo"
+        os.mkfifo(secret)
+    else:
+        secret = tmp_path / "huge"
+        with secret.open("wb") as fh:
+            fh.truncate(1 << 30)  # sparse: a gigabyte of nothing, cheap to make
+    config = tmp_path / "c.toml"
+    config.write_text(MINIMAL + f'password_file = "{secret}"\n')
+    result = subprocess.run(
+        [str(BIN / "clusteralert-worker"), "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1, result.stderr
+    [line] = [
+        x for x in result.stdout.splitlines() + result.stderr.splitlines() if str(secret) in x
+    ]
+    assert line.startswith("smtp[0].password_file: "), line
+
+
+@pytest.mark.parametrize(
+    ("raw", "scheme", "host", "port", "vhost", "user", "shown", "full"),
+    [
+        (
+            "amqp://h",
+            "amqp",
+            "h",
+            5672,
+            "/",
+            "guest",
+            "amqp://guest@h:5672/%2F",
+            "amqp://guest@h:5672/%2F",
+        ),
+        (
+            "amqps://rabbit.example/",
+            "amqps",
+            "rabbit.example",
+            5671,
+            "/",
+            "guest",
+            "amqps://guest@rabbit.example:5671/%2F",
+            "amqps://guest@rabbit.example:5671/%2F",
+        ),
+        (
+            "amqps://a%40b:p%3Aw%2Fd@h:5999/prod%2Fvh",
+            "amqps",
+            "h",
+            5999,
+            "prod/vh",
+            "a@b",
+            "amqps://a@b@h:5999/prod%2Fvh",
+            "amqps://a%40b:p%3Aw%2Fd@h:5999/prod%2Fvh",
+        ),
+    ],
+)
+def test_broker_urls_take_their_defaults_and_round_trip(
+    raw: str,
+    scheme: str,
+    host: str,
+    port: int,
+    vhost: str,
+    user: str,
+    shown: str,
+    full: str,
+    tmp_path: Path,
+) -> None:
+    config = parse_config({"broker": {"urls": [raw]}}, sections=("broker",), base=tmp_path)
+    [url] = config.broker.urls
+    assert (url.scheme, url.host, url.port, url.vhost, url.username) == (
+        scheme,
+        host,
+        port,
+        vhost,
+        user,
+    )
+    assert str(url) == shown  # for logs: never the password
+    assert url.with_secret() == full  # for the client library: everything, re-quoted
+    if ":" in raw.split("//", 1)[1].split("@", 1)[0]:
+        assert url.password is not None and url.password.reveal() == "p:w/d"
+    else:
+        assert url.password is None
+
+
+def test_a_broker_url_without_a_host_is_an_error(tmp_path: Path) -> None:
+    found = problems('[broker]\nurls = ["amqp:///vh"]\n', tmp_path, sections=("broker",))
+    assert found == ["broker.urls[0]: no host name"]
+
+
+def test_load_config_reports_a_missing_named_file_and_bad_toml(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config(str(missing))
+    assert [str(p) for p in info.value.problems] == [f"{missing}: config file not found"]
+    # Named by the environment counts as named too.
+    monkeypatch.setenv("CLUSTERALERT_CONFIG", str(missing))
+    with pytest.raises(ConfigError) as info:
+        load_config(None)
+    assert [str(p) for p in info.value.problems] == [f"{missing}: config file not found"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[mail\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(bad))
+    [problem] = [str(p) for p in info.value.problems]
+    assert problem.startswith(f"{bad}: not valid TOML: ")
+    # Relative paths are taken from the config file's directory, not the caller's.
+    good = tmp_path / "sub" / "good.toml"
+    good.parent.mkdir()
+    good.write_text('[producer]\nspool_dir = "spool"\n')
+    monkeypatch.chdir("/")
+    assert load_config(str(good), sections=("producer",)).producer.spool_dir == (
+        good.parent / "spool"
+    )
+    assert load_config(str(good), sections=("producer",)).path == good
+
+
+# (table, key, default, lowest, highest, how to read it back); None: no upper bound.
+BOUNDS: list[tuple[str, str, float, float, float | None, Any]] = [
+    ("smtp", "port", 587, 1, 65535, lambda c: c.smtp[0].port),
+    ("smtp", "timeout", 30.0, 0.1, 600, lambda c: c.smtp[0].timeout),
+    ("smtp", "max_connections", 4, 1, 100, lambda c: c.smtp[0].max_connections),
+    ("smtp", "cooldown", 30.0, 0, 3600, lambda c: c.smtp[0].cooldown),
+    ("smtp", "rate_limit", 0.0, 0, 100_000, lambda c: c.smtp[0].rate_limit),
+    ("broker", "heartbeat", 30, 0, 3600, lambda c: c.broker.heartbeat),
+    ("broker", "connect_timeout", 10.0, 0.1, 300, lambda c: c.broker.connect_timeout),
+    ("producer", "max_events", 10_000, 0, None, lambda c: c.producer.max_events),
+    ("producer", "max_bytes", 100 * 1024 * 1024, 0, None, lambda c: c.producer.max_bytes),
+    ("producer", "metrics_port", 0, 0, 65535, lambda c: c.producer.metrics_port),
+    ("metrics", "port", 9464, 0, 65535, lambda c: c.metrics.port),
+    ("worker", "prefetch", 32, 1, 10_000, lambda c: c.worker.prefetch),
+    ("worker", "shutdown_grace", 30.0, 0, 3600, lambda c: c.worker.shutdown_grace),
+    ("worker", "retry_window", 3600.0, 0, 7 * 86400, lambda c: c.worker.retry_window),
+]
+
+
+def with_value(table: str, key: str, value: object | None) -> dict[str, Any]:
+    data: dict[str, Any] = tomllib.loads(MINIMAL)
+    target: dict[str, Any] = data["smtp"][0] if table == "smtp" else data.setdefault(table, {})
+    if value is not None:
+        target[key] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "default", "low", "high", "read"),
+    BOUNDS,
+    ids=[f"{t}.{k}" for t, k, *_ in BOUNDS],
+)
+def test_numeric_keys_have_their_default_and_exact_bounds(
+    table: str,
+    key: str,
+    default: float,
+    low: float,
+    high: float | None,
+    read: Any,
+    tmp_path: Path,
+) -> None:
+    assert read(parse_config(with_value(table, key, None), base=tmp_path)) == default
+    step = 1 if isinstance(low, int) and isinstance(default, int) else 0.01
+    edges = [low] + ([high] if high is not None else [])
+    for ok in edges:
+        assert read(parse_config(with_value(table, key, ok), base=tmp_path)) == ok
+    outside = [low - step] + ([high + step] if high is not None else [])
+    where = "smtp[0]" if table == "smtp" else table
+    for bad in outside:
+        with pytest.raises(ConfigError) as info:
+            parse_config(with_value(table, key, bad), base=tmp_path)
+        [problem] = [str(p) for p in info.value.problems]
+        assert problem.startswith(f"{where}.{key}: "), problem
+
+
+@pytest.mark.parametrize(("security", "port"), [("smtps", 465), ("starttls", 587), ("none", 25)])
+def test_the_default_smtp_port_follows_the_security(
+    security: str, port: int, tmp_path: Path
+) -> None:
+    config = parse_config(with_value("smtp", "security", security), base=tmp_path)
+    assert config.smtp[0].port == port
+
+
+def test_a_follower_reads_every_key(tmp_path: Path) -> None:
+    from shared.config import CLUSTERPRO_PATTERN, FollowConfig
+
+    config = parse_config(
+        tomllib.loads(
+            '[[producer.follow]]\npath = "logs/app.log"\npatterns = "^(?P<message>.*)$"\n'
+            'module = "app"\nevent_id = 0\nlevel = "warning"\n'
+            '[[producer.follow]]\npath = "/var/log/other.log"\n'
+        ),
+        base=tmp_path,
+        sections=("producer",),
+    )
+    assert config.producer.follow == (
+        FollowConfig(tmp_path / "logs/app.log", ("^(?P<message>.*)$",), "app", 0, "warning"),
+        FollowConfig(Path("/var/log/other.log"), (CLUSTERPRO_PATTERN,), None, None, None),
+    )
+
+
+def test_a_followers_mistakes_are_reported_where_they_are(tmp_path: Path) -> None:
+    found = problems(
+        "[[producer.follow]]\n"
+        'patterns = ["(", "^(?P<message>.*)$"]\nevent_id = -1\nlevel = "loud"\n',
+        tmp_path,
+        sections=("producer",),
+    )
+    where = "producer.follow[0]"
+    assert f"{where}.path: missing" in found
+    assert any(
+        p.startswith(f"{where}.patterns[0]: not a valid regular expression: ") for p in found
+    )
+    assert (
+        f"{where}.patterns[1]: has no (?P<module>...) group and no module is set for this follower"
+        in found
+    )
+    assert any(p.startswith(f"{where}.event_id: ") for p in found), found
+    assert any(p.startswith(f"{where}.level: expected one of info, warning, error") for p in found)
+
+
+def test_a_route_reads_every_key(tmp_path: Path) -> None:
+    from shared.config import Route
+
+    config = parse_config(
+        tomllib.loads(
+            MINIMAL
+            + '[[route]]\nto = "db@example.com"\nmatch = "db:*"\nmin_level = "error"\n'
+            + '[[route]]\nto = ["all@example.com"]\n'
+        ),
+        base=tmp_path,
+    )
+    assert config.routes == (
+        Route(to=("db@example.com",), match=("db:*",), min_level="error"),
+        Route(to=("all@example.com",), match=(), min_level="info"),
+    )
+
+
+def test_mail_broker_and_catalog_read_every_key(tmp_path: Path) -> None:
+    from shared.config import DEFAULT_SUBJECT, MailConfig
+
+    config = parse_config(
+        tomllib.loads(
+            '[mail]\nfrom = "a@example.com"\nto = "b@example.com"\nsubject = "{level}"\n'
+            'charset = "iso-2022-jp"\nsubject_encode = false\nhtml = true\n'
+            '[broker]\nurls = ["amqps://h/"]\nca_file = "ca.pem"\ncert_file = "/c.pem"\n'
+            'key_file = "k.pem"\n'
+            '[catalog]\npath = "site.toml"\n'
+        ),
+        base=tmp_path,
+        sections=("mail", "broker", "catalog"),
+    )
+    assert config.mail == MailConfig(
+        sender="a@example.com",
+        to=("b@example.com",),
+        subject="{level}",
+        charset="iso-2022-jp",
+        subject_encode=False,
+        html=True,
+    )
+    broker = config.broker
+    assert (broker.ca_file, broker.cert_file, broker.key_file) == (
+        tmp_path / "ca.pem",
+        Path("/c.pem"),
+        tmp_path / "k.pem",
+    )
+    assert config.catalog.paths == (tmp_path / "site.toml",)
+    defaults = parse_config(
+        {"mail": {"to": ["b@example.com"]}, "catalog": {"path": ["a.csv", "", "/b.toml"]}},
+        base=tmp_path,
+        sections=("mail", "catalog"),
+    )
+    assert (defaults.mail.subject, defaults.mail.charset) == (DEFAULT_SUBJECT, "utf-8")
+    assert (defaults.mail.subject_encode, defaults.mail.html) == (True, False)
+    assert defaults.catalog.paths == (tmp_path / "a.csv", Path("/b.toml"))
+
+
+def test_mail_and_broker_mistakes_are_reported_where_they_are(tmp_path: Path) -> None:
+    found = problems(
+        '[mail]\nfrom = "Ops <a@example.com>"\nto = []\nsubject = "a\\nb"\ncharset = "ebcdic"\n'
+        '[broker]\nurls = []\ncert_file = "c.pem"\n',
+        tmp_path,
+        sections=("mail", "broker"),
+    )
+    assert "mail.from: not a plain e-mail address: 'Ops <a@example.com>'" in found
+    assert "mail.to: at least one recipient is required" in found
+    assert "mail.subject: must be one line" in found
+    assert any(p.startswith("mail.charset: expected one of utf-8, ") for p in found), found
+    assert "broker.urls: at least one broker URL is required" in found
+    assert "broker.cert_file: cert_file and key_file must be given together" in found

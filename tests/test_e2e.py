@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Certs, Process, amqp_url, scrape, wait_metric
-from tests.pipeline import SMTP_PASSWORD, emit, start_worker, write_config
+from tests.pipeline import SMTP_PASSWORD, emit, queue_depth, start_worker, write_config
 from tests.smtpserver import SmtpServer
 
 pytestmark = pytest.mark.integration
@@ -93,6 +93,9 @@ def test_emitted_events_arrive_as_tls_mail_exactly_when_reported(
         assert SMTP_PASSWORD not in process.output()
     assert SMTP_PASSWORD not in exposition
     assert not list((tmp_path / "spool").glob("*.json"))
+    # With the worker gone, anything it had not acked is back on the queue: the ten
+    # filtered events must have been acked, not just left alone.
+    assert queue_depth(vhost) == 0
 
 
 def test_a_malformed_event_is_dead_lettered_and_the_worker_goes_on(

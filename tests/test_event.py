@@ -156,3 +156,40 @@ def test_routing_key_replaces_dots_in_the_node() -> None:
     assert routing_key(event) == "rm.9.node1_example_com"
     long = new_event(module="rm", event_id=1, cluster="c", node="\u00e9" * 255, source="cli")
     assert len(routing_key(long).encode()) <= 255
+
+
+def test_peek_event_reads_what_publishing_needs_and_refuses_the_rest() -> None:
+    from shared.event import MAX_EVENT_BYTES, InvalidEvent, peek_event
+
+    event = new_event(module="rm", event_id=7, cluster="c", node="db.1", source="t")
+    assert peek_event(encode_event(event)) == (event.id, "rm.7.db_1")
+    good = json.loads(encode_event(event))
+    cases = {
+        b"x" * (MAX_EVENT_BYTES + 1): f"at most {MAX_EVENT_BYTES} allowed",
+        b"{nope": "not JSON: ",
+        b"[1]": "not a version 1 event object",
+        json.dumps({**good, "v": 2}).encode(): "not a version 1 event object",
+        json.dumps({**good, "id": "short"}).encode(): "id: not a UUID",
+        json.dumps({**good, "id": 5}).encode(): "id: not a UUID",
+        json.dumps({**good, "module": "Bad Module"}).encode(): "module: missing or invalid",
+        json.dumps({**good, "module": None}).encode(): "module: missing or invalid",
+        json.dumps({**good, "event_id": True}).encode(): "event_id: missing or invalid",
+        json.dumps({**good, "event_id": -1}).encode(): "event_id: missing or invalid",
+        json.dumps({**good, "event_id": "7"}).encode(): "event_id: missing or invalid",
+        json.dumps({**good, "node": 3}).encode(): "node: missing or invalid",
+    }
+    for raw, message in cases.items():
+        with pytest.raises(InvalidEvent) as info:
+            peek_event(raw)
+        assert message in str(info.value), (raw[:80], str(info.value))
+    # event_id 0 is a real id.
+    assert peek_event(json.dumps({**good, "event_id": 0}).encode())[1] == "rm.0.db_1"
+
+
+def test_routing_keys_fit_amqps_255_bytes_without_splitting_a_character() -> None:
+    from shared.event import routing_key
+
+    event = new_event(module="rm", event_id=1, cluster="c", node="ノ" * 200, source="t")
+    key = routing_key(event)
+    assert len(key.encode()) <= 255 and key.startswith("rm.1.ノ")
+    assert len(key.encode()) > 250  # cut at the bound, not far short of it

@@ -4,7 +4,6 @@ restarted. No alert may be lost, and none may go out in plaintext."""
 
 from __future__ import annotations
 
-import base64
 import json
 import subprocess
 import urllib.request
@@ -26,7 +25,7 @@ from tests.pipeline import (
     start_worker,
     write_config,
 )
-from tests.smtpserver import SECRET, SmtpServer
+from tests.smtpserver import SECRET, SmtpServer, secret_forms
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -108,15 +107,21 @@ def test_bad_password_is_dead_lettered_with_reason_auth_and_never_shown(
 def test_stripped_starttls_sends_nothing_then_replay_delivers_after_the_fix(
     tmp_path: Path, vhost: str, certs: Certs, smtp_server: Servers, processes: Processes
 ) -> None:
-    stripped = smtp_server("starttls", context=None)  # would take the mail in plaintext
-    config = write_config(tmp_path, vhost, [stripped], certs, auth=False)
+    # STARTTLS stripped; the relay would check the password and take the mail in plaintext.
+    stripped = smtp_server("starttls", context=None, credentials=CREDENTIALS)
+    config = write_config(tmp_path, vhost, [stripped], certs)
     worker, port = start_worker(processes, config)
     ids = publish_events(vhost, 3)
+    wait_metric(port, "clusteralert_events_consumed_total", lambda v: v == 3, 30)
+    wait_metric(port, "clusteralert_in_flight", lambda v: v == 0, 30)
+    assert b"EHLO" in stripped.cleartext.upper()
+    for form in secret_forms(*CREDENTIALS):  # not the password, in any encoding
+        assert form not in stripped.cleartext, form
+    assert stripped.received == []
+    assert stripped.handler.data_commands == 0  # nor one byte of mail in the clear
     wait_metric(
         port, 'clusteralert_dead_lettered_total{reason="tls_refused"}', lambda v: v == 3, 30
     )
-    assert stripped.received == []
-    assert stripped.handler.data_commands == 0  # not one byte of mail in the clear
     assert scrape(port)['clusteralert_tls_refused_total{cause="not_offered"}'] >= 3
     # Browsing takes and gives back: two listings see the same three.
     for _ in range(2):
@@ -126,8 +131,8 @@ def test_stripped_starttls_sends_nothing_then_replay_delivers_after_the_fix(
     assert worker.stop() == 0
 
     # The operator fixes the relay (now with STARTTLS) and replays.
-    fixed = smtp_server("starttls")
-    fixed_config = write_config(tmp_path, vhost, [fixed], certs, auth=False, name="fixed.toml")
+    fixed = smtp_server("starttls", credentials=CREDENTIALS)
+    fixed_config = write_config(tmp_path, vhost, [fixed], certs, name="fixed.toml")
     _, port = start_worker(processes, fixed_config)
     dry = dlq(fixed_config, "replay", "--reason", "tls_refused", "--dry-run")
     assert dry.returncode == 0 and len(dry.stdout.splitlines()) == 3
@@ -137,7 +142,9 @@ def test_stripped_starttls_sends_nothing_then_replay_delivers_after_the_fix(
     assert "replayed 3 dead letter(s)" in replay.stderr
     assert fixed.wait_for(lambda got: len(got) >= 3, timeout=30)
     assert sorted(received_ids(fixed)) == sorted(ids)
-    assert all(m.tls for m in fixed.received)
+    assert all(m.tls and m.auth_login == "alert" for m in fixed.received)
+    for form in secret_forms(*CREDENTIALS):
+        assert form not in fixed.cleartext, form
     wait_metric(port, "clusteralert_replayed_total", lambda v: v == 3, 30)
     assert dlq_list(fixed_config) == []
 
@@ -324,16 +331,6 @@ def test_recipients_greylisted_past_the_window_are_dead_lettered_and_replayed_al
     assert dlq_list(config) == []
 
 
-def secret_forms() -> list[str]:
-    """The password, and the base64 forms AUTH LOGIN and AUTH PLAIN send it in."""
-    password = SMTP_PASSWORD.encode()
-    return [
-        SMTP_PASSWORD,
-        base64.b64encode(password).decode(),
-        base64.b64encode(b"\0alert\0" + password).decode(),
-    ]
-
-
 @pytest.mark.parametrize(
     "where",
     ["auth_plain", "auth_login", "mail_451", "rcpt_450", "rcpt_550", "data_451", "data_554"],
@@ -371,7 +368,7 @@ def test_a_relay_echoing_the_password_never_gets_it_into_logs_headers_or_metrics
     assert worker.stop() == 0
     log = worker.output()
     outputs = {"log": log, "metrics": exposition, "dlq list": json.dumps(rows), "dlq show": shown}
-    forms = secret_forms()
+    forms = [f.decode() for f in secret_forms("alert", SMTP_PASSWORD)]
     assert [(name, f) for name, text in outputs.items() for f in forms if f in text] == []
     # The echo did reach the worker, which logged it masked.
     assert "********" in log

@@ -77,6 +77,26 @@ def spool_events(config: Path, count: int) -> list[str]:
     ]
 
 
+def emit_in_process(config: Path, i: int) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = producer_main(
+            [
+                "emit",
+                "--config",
+                str(config),
+                "--module",
+                "rm",
+                "--event-id",
+                str(i),
+                "--param",
+                f"n={i}",
+            ]
+        )
+    assert code == 0, f"emit {i} failed"
+    return out.getvalue().strip()
+
+
 def test_broker_stopped_during_a_burst_of_500_emits(
     node: tuple[Path, int], vhost: str, processes: Processes
 ) -> None:
@@ -88,32 +108,39 @@ def test_broker_stopped_during_a_burst_of_500_emits(
         "the agent connected",
     )
     emitted: list[str] = []
-    subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=120)
+    stopped = False
     try:
         for i in range(500):
-            out = io.StringIO()
-            with contextlib.redirect_stdout(out):
-                code = producer_main(
-                    [
-                        "emit",
-                        "--config",
-                        str(config),
-                        "--module",
-                        "rm",
-                        "--event-id",
-                        str(i),
-                        "--param",
-                        f"n={i}",
-                    ]
+            emitted.append(emit_in_process(config, i))
+            if i == 99:
+                # A fifth of the way in, with the agent already forwarding the burst (and
+                # so with publishes in flight), the broker goes away; the rest of the
+                # burst arrives while it is down.
+                wait_until(
+                    lambda: scrape(port).get("clusteralert_producer_published_total", 0) >= 1,
+                    30,
+                    "the agent forwarding the burst",
                 )
-            assert code == 0, f"emit {i} failed while the broker was down"
-            emitted.append(out.getvalue().strip())
-        assert scrape(port).get("clusteralert_spool_events") == 500
+                subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=120)
+                stopped = True
+        wait_until(
+            lambda: scrape(port).get("clusteralert_producer_broker_connected") == 0,
+            30,
+            "the agent to notice",
+        )
+        # What the broker had not confirmed is still in the spool, with the 400 emitted
+        # while it was down.
+        assert scrape(port)["clusteralert_spool_events"] >= 400
     finally:
-        subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120)
+        if stopped:
+            subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120)
     wait_until(lambda: queued(vhost) >= 500, 90, "500 events on the work queue")
+    wait_until(lambda: scrape(port).get("clusteralert_spool_events") == 0, 30, "spool drained")
     ids = drain_ids(vhost)
-    assert sorted(ids) == sorted(emitted)
+    # Each event arrives; one published before the stop but never confirmed may arrive
+    # twice (at least once is the promise), never more than a confirm window of them.
+    assert set(ids) == set(emitted)
+    assert len(ids) - len(set(ids)) <= 256
     assert agent.proc.poll() is None
     assert agent.stop() == 0
 
@@ -147,7 +174,6 @@ def test_two_agents_on_one_spool_never_send_a_file_twice(
     node: tuple[Path, int], vhost: str, processes: Processes
 ) -> None:
     config, port = node
-    spooled = spool_events(config, 2000)
     # The second agent without the metrics port, which only one process can have.
     second = config.with_name("second.toml")
     second.write_text(config.read_text().replace(f"metrics_port = {port}", ""))
@@ -155,6 +181,11 @@ def test_two_agents_on_one_spool_never_send_a_file_twice(
         processes("clusteralert-producer", "run", "--config", str(path))
         for path in (config, second)
     ]
+    # Both connected and watching before the first event, so both can take part: a test
+    # that let one agent drain the spool alone would not show the claims work.
+    for agent in agents:
+        wait_until(lambda a=agent: "connected to broker" in a.output(), 30, f"{agent} up")
+    spooled = spool_events(config, 2000)
     wait_until(lambda: Spool(config.parent / "spool").stats().events == 0, 90, "drained")
     wait_until(lambda: queued(vhost) >= 2000, 30, "all on the queue")
     ids = drain_ids(vhost)
@@ -163,9 +194,10 @@ def test_two_agents_on_one_spool_never_send_a_file_twice(
     for agent in agents:
         assert agent.stop() == 0
         shares.append(agent.output().count("forwarded event"))
-    # How the work was split depends on timing; exclusivity is what is asserted.
     print(f"\ntwo agents forwarded {shares[0]} and {shares[1]} of {len(spooled)}")
     assert sum(shares) == len(spooled)
+    # How the work is split depends on timing, but each agent must have done some.
+    assert min(shares) > 0, shares
 
 
 # Root reads every file; without these capabilities it is bound by file modes like the

@@ -4,8 +4,10 @@ verified TLS unless plaintext was chosen, and refusals are counted."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,12 +15,12 @@ import pytest
 import trustme
 
 from shared.config import MailConfig, SmtpRelay
-from shared.errors import PermanentError, TlsRefusedError, TransientError
+from shared.errors import DeliveryError, PermanentError, TlsRefusedError, TransientError
 from shared.event import new_event
 from shared.filter import Decision
 from shared.secret import Secret
 from tests.conftest import Certs, free_port
-from tests.smtpserver import SmtpServer
+from tests.smtpserver import SmtpServer, secret_forms
 from worker.classify import combine_attempts
 from worker.metrics import Metrics
 from worker.render import Mail, Renderer
@@ -92,6 +94,10 @@ def test_starttls_with_auth_delivers(
     assert result == config.label
     [received] = server.received
     assert received.tls and received.auth_login == "alert"
+    # The relay would take AUTH in the clear; the client upgraded first.
+    assert b"STARTTLS" in server.cleartext.upper()
+    for form in secret_forms("alert", "pw-123"):
+        assert form not in server.cleartext
     assert received.rcpt_tos == ["ops@example.com"]
     assert received.parsed()["Message-ID"] == f"<{mail.event_id}@example.com>"
     assert value(metrics, "clusteralert_mails_sent_total", relay=config.label) == 1
@@ -132,6 +138,21 @@ def test_no_starttls_offered_means_no_mail(smtp_server: ServerFactory, certs: Ce
     assert value(metrics, "clusteralert_mails_failed_total", reason="tls_refused") == 1
 
 
+def test_stripped_starttls_never_sends_the_password_in_the_clear(
+    smtp_server: ServerFactory, certs: Certs
+) -> None:
+    # STARTTLS stripped from the EHLO reply (as a man in the middle does), while the relay
+    # offers AUTH and would check the password and take the mail in plaintext.
+    server = smtp_server("starttls", context=None, credentials=("alert", "pw-123"))
+    config = relay(server, certs, username="alert", password=Secret("pw-123"))
+    metrics, result = send(config)
+    assert b"EHLO" in server.cleartext.upper()  # the recorder saw the conversation
+    for form in secret_forms("alert", "pw-123"):
+        assert form not in server.cleartext, form
+    assert isinstance(result, TlsRefusedError) and result.cause == "not_offered"
+    assert server.received == []
+
+
 def test_starttls_offered_then_refused_means_no_mail(
     smtp_server: ServerFactory, certs: Certs
 ) -> None:
@@ -150,6 +171,75 @@ def test_tls_contexts_verify_and_require_tls_1_2() -> None:
     context = client_context()
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+
+
+def old_tls_context(certs: Certs) -> ssl.SSLContext:
+    """A server that offers only TLS 1.0 and 1.1. OpenSSL 3 refuses those below security
+    level 0, so the level is lowered on purpose: the server must really offer them."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    certs.ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    with warnings.catch_warnings():  # the versions are deprecated: that is the point
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = ssl.TLSVersion.TLSv1
+        context.maximum_version = ssl.TLSVersion.TLSv1_1
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    return context
+
+
+def weak_platform_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``ssl.create_default_context`` behave as on platforms whose default still
+    allows TLS 1.0 (Python before 3.10, some distributions' OpenSSL settings): the floor
+    must be ours, not an accident of the machine the tests run on."""
+    original = ssl.create_default_context
+
+    def weak(*args: object, **kwargs: object) -> ssl.SSLContext:
+        context = original(*args, **kwargs)  # type: ignore[arg-type]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            context.minimum_version = ssl.TLSVersion.TLSv1
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
+        return context
+
+    monkeypatch.setattr(ssl, "create_default_context", weak)
+
+
+@pytest.mark.parametrize("platform", ["as_installed", "weak_default"])
+@pytest.mark.parametrize("mode", ["starttls", "smtps"])
+def test_a_relay_offering_only_tls_1_1_gets_no_mail(
+    mode: str,
+    platform: str,
+    smtp_server: ServerFactory,
+    certs: Certs,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = smtp_server(mode, context=old_tls_context(certs), credentials=("alert", "pw-123"))
+    if platform == "weak_default":
+        weak_platform_default(monkeypatch)
+    config = relay(server, certs, security=mode, username="alert", password=Secret("pw-123"))
+    metrics, result = send(config)
+    # No handshake, so no mail and no password. (The failure is classified from what the
+    # client sees, a reset during the handshake: see the report on issue 17.)
+    assert isinstance(result, DeliveryError), result
+    assert server.received == []
+    for form in secret_forms("alert", "pw-123"):
+        assert form not in server.cleartext
+
+
+def test_the_old_tls_server_is_real(smtp_server: ServerFactory, certs: Certs) -> None:
+    """The control for the test above: a client that allows TLS 1.1 does get through, so
+    the refusal there is our floor and not a broken server."""
+    server = smtp_server("smtps", context=old_tls_context(certs))
+    client = ssl.create_default_context(cafile=str(certs.ca_file))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        client.minimum_version = ssl.TLSVersion.TLSv1
+    client.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
+        client.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        assert tls.version() == "TLSv1.1"
+        assert tls.recv(100).startswith(b"220 ")
 
 
 def test_untrusted_certificate_means_no_mail(smtp_server: ServerFactory, certs: Certs) -> None:
@@ -392,7 +482,10 @@ def test_a_failing_relay_sits_out_its_cooldown(smtp_server: ServerFactory, certs
     from worker.send import Sender
 
     backup = smtp_server("starttls")
-    dead = relay(None, certs, cooldown=60.0)
+    # A relay that answers but refuses STARTTLS: every attempt is a connection it counts.
+    failing = smtp_server("starttls")
+    failing.reject_starttls = True
+    dead = relay(failing, certs, cooldown=60.0)
     metrics = Metrics([dead.label])
     sender = Sender([dead, relay(backup, certs)], metrics)
 
@@ -403,5 +496,135 @@ def test_a_failing_relay_sits_out_its_cooldown(smtp_server: ServerFactory, certs
 
     asyncio.run(go())
     assert len(backup.received) == 6
-    # Three failures start the cool-down; the next three mails skip the dead relay.
+    # Three failures start the cool-down; the next three mails skip the failing relay.
+    assert failing.handler.connections == 3
     assert sender.relays[0].cooling_down(time.monotonic())
+
+
+def test_when_every_relay_cools_down_all_are_tried(
+    smtp_server: ServerFactory, certs: Certs
+) -> None:
+    from worker.send import Sender
+
+    failing = smtp_server("starttls")
+    failing.reject_starttls = True
+    config = relay(failing, certs, cooldown=60.0)
+    sender = Sender([config], Metrics([config.label]), retry_budget=0, max_attempts=1)
+
+    async def go() -> list[BaseException]:
+        errors = []
+        for _ in range(5):
+            try:
+                await sender.send(make_mail())
+            except Exception as exc:
+                errors.append(exc)
+        await sender.close()
+        return errors
+
+    errors = asyncio.run(go())
+    assert [type(e) for e in errors] == [TlsRefusedError] * 5
+    # Skipping the only relay would only delay the alert: it is tried every time.
+    assert failing.handler.connections == 5
+
+
+def test_a_relay_step_slower_than_the_timeout_is_a_transient_timeout(
+    smtp_server: ServerFactory, certs: Certs
+) -> None:
+    server = smtp_server("starttls")
+    server.handler.data_delay = 5.0  # the reply to DATA never comes within the timeout
+    config = relay(server, certs, timeout=0.5)
+    started = time.monotonic()
+    metrics, result = send_with(config, retry_budget=0, max_attempts=1)
+    elapsed = time.monotonic() - started
+    assert isinstance(result, TransientError) and result.reason == "timeout", result
+    # Bounded by the step timeout, not by the relay's 5 s.
+    assert elapsed < 3, elapsed
+    assert value(metrics, "clusteralert_mails_failed_total", reason="timeout") == 1
+
+
+def test_a_connection_idle_past_the_limit_is_closed_not_reused(
+    smtp_server: ServerFactory, certs: Certs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import relay as relay_module
+    from worker.send import Sender
+
+    # Relays drop idle sessions after a few minutes; a short limit stands in for 4 min.
+    monkeypatch.setattr(relay_module, "MAX_IDLE", 0.2)
+    server = smtp_server("starttls")
+    config = relay(server, certs, max_connections=1)
+    sender = Sender([config], Metrics([config.label]))
+
+    async def go() -> None:
+        await sender.send(make_mail())
+        await sender.send(make_mail())  # at once: the pooled connection is reused
+        assert server.handler.connections == 1
+        await asyncio.sleep(0.3)  # idle past the limit (the limit is what is tested)
+        await sender.send(make_mail())
+        await sender.close()
+
+    asyncio.run(go())
+    assert len(server.received) == 3
+    assert server.handler.connections == 2
+
+
+@pytest.mark.parametrize(
+    ("reply", "kind", "reason"),
+    [
+        ("400 4.0.0 try later", TransientError, "rejected_4xx"),
+        ("454 4.7.0 Temporary authentication failure", TransientError, "rejected_4xx"),
+        ("499 4.0.0 odd but temporary", TransientError, "rejected_4xx"),
+        ("500 5.5.2 Syntax error", PermanentError, "auth"),
+        ("535 5.7.8 Authentication credentials invalid", PermanentError, "auth"),
+    ],
+)
+def test_an_auth_reply_is_classified_by_its_code(
+    reply: str, kind: type, reason: str, smtp_server: ServerFactory, certs: Certs
+) -> None:
+    server = smtp_server("starttls", credentials=("alert", "pw-123"))
+    server.auth_reply = reply
+    config = relay(server, certs, username="alert", password=Secret("pw-123"))
+    metrics, result = send_with(config, retry_budget=0, max_attempts=1)
+    assert isinstance(result, kind) and result.reason == reason, result
+    assert str(result).count("AUTH " + reply[:3]) == 1, str(result)
+    assert reply[4:] in str(result)
+    assert "pw-123" not in str(result)
+    assert server.received == []
+
+
+@pytest.mark.parametrize(
+    ("replies", "kind", "reason"),
+    [
+        (
+            {"a@example.com": "450 4.2.1 busy", "b@example.com": "451 4.3.0 later"},
+            TransientError,
+            "rejected_4xx",
+        ),
+        (
+            {"a@example.com": "400 4.0.0 hm", "b@example.com": "550 5.1.1 gone"},
+            TransientError,
+            "rejected_4xx",
+        ),
+        (
+            {"a@example.com": "499 4.0.0 hm", "b@example.com": "550 5.1.1 gone"},
+            TransientError,
+            "rejected_4xx",
+        ),
+        (
+            {"a@example.com": "500 5.0.0 no", "b@example.com": "550 5.1.1 gone"},
+            PermanentError,
+            "rejected_5xx",
+        ),
+    ],
+)
+def test_every_recipient_refused_is_classified_by_the_codes(
+    replies: dict[str, str], kind: type, reason: str, smtp_server: ServerFactory, certs: Certs
+) -> None:
+    server = smtp_server("starttls")
+    server.handler.rcpt_replies = replies
+    mail = make_mail(to=tuple(replies))
+    _, result = send_with(relay(server, certs), mail=mail, retry_budget=0, max_attempts=1)
+    assert isinstance(result, kind) and result.reason == reason, result
+    assert str(result).count("all recipients refused: ") == 1
+    for address, reply in replies.items():
+        assert f"{address}: {reply}" in str(result)
+    assert server.received == []

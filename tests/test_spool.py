@@ -7,9 +7,11 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pytest
 from producer.spool import Spool
 from shared.errors import SpoolError
 from shared.event import Event, encode_event, new_event
-from tests.conftest import BIN
+from tests.conftest import BIN, Process, free_port
 from tests.waiting import wait_until
 
 
@@ -100,26 +102,67 @@ def test_half_written_files_are_recovered_or_set_aside(tmp_path: Path) -> None:
     assert fresh.exists()  # a writer may still be busy with it
 
 
-def test_status_reports_depth_age_and_last_error(tmp_path: Path) -> None:
+def test_status_reports_depth_age_and_the_agents_last_real_error(
+    tmp_path: Path, processes: Callable[..., Process]
+) -> None:
+    # The agent itself meets a real failure: nothing listens on the broker's port. The
+    # status command must report what that agent wrote, not a file the test made up.
+    dead_port = free_port()
     config = tmp_path / "c.toml"
-    config.write_text(f'[producer]\nspool_dir = "{tmp_path / "spool"}"\n')
-    assert emit(config, "emit", "--module", "rm", "--event-id", "1").returncode == 0
-    Spool(tmp_path / "spool").write_status(
-        {
-            "connected": False,
-            "published": 0,
-            "last_error": "broker unreachable",
-            "last_error_time": time.time(),
-        }
+    config.write_text(
+        f'[broker]\nurls = ["amqp://guest:guest@127.0.0.1:{dead_port}/"]\n'
+        f'[producer]\nspool_dir = "{tmp_path / "spool"}"\n'
     )
-    result = emit(config, "status", "--json")
+    assert emit(config, "emit", "--module", "rm", "--event-id", "1").returncode == 0
+    processes("clusteralert-producer", "run", "--config", str(config))
+
+    def report() -> dict[str, object] | None:
+        result = emit(config, "status", "--json")
+        assert result.returncode == 0, result.stderr
+        doc: dict[str, object] = json.loads(result.stdout)
+        return doc if doc["last_error"] else None
+
+    doc = wait_until(report, 30, "the agent to report its broker failure")
+    assert doc["events"] == 1 and isinstance(doc["bytes"], int) and doc["bytes"] > 0
+    assert isinstance(doc["oldest_age_seconds"], float) and 0 <= doc["oldest_age_seconds"] < 60
+    assert doc["forwarder_connected"] is False
+    assert f"127.0.0.1:{dead_port}" in str(doc["last_error"])
+    assert isinstance(doc["last_error_time"], float)
+    assert abs(time.time() - doc["last_error_time"]) < 60
+    text = emit(config, "status").stdout
+    assert "events waiting: 1" in text and "not connected" in text
+    assert f"127.0.0.1:{dead_port}" in text
+
+
+def test_max_events_and_max_bytes_0_mean_unbounded(tmp_path: Path) -> None:
+    spool_dir = tmp_path / "spool"
+    Spool(spool_dir).write(event(0))
+    # More than the default bound (10000) already waiting, made cheaply as hard links
+    # (10000 separate writes take seconds on some disks).
+    first = next(spool_dir.glob("0*.json"))
+    for i in range(1, 10_001):
+        os.link(first, spool_dir / f"{i + 1:020d}-{uuid.uuid4()}.json")
+    bounded = tmp_path / "bounded.toml"
+    bounded.write_text(f'[producer]\nspool_dir = "{spool_dir}"\n')
+    full = emit(bounded, "emit", "--module", "rm", "--event-id", "1")
+    assert full.returncode == 1 and "is full" in full.stderr  # the default bound holds
+    unbounded = tmp_path / "unbounded.toml"
+    unbounded.write_text(f'[producer]\nspool_dir = "{spool_dir}"\nmax_events = 0\nmax_bytes = 0\n')
+    result = emit(unbounded, "emit", "--module", "rm", "--event-id", "1")
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    assert report["events"] == 1 and report["bytes"] > 0
-    assert 0 <= report["oldest_age_seconds"] < 60
-    assert report["last_error"] == "broker unreachable"
-    text = emit(config, "status")
-    assert "events waiting: 1" in text.stdout and "broker unreachable" in text.stdout
+    assert Spool(spool_dir).stats().events == 10_002
+
+
+def test_a_new_spool_directory_is_group_writable_and_setgid(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    spool_dir = tmp_path / "state" / "spool"
+    config.write_text(f'[producer]\nspool_dir = "{spool_dir}"\n')
+    old = os.umask(0o022)  # a typical service umask must not strip the group bits
+    try:
+        assert emit(config, "emit", "--module", "rm", "--event-id", "1").returncode == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(spool_dir.stat().st_mode) == 0o2770
 
 
 def _fail_rename_into(
