@@ -18,8 +18,7 @@ from shared.event import decode_event, new_event
 from shared.topology import EVENTS_EXCHANGE, WORK_QUEUE
 from tests.conftest import amqp_url
 from tests.waiting import wait_until
-from worker.consume import connect_any
-from worker.declare import declare_topology
+from worker.broker import connect_any, declare_topology
 
 pytestmark = pytest.mark.integration
 

@@ -21,8 +21,7 @@ from shared.config import parse_config
 from shared.event import new_event
 from tests.conftest import Process, amqp_url, free_port, scrape
 from tests.waiting import wait_until
-from worker.consume import connect_any
-from worker.declare import declare_topology
+from worker.broker import connect_any, declare_topology
 
 pytestmark = pytest.mark.integration
 

@@ -20,16 +20,15 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import amqp
-import amqp.exceptions
 
-from shared.errors import ClusteralertError, describe
+from shared.errors import ClusteralertError
 from shared.topology import DEAD_QUEUE, WORK_QUEUE
+from worker.broker import BrokerError, copy_properties, talking
 from worker.retry_policy import (
     HEADER_ATTEMPTS,
     HEADER_CAUSE,
@@ -40,7 +39,6 @@ from worker.retry_policy import (
     HEADER_REPLAYED,
     without_broker_headers,
 )
-from worker.settle import copy_properties
 
 __all__ = ["DeadMessage", "DlqError", "DlqFilter", "DlqSession", "parse_since"]
 
@@ -185,9 +183,9 @@ class DlqFilter:
         return True
 
 
-class DlqError(ClusteralertError):
-    """The broker failed, refused or did not answer. Nothing was acked that should not
-    have been: what is unsettled goes back when the connection is dropped."""
+class DlqError(BrokerError):
+    """The broker refused a copy, or had no queue for it. Nothing was acked that should
+    not have been: what is unsettled goes back when the connection is dropped."""
 
 
 class DlqSession:
@@ -197,7 +195,7 @@ class DlqSession:
         self._connection = connection.connection  # py-amqp's, for raw confirm events
         self._user = connection.userid
         self._timeout = timeout
-        with _talking():
+        with talking():
             self._channel = self._connection.channel()
             self._channel.confirm_select()
         self._channel.events["basic_ack"].add(self._on_ack)
@@ -212,11 +210,11 @@ class DlqSession:
         """Every message now in the DLQ, once each, in queue order. Callers must exhaust
         it: a message neither replayed nor purged by the time the next one is asked for
         is kept (copied to the back of the DLQ)."""
-        with _talking():
+        with talking():
             queued = self._channel.queue_declare(DEAD_QUEUE, passive=True).message_count
         # Exactly as many as were queued: the copies behind them are not taken again.
         for _ in range(queued):
-            with _talking():
+            with talking():
                 raw = self._channel.basic_get(DEAD_QUEUE, no_ack=False)
             if raw is None:
                 break
@@ -252,13 +250,13 @@ class DlqSession:
 
     def purge(self, message: DeadMessage) -> None:
         message.settled = True
-        with _talking():
+        with talking():
             self._channel.basic_ack(message.raw.delivery_tag)
 
     def _publish(self, message: DeadMessage, queue: str, properties: dict[str, Any]) -> None:
         message.settled = True
         copy = amqp.Message(message.raw.body, **properties)
-        with _talking():
+        with talking():
             self._channel.basic_publish(copy, exchange="", routing_key=queue, mandatory=True)
         self._published += 1
         self._awaiting[self._published] = message.raw.delivery_tag
@@ -270,7 +268,7 @@ class DlqSession:
     def _flush(self) -> None:
         """Wait until every copy is confirmed (and its original acked)."""
         while self._awaiting and self._failure is None:
-            with _talking():
+            with talking():
                 self._connection.drain_events(timeout=self._timeout)
         if self._failure is not None:
             raise DlqError(self._failure)
@@ -294,17 +292,5 @@ class DlqSession:
     def close(self) -> None:
         """Close the channel: anything taken and not settled goes back, once. Its
         close-ok also tells that the broker has processed every ack before it."""
-        with _talking():
+        with talking():
             self._channel.close()
-
-
-@contextmanager
-def _talking() -> Iterator[None]:
-    """Broker failures as one line. Only around broker calls: the caller's own errors
-    (a closed stdout, say) must stay what they are."""
-    try:
-        yield
-    except OSError as exc:
-        raise DlqError(f"the broker stopped answering: {describe(exc)}") from None
-    except amqp.exceptions.AMQPError as exc:
-        raise DlqError(f"broker error: {describe(exc)}") from None
