@@ -1,13 +1,24 @@
 """worker.broker against the real RabbitMQ: what py-amqp and kombu raise leaves it as our
-own errors, and two consumers and a confirmed publish share one connection on one thread."""
+own errors, and two consumers and a confirmed publish share one connection on one thread.
+Plus the pieces of the failure vocabulary that need no broker (unit level)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
+import aiosmtplib
 import pika
 import pytest
 
 from shared.backoff import Backoff
 from shared.config import BrokerConfig, parse_config
+from shared.errors import (
+    ConnectionDropped,
+    DeliveryError,
+    TransientError,
+    UnusableEvent,
+    WorkerCrash,
+)
 from shared.topology import DEAD_QUEUE, DLX_EXCHANGE, WORK_QUEUE
 from tests.conftest import amqp_url, free_port
 from tests.waiting import wait_until
@@ -19,6 +30,8 @@ from worker.broker import (
     TopologyMismatch,
     copy_properties,
 )
+from worker.classify import classify_connect, classify_transaction
+from worker.retry_policy import DeadLetter, RetryState, decide_failure
 
 
 def broker_config(*urls: str) -> BrokerConfig:
@@ -79,6 +92,27 @@ def test_two_consumers_and_confirmed_publishes_share_one_connection(vhost: str) 
     # A settle on a connection that is gone is BrokerUnavailable, not an amqp error.
     with pytest.raises(BrokerUnavailable):
         work.ack()
+
+
+def test_failures_that_are_not_delivery_failures_have_their_own_classes() -> None:
+    now_state = RetryState()
+    for failure in (UnusableEvent("invalid_event", "x"), WorkerCrash("KeyError: 'a'")):
+        assert not isinstance(failure, DeliveryError)
+        step = decide_failure(failure, now_state, datetime.now(UTC), timedelta(hours=1))
+        assert step == DeadLetter(failure.reason)
+    assert WorkerCrash("x").reason == "crash"
+
+
+def test_a_dropped_connection_is_its_own_type_only_mid_transaction() -> None:
+    dropped = classify_transaction(aiosmtplib.SMTPServerDisconnected("gone"))
+    assert isinstance(dropped, ConnectionDropped) and dropped.reason == "disconnected"
+    reset = classify_transaction(ConnectionResetError("reset by peer"))
+    assert isinstance(reset, ConnectionDropped) and reset.reason == "connect"
+    # A fresh connection that fails is a transient failure, not a dropped one.
+    refused = classify_connect(ConnectionRefusedError("refused"))
+    assert isinstance(refused, TransientError) and not isinstance(refused, ConnectionDropped)
+    timeout = classify_transaction(aiosmtplib.SMTPTimeoutError("slow"))
+    assert not isinstance(timeout, ConnectionDropped)
 
 
 def test_backoff_doubles_with_jitter_up_to_its_ceiling_and_resets() -> None:

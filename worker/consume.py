@@ -140,12 +140,8 @@ class Consumer:
                 continue  # left unacked: the broker gives it to the next consumer
             try:
                 outcome = future.result()
-            except Exception:
-                # Unacked it would hold a prefetch slot; requeued it could loop. The
-                # broker's delivery limit backs this up for what crashes the process.
-                log.exception("unexpected error handling a message; dead-lettering it")
-                self.metrics.failed.labels("render").inc()
-                outcome = Outcome("dead_letter", "render", headers=delivery.headers)
+            except Exception as exc:  # the pipeline's own failure path failed
+                outcome = self.pipeline.crashed(delivery.headers, exc)
             try:
                 settle(self.broker, delivery, outcome)
             except PublishNotConfirmed as exc:
@@ -162,7 +158,7 @@ class Consumer:
             if outcome.action == "retry":
                 self.metrics.retries.labels("delayed").inc()
             elif outcome.action == "dead_letter":
-                self.metrics.dead_lettered.labels(outcome.reason or "render").inc()
+                self.metrics.dead_lettered.labels(outcome.reason or "crash").inc()
 
     def _abandon_in_flight(self) -> None:
         """Cancel the sends of messages this worker can no longer settle. A mail already
