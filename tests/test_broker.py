@@ -25,10 +25,14 @@ from tests.waiting import wait_until
 from worker.broker import (
     Broker,
     BrokerUnavailable,
+    ConfirmedPublisher,
     Delivery,
     PublishNotConfirmed,
     TopologyMismatch,
+    connect_any,
     copy_properties,
+    declare_topology,
+    talking,
 )
 from worker.classify import classify_connect, classify_transaction
 from worker.retry_policy import DeadLetter, RetryState, decide_failure
@@ -92,6 +96,32 @@ def test_two_consumers_and_confirmed_publishes_share_one_connection(vhost: str) 
     # A settle on a connection that is gone is BrokerUnavailable, not an amqp error.
     with pytest.raises(BrokerUnavailable):
         work.ack()
+
+
+@pytest.mark.integration
+def test_many_publishes_in_flight_run_their_confirm_callbacks_and_a_return_stops_them(
+    vhost: str,
+) -> None:
+    connection, _ = connect_any(broker_config(amqp_url(vhost)), retries=0)
+    try:
+        with talking():
+            declare_topology(connection.default_channel)
+        publisher = ConfirmedPublisher(connection, timeout=10)
+        confirmed: list[int] = []
+        properties = copy_properties({}, {})
+        for n in range(3):
+            publisher.publish(b"x", properties, "", WORK_QUEUE, lambda n=n: confirmed.append(n))
+        assert publisher.pending <= 3
+        publisher.flush()
+        assert confirmed == [0, 1, 2] and publisher.pending == 0
+        # No queue for it: returned, so neither it nor anything after it counts.
+        publisher.publish(b"x", properties, "", "no.such.queue", lambda: confirmed.append(9))
+        publisher.publish(b"x", properties, "", WORK_QUEUE, lambda: confirmed.append(10))
+        with pytest.raises(PublishNotConfirmed, match=r"no\.such\.queue"):
+            publisher.flush()
+        assert confirmed == [0, 1, 2]
+    finally:
+        connection.collect()
 
 
 def test_failures_that_are_not_delivery_failures_have_their_own_classes() -> None:

@@ -9,7 +9,7 @@ A :class:`Broker` holds one connection, and every call on it must come from the 
 thread that owns it (kombu channels are not thread-safe, and heartbeats are only sent
 while that thread services the connection; see docs/design.md). A second consumer is one
 more :meth:`Broker.consume` on the same connection; more confirmed publishes go through
-:meth:`Broker.publish_confirmed`.
+:meth:`Broker.publish_confirmed`, or :class:`ConfirmedPublisher` for many in flight.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ __all__ = [
     "Broker",
     "BrokerError",
     "BrokerUnavailable",
+    "ConfirmedPublisher",
     "Delivery",
     "PublishNotConfirmed",
     "TopologyMismatch",
@@ -212,6 +213,72 @@ class Delivery:
         """Give this one message back; the broker charges it, and only it, a delivery."""
         with talking():
             self._channel.basic_reject(self.delivery_tag, requeue=True)
+
+
+class ConfirmedPublisher:
+    """A confirm-mode channel with many publishes in flight, for bulk work such as the
+    DLQ commands: waiting for each confirm in turn would cost a round trip per message.
+    Each publish's ``on_confirmed`` runs once the broker confirms it; :meth:`flush` waits
+    for all of them. After a nack or a return nothing more counts as confirmed (a return
+    comes before the ack of the same publish), and :meth:`flush` raises
+    :class:`PublishNotConfirmed`. The channel is free for other calls (gets, acks)."""
+
+    def __init__(self, connection: Connection, timeout: float):
+        self._connection = connection.connection  # py-amqp's, for raw confirm events
+        self._timeout = timeout
+        with talking():
+            self.channel = self._connection.channel()
+            self.channel.confirm_select()
+        self.channel.events["basic_ack"].add(self._on_ack)
+        self.channel.events["basic_nack"].add(self._on_nack)
+        self.channel.events["basic_return"].add(self._on_return)
+        self._published = 0
+        # Publish sequence number -> what to do once it is confirmed.
+        self._awaiting: dict[int, Callable[[], None]] = {}
+        self._failure: str | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._awaiting)
+
+    def publish(
+        self,
+        body: bytes,
+        properties: dict[str, Any],
+        exchange: str,
+        routing_key: str,
+        on_confirmed: Callable[[], None],
+    ) -> None:
+        message = amqp.Message(body, **properties)
+        with talking():
+            self.channel.basic_publish(
+                message, exchange=exchange, routing_key=routing_key, mandatory=True
+            )
+        self._published += 1
+        self._awaiting[self._published] = on_confirmed
+
+    def flush(self) -> None:
+        """Wait until every publish is confirmed (and its ``on_confirmed`` has run)."""
+        while self._awaiting and self._failure is None:
+            with talking():
+                self._connection.drain_events(timeout=self._timeout)
+        if self._failure is not None:
+            raise PublishNotConfirmed(self._failure)
+
+    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
+        if self._failure is not None:
+            return
+        confirmed = [s for s in self._awaiting if s <= delivery_tag] if multiple else [delivery_tag]
+        for sequence in confirmed:
+            on_confirmed = self._awaiting.pop(sequence, None)
+            if on_confirmed is not None:
+                on_confirmed()
+
+    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
+        self._failure = "the broker refused a publish (nack)"
+
+    def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
+        self._failure = f"no queue took a publish to {routing_key!r} (returned)"
 
 
 class Broker:
