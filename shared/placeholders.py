@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import Final
 
-__all__ = ["render_template"]
+__all__ = ["placeholders", "render_template"]
 
 _PLACEHOLDER_RE: Final = re.compile(r"\{([A-Za-z0-9_]+)\}")
 
@@ -24,3 +24,8 @@ def render_template(template: str, values: Mapping[str, str]) -> str:
         return f"{{{match.group(1)}?}}" if value is None else value
 
     return _PLACEHOLDER_RE.sub(substitute, template)
+
+
+def placeholders(template: str) -> list[str]:
+    """The placeholder names a template uses, in order."""
+    return _PLACEHOLDER_RE.findall(template)
