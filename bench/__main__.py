@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import producer, worker
+from bench import incident, producer, worker
 
 
 def main() -> None:
@@ -16,8 +16,10 @@ def main() -> None:
             producer.main()
         elif name == "worker":
             worker.main(smoke)
+        elif name == "incident":
+            incident.main()
         else:
-            sys.exit(f"unknown suite {name!r}; choose from producer, worker")
+            sys.exit(f"unknown suite {name!r}; choose from producer, worker, incident")
 
 
 main()

@@ -36,7 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     emit.add_argument("--module", required=True, help="event module, [a-z0-9_-]{1,32}")
     emit.add_argument("--event-id", required=True, type=int, help="event number, 0 or more")
     emit.add_argument("--level", choices=("info", "warning", "error"))
-    emit.add_argument("--node", help="node name (default: [producer] node, else host name)")
+    emit.add_argument(
+        "--node",
+        help="the node the event is about (default: this node, [producer] node, else host "
+        "name); the reporter is always this node",
+    )
     emit.add_argument("--cluster", help="cluster name (default: [producer] cluster)")
     emit.add_argument(
         "--param",
@@ -111,6 +115,7 @@ def _emit(args: argparse.Namespace) -> int:
         params=_params(args.param),
         text=args.text,
         source=args.source,
+        reporter=_node(config),
     )
     _spool(config).write(event)
     print(event.id)
@@ -227,7 +232,12 @@ def _run(args: argparse.Namespace) -> int:
             LogFollower(f, spool, catalog, cluster=config.producer.cluster, node=_node(config))
             for f in config.producer.follow
         ]
-    forwarder = Forwarder(spool, config.broker, followers=followers)
+    forwarder = Forwarder(
+        spool,
+        config.broker,
+        followers=followers,
+        confirm_timeout=config.producer.confirm_timeout,
+    )
     if config.producer.metrics_port:
         from producer.metrics import serve_metrics
 

@@ -396,6 +396,7 @@ class LogFollower:
                 params=params,
                 text=text,
                 source="log",
+                reporter=self.node,  # this agent; node is the line's host
             )
         except InvalidEvent as exc:
             log.warning(

@@ -35,19 +35,26 @@ from producer.follow import LogFollower
 from producer.spool import Claim, Spool
 from producer.watch import SpoolWatcher
 from shared.config import BrokerConfig
-from shared.errors import ClusteralertError, describe
+from shared.errors import ClusteralertError, SpoolError, describe
 from shared.event import peek_event
 from shared.tls import client_context
 from shared.topology import EVENTS_EXCHANGE
 
-__all__ = ["Forwarder", "connection_parameters"]
+__all__ = ["Forwarder", "connection_parameters", "printable"]
 
 log = logging.getLogger(__name__)
 
 _MIN_BACKOFF: Final = 0.5
 _MAX_BACKOFF: Final = 30.0
 _STOP_GRACE: Final = 5.0  # seconds to wait for outstanding confirms when stopping
+DEFAULT_CONFIRM_TIMEOUT: Final = 30.0
 FOLLOW_INTERVAL: Final = 0.25  # how often log followers look for new lines
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a log line: control characters (CR, LF, ESC) and undecodable
+    bytes of a file name escaped, so a crafted name cannot forge or hide log lines."""
+    return text if text.isprintable() else ascii(text)[1:-1]
 
 
 def connection_parameters(config: BrokerConfig) -> list[Any]:
@@ -88,10 +95,15 @@ class Forwarder:
         max_backoff: float = _MAX_BACKOFF,
         tick: float = 2.0,
         followers: Sequence[LogFollower] = (),
+        confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT,
     ):
         self.spool = spool
         self.broker = broker
         self.window = window
+        # A broker that keeps the connection up but never answers (a minority
+        # partition, a stuck quorum leader) gets this long per publish, then the agent
+        # moves on to the next URL.
+        self.confirm_timeout = confirm_timeout
         self.max_backoff = max_backoff
         self.tick = tick
         self.followers = list(followers)
@@ -99,6 +111,7 @@ class Forwarder:
         self.published = 0
         self.held_back = 0  # times publishing had to pause (unroutable, nack, no exchange)
         self.passes = 0  # times the loop found the spool drained
+        self.set_aside = 0  # spool files that cannot be sent: invalid, unreadable, links
         self.connected = False
         self.last_error = ""
         self.last_error_time = 0.0
@@ -117,12 +130,19 @@ class Forwarder:
         self._stopping = False
         self._backoff = _MIN_BACKOFF
         self._next_tag = 1
-        self._in_flight: dict[int, tuple[Path, str]] = {}
+        # Delivery tag: the claimed file, its event id and when it was published.
+        self._in_flight: dict[int, tuple[Path, str, float]] = {}
+        self._confirm_timer: Any = None
+        self._channel_attempt = 0  # which channel opening a deadline belongs to
+        self._failing_over = False
         # Returned (unroutable) publishes by event id, counted: two copies of one event
         # may be in flight at once.
         self._returned: Counter[str] = Counter()
         self._queue: deque[Path] = deque()
         self._dirty = True
+        # Files that could be neither sent nor moved aside: left where they are, and
+        # passed over until the agent restarts, so they hold up no other event.
+        self._passed_over: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -130,7 +150,7 @@ class Forwarder:
         """Forward until :meth:`stop`, surviving broker outages."""
         self.spool.ensure()
         for path, what in self.spool.recover_stale_tmp():
-            log.warning("spool: %s: %s", what, path)
+            log.warning("spool: %s: %s", what, printable(str(path)))
         released = self.spool.release_orphaned_claims()
         if released:
             log.info("spool: %d events claimed by a forwarder that died are back", released)
@@ -172,14 +192,18 @@ class Forwarder:
             return
         if self._connection is None or not self._connection.is_open:
             self._loop.stop()
-        elif not self._in_flight:
+            return
+        if not self._in_flight:
             self._connection.close()
-        else:
-            self._loop.call_later(_STOP_GRACE, self._close_now)
+        self._loop.call_later(_STOP_GRACE, self._close_now)
 
     def _close_now(self) -> None:
-        if self._connection is not None and self._connection.is_open:
-            self._connection.close()
+        # Confirms still missing, or a close the broker never answered, after the
+        # grace: waiting longer would wait for a silent broker, so drop the connection;
+        # unconfirmed events stay in the spool.
+        connection = self._connection
+        if connection is not None and (connection.is_open or connection.is_closing):
+            self._abort(connection, "stopping: the broker did not answer in time")
 
     # -- connection and channel ----------------------------------------------------------
 
@@ -202,8 +226,14 @@ class Forwarder:
             "connected to broker %s:%s vhost %s", params.host, params.port, params.virtual_host
         )
         self.connected = True
+        self._open_channel()
+
+    def _open_channel(self) -> None:
         self._opening = True
-        connection.channel(on_open_callback=self._on_channel_open)
+        self._channel_attempt += 1
+        attempt = self._channel_attempt
+        self._connection.channel(on_open_callback=self._on_channel_open)
+        self._loop.call_later(self.confirm_timeout, lambda: self._check_channel(attempt))
 
     def _on_open_error(self, connection: Any, error: BaseException) -> None:
         self._connection = None
@@ -223,11 +253,62 @@ class Forwarder:
         if self._stopping:
             self._loop.stop()
             return
+        if self._failing_over:
+            # The reason was logged already; the next broker is tried at once.
+            self._failing_over = False
+            self._loop.call_later(0, self._connect)
+            return
         self._note_error(f"broker connection lost: {describe(reason)}")
         self._loop.call_later(self._next_backoff(), self._connect)
 
+    def _check_channel(self, attempt: int) -> None:
+        """A channel (or its confirm mode) the broker never granted: fail over too."""
+        if (
+            attempt == self._channel_attempt
+            and self._opening
+            and self._connection is not None
+            and self._connection.is_open
+        ):
+            self._fail_over(
+                f"broker {self._describe_url()} opened no channel in "
+                f"{self.confirm_timeout:g} s; trying the next broker"
+            )
+
+    def _check_confirms(self) -> None:
+        self._confirm_timer = None
+        if not self._in_flight or self._connection is None or not self._connection.is_open:
+            return
+        # Tags are inserted in publish order: the first is the oldest unconfirmed one.
+        oldest = next(iter(self._in_flight.values()))[2]
+        waited = time.monotonic() - oldest
+        if waited < self.confirm_timeout:
+            self._confirm_timer = self._loop.call_later(
+                self.confirm_timeout - waited, self._check_confirms
+            )
+            return
+        self._fail_over(
+            f"broker {self._describe_url()} confirmed nothing for {self.confirm_timeout:g} s "
+            f"({len(self._in_flight)} events waiting); events stay in the spool, "
+            "trying the next broker"
+        )
+
+    def _fail_over(self, why: str) -> None:
+        """Leave a broker that keeps the connection up but does not answer: its
+        unconfirmed events go back to the spool (sent again, maybe twice, never lost)
+        and the next URL is tried."""
+        self._note_error(why)
+        self._give_back_in_flight()
+        self._url_index = (self._url_index + 1) % len(self._params)
+        self._failing_over = True
+        self._abort(self._connection, why)
+
+    def _abort(self, connection: Any, why: str) -> None:
+        """Drop ``connection`` without the AMQP close handshake, which a silent broker
+        never completes. pika has no public call for this; its own heartbeat checker
+        ends a dead connection the same way. ``_on_closed`` follows as usual."""
+        connection._terminate_stream(pika.exceptions.AMQPConnectionError(why))
+
     def _on_channel_open(self, channel: Any) -> None:
-        self._opening = False
         self._channel = channel
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
@@ -237,6 +318,7 @@ class Forwarder:
         if self._channel is None or frame.channel_number != self._channel.channel_number:
             return  # a stale channel's late reply: its tags are not ours
         self._ready = True
+        self._opening = False  # the channel is usable only once confirm mode is on
         self._next_tag = 1  # delivery tags count from 1 on every channel
         self._pump()
 
@@ -245,6 +327,7 @@ class Forwarder:
             return  # not the channel we publish on
         self._channel = None
         self._ready = False
+        self._opening = False
         self._give_back_in_flight()
         if self._stopping or self._connection is None or not self._connection.is_open:
             return
@@ -258,8 +341,7 @@ class Forwarder:
             and self._channel is None
             and not self._opening
         ):
-            self._opening = True
-            self._connection.channel(on_open_callback=self._on_channel_open)
+            self._open_channel()
 
     # -- publishing ----------------------------------------------------------------------
 
@@ -279,14 +361,17 @@ class Forwarder:
             if claimed is None:
                 continue  # another forwarder took it
             try:
-                body = claimed.read_bytes()
+                body = self.spool.read_event(claimed)
                 event_id, key = peek_event(body)
+            except FileNotFoundError:
+                continue
             except OSError as exc:
-                self._claim.give_back(claimed)
-                self._hold(f"cannot read spool file {path.name}: {exc.strerror}")
-                return
+                # Retrying a file the agent cannot read (another user's, mode 0600)
+                # would only stall every event behind it.
+                self._set_aside(claimed, f"cannot be read ({exc.strerror})")
+                continue
             except Exception as exc:
-                self._set_aside(claimed, exc)
+                self._set_aside(claimed, f"is not a valid event ({describe(exc)})")
                 continue
             properties = pika.BasicProperties(
                 content_type="application/json",
@@ -297,13 +382,17 @@ class Forwarder:
             self._channel.basic_publish(
                 EVENTS_EXCHANGE, key, body, properties=properties, mandatory=True
             )
-            self._in_flight[self._next_tag] = (claimed, event_id)
+            self._in_flight[self._next_tag] = (claimed, event_id, time.monotonic())
             self._next_tag += 1
+            if self._confirm_timer is None:
+                self._confirm_timer = self._loop.call_later(
+                    self.confirm_timeout, self._check_confirms
+                )
 
     def _next_pending(self) -> Path | None:
         if not self._queue and self._dirty:
             self._dirty = False
-            self._queue.extend(self.spool.pending())
+            self._queue.extend(p for p in self.spool.pending() if p.name not in self._passed_over)
         return self._queue.popleft() if self._queue else None
 
     def _on_return(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
@@ -324,7 +413,7 @@ class Forwarder:
             entry = self._in_flight.pop(tag, None)
             if entry is None:
                 continue
-            claimed, event_id = entry
+            claimed, event_id, _ = entry
             if acked and not self._returned[event_id]:
                 self.published += 1
                 self._remover.remove(claimed)
@@ -353,27 +442,31 @@ class Forwarder:
     def _give_back_in_flight(self) -> None:
         """Unconfirmed events return to the spool; they may be published twice, never lost."""
         if self._claim is not None:
-            for claimed, _ in self._in_flight.values():
+            for claimed, _, _ in self._in_flight.values():
                 self._claim.give_back(claimed)
         self._in_flight.clear()
         self._returned.clear()
         self._queue.clear()
         self._dirty = True
 
-    def _set_aside(self, claimed: Path, error: BaseException) -> None:
+    def _set_aside(self, claimed: Path, why: str) -> None:
+        """Move a file that cannot be sent out of the way, counted and logged once."""
+        self.set_aside += 1
+        name = printable(claimed.name)
         try:
             target = self.spool.reject(claimed)
-        except OSError as exc:
+        except (OSError, SpoolError) as exc:
             assert self._claim is not None
             self._claim.give_back(claimed)
-            self._hold(f"cannot set aside invalid spool file {claimed.name}: {exc.strerror}")
+            self._passed_over.add(claimed.name)
+            # An OSError's text holds the paths, and so the file's raw name.
+            reason = exc.strerror if isinstance(exc, OSError) else describe(exc)
+            self._note_error(
+                f"spool file {name} {why}; cannot move it aside ({reason}), "
+                "left in the spool and passed over until the agent restarts"
+            )
             return
-        log.error(
-            "spool file %s is not a valid event (%s); moved to %s",
-            claimed.name,
-            describe(error),
-            target,
-        )
+        log.error("spool file %s %s; moved to %s", name, why, printable(str(target)))
 
     # -- pauses, ticks and status -----------------------------------------------------------
 
@@ -424,7 +517,7 @@ class Forwarder:
         """Periodic housekeeping; also covers a missed or unavailable spool watch."""
         try:
             for path, what in self.spool.recover_stale_tmp():
-                log.warning("spool: %s: %s", what, path)
+                log.warning("spool: %s: %s", what, printable(str(path)))
             if self.spool.release_orphaned_claims(own=self._claim):
                 log.info("spool: took back events of a forwarder that died")
             self.spool.expire_seen()

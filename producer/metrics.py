@@ -43,6 +43,12 @@ def render_metrics(forwarder: Forwarder) -> str:
             forwarder.held_back,
         ),
         (
+            "clusteralert_producer_set_aside_total",
+            "counter",
+            "Spool files set aside unsent (invalid, unreadable, a link, too large)",
+            forwarder.set_aside,
+        ),
+        (
             "clusteralert_producer_broker_connected",
             "gauge",
             "1 when connected",

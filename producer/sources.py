@@ -156,7 +156,8 @@ def _identity(env: Mapping[str, str]) -> str:
 
 def pacemaker_event(env: Mapping[str, str], *, cluster: str, fallback_node: str) -> Event | None:
     """The event for one Pacemaker alert (``CRM_alert_*`` environment), or None when the
-    alert is not worth an event (a cancelled operation)."""
+    alert is not worth an event (a cancelled operation). ``fallback_node`` is this node:
+    the event's reporter, and its node when the alert names none."""
     kind = env.get(_PREFIX + "kind", "")
     if not kind:
         raise InvalidEvent("CRM_alert_kind is not set: run this as a Pacemaker alert agent")
@@ -171,7 +172,9 @@ def pacemaker_event(env: Mapping[str, str], *, cluster: str, fallback_node: str)
     if name == "other":
         text = f"Pacemaker alert of kind {kind!r}: {values.get('desc', '')}".strip()
     return new_event(
-        id=str(uuid.uuid5(_PACEMAKER_NS, _identity(env))),
+        # The reporter is part of the id: every node reports the same node loss, and each
+        # report is an event of its own (the worker merges them into one incident).
+        id=str(uuid.uuid5(_PACEMAKER_NS, f"{_identity(env)}|{fallback_node}")),
         module="pacemaker",
         event_id=PACEMAKER_EVENTS[name],
         level=level,
@@ -181,6 +184,7 @@ def pacemaker_event(env: Mapping[str, str], *, cluster: str, fallback_node: str)
         text=text,
         time=_event_time(env),
         source="pacemaker",
+        reporter=fallback_node,
     )
 
 
@@ -206,4 +210,5 @@ def keepalived_event(args: Sequence[str], *, cluster: str, node: str) -> Event:
         node=node,
         params=params,
         source="keepalived",
+        reporter=node,
     )

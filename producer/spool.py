@@ -14,6 +14,11 @@ Layout::
     spool/.forwarder-status               the forwarder's last state, for `status`
     spool/.seen/<event id>                events with a deterministic id already spooled
 
+The spool is writable by a group (the Pacemaker agent's), and the forwarder may run with
+more privileges than that group, so nothing in it is trusted: files are opened without
+following symbolic links, their size is checked before they are read, and the status
+file is written through a fresh temp file.
+
 Forwarders claim a file by renaming it into their claim directory, which is atomic: two
 ``run`` processes never publish the same file. A claim whose lock nobody holds belongs to
 a forwarder that died; its files go back to the spool.
@@ -26,6 +31,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from shared.errors import SpoolError
-from shared.event import Event, encode_event
+from shared.errors import InvalidEvent, SpoolError
+from shared.event import MAX_EVENT_BYTES, Event, encode_event
 
 __all__ = ["SUFFIX", "Claim", "Spool", "SpoolStats"]
 
@@ -46,6 +52,13 @@ STATUS_FILE: Final = ".forwarder-status"
 SEEN_DIR: Final = ".seen"
 # A temp file this old belongs to an emit that died between write and rename.
 STALE_TMP_SECONDS: Final = 60.0
+# Spool files: the agent reads them as owner or through the spool's group.
+FILE_MODE: Final = 0o640
+# A planted symbolic link is never followed, and a FIFO never blocks an open.
+_NOFOLLOW: Final = os.O_NOFOLLOW | os.O_CLOEXEC
+_READ: Final = os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW
+_CREATE: Final = os.O_CREAT | _NOFOLLOW
+_WRITE_ROUNDS: Final = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,52 +107,131 @@ class Spool:
     def write_once(self, event: Event) -> Path | None:
         """Like :meth:`write`, but only the first call for an event id spools it; later
         ones (Pacemaker runs its agent once per recipient, in parallel) return None.
+
         The decision is a hard link of the complete, fsynced temp file to
-        ``.seen/<id>``, made before the rename: whoever links first wins, the event is
-        durable before anyone can see the marker, and a loser's file never reaches the
-        spool. Markers expire after a day."""
+        ``.seen/<id>``, made before the rename: whoever links first wins. The winner
+        holds an exclusive flock on that file until its event is durably in the spool,
+        or until it has withdrawn the marker after a failure. A run that finds the
+        marker waits for that lock and then looks: a marker still linked means the
+        event is in the spool (or was already forwarded); a withdrawn one means the
+        first run failed, and this run spools the event itself. So a marker never
+        stands for an event that is not in the spool. Markers expire after a day."""
         return self._write(event, once=True)
 
     def _write(self, event: Event, *, once: bool) -> Path | None:
         self.ensure()
         data = encode_event(event)
         self._check_room(len(data))
-        name = f"{time.time_ns():020d}-{event.id}{SUFFIX}"
-        final = self.directory / name
-        tmp = self.directory / f"{_TMP_PREFIX}{name}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        # Only a first run that failed and withdrew its marker makes another round.
+        for _ in range(_WRITE_ROUNDS):
+            name = f"{time.time_ns():020d}-{event.id}{SUFFIX}"
+            final = self.directory / name
+            tmp = self.directory / f"{_TMP_PREFIX}{name}"
+            fd = -1
+            marked = renamed = False
             try:
+                fd = os.open(tmp, os.O_WRONLY | _CREATE | os.O_EXCL, FILE_MODE)
+                self._share(fd)
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
                 os.fsync(fd)
+                if once:
+                    # Held until the event is durable or the marker is withdrawn.
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    if not self._mark_seen(tmp, event.id):
+                        tmp.unlink()
+                        if self._first_run_spooled(event.id):
+                            return None
+                        continue
+                    marked = True
+                os.rename(tmp, final)
+                renamed = True
+                _fsync_dir(self.directory)
+                return final
+            except OSError as exc:
+                # Undo everything before the lock goes: a waiting run must find either
+                # the event durably spooled or no marker at all.
+                for leftover in (
+                    final if renamed else tmp,
+                    self.directory / SEEN_DIR / event.id if marked else None,
+                ):
+                    if leftover is not None:
+                        with contextlib.suppress(OSError):
+                            leftover.unlink()
+                reason = (
+                    "disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
+                )
+                raise SpoolError(f"cannot write to spool {self.directory}: {reason}") from None
             finally:
-                os.close(fd)
-            if once and not self._mark_seen(tmp, event.id):
-                tmp.unlink()
-                return None
-            os.rename(tmp, final)
-            _fsync_dir(self.directory)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            reason = "disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
-            raise SpoolError(f"cannot write to spool {self.directory}: {reason}") from None
-        return final
+                if fd >= 0:
+                    os.close(fd)
+        raise SpoolError(f"cannot write to spool {self.directory}: other runs keep failing")
+
+    def _share(self, fd: int) -> None:
+        """Make a new spool file readable by the agent whatever the writer's umask and
+        whether or not the directory has its setgid bit: mode 0640, group of the spool.
+        Changing the group needs membership of it (or root); without it the file keeps
+        the writer's group, and the forwarder sets it aside if it cannot read it."""
+        os.fchmod(fd, FILE_MODE)
+        group = os.stat(self.directory).st_gid
+        if os.fstat(fd).st_gid != group:
+            with contextlib.suppress(PermissionError):
+                os.fchown(fd, -1, group)
 
     def _mark_seen(self, tmp: Path, event_id: str) -> bool:
         """True if this is the first file for ``event_id``."""
-        seen = self.directory / SEEN_DIR
-        if not seen.exists():
-            with contextlib.suppress(FileExistsError):
-                seen.mkdir(mode=0o2770)
-                os.chmod(seen, 0o2770)  # noqa: S103 - mkdir ignores setgid; the group shares it
+        seen = self._subdir(SEEN_DIR, 0o2770)
         try:
-            os.link(tmp, seen / event_id)
+            os.link(tmp, event_id, dst_dir_fd=seen)
         except FileExistsError:
             return False
+        finally:
+            os.close(seen)
         return True
+
+    def _subdir(self, name: str, mode: int) -> int:
+        """An open descriptor of the spool's directory ``name``, created with ``mode``
+        if missing. The group can write the spool, so it could put a link there: that
+        is refused, never followed (files are then moved or linked through the
+        descriptor, so a swap after this check changes nothing)."""
+        path = self.directory / name
+        created = False
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)
+            created = True
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise SpoolError(
+                    f"spool {self.directory}: {name} is not a directory (a link?); not used"
+                ) from None
+            raise
+        if created:
+            # mkdir honours the umask and ignores setgid; the group shares some of these.
+            os.fchmod(fd, mode)
+        return fd
+
+    def _first_run_spooled(self, event_id: str) -> bool:
+        """Wait for the run that owns the marker of ``event_id`` to finish; True if its
+        event is in the spool (or already forwarded), False if it withdrew the marker."""
+        try:
+            fd = os.open(self.directory / SEEN_DIR / event_id, _READ)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            # The marker is a link to the event file's inode: withdrawn, and the temp
+            # file removed, it has no name left.
+            if os.fstat(fd).st_nlink == 0:
+                return False
+            # A first run killed between its link and its rename left a complete temp
+            # file, which the forwarder recovers; make sure its name is on disk too.
+            _fsync_dir(self.directory)
+            return True
+        finally:
+            os.close(fd)
 
     def expire_seen(self, max_age: float = 86400.0, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -182,7 +274,7 @@ class Spool:
                 events += 1
                 if with_bytes:
                     with contextlib.suppress(OSError):
-                        size += entry.stat().st_size
+                        size += entry.stat(follow_symlinks=False).st_size
                 created = _created_ns(entry.name)
                 if created is not None and (oldest is None or created < oldest):
                     oldest = created
@@ -190,7 +282,9 @@ class Spool:
 
     def _claim_dirs(self) -> list[Path]:
         try:
-            return [Path(e.path) for e in os.scandir(self.claims_dir) if e.is_dir()]
+            return [
+                Path(e.path) for e in os.scandir(self.claims_dir) if e.is_dir(follow_symlinks=False)
+            ]
         except FileNotFoundError:
             return []
 
@@ -202,21 +296,53 @@ class Spool:
                 for entry in os.scandir(self.directory)
                 if entry.name.endswith(SUFFIX)
                 and not entry.name.startswith(".")
-                and entry.is_file()
+                # Links and other odd entries too: the forwarder sets them aside.
+                and not entry.is_dir(follow_symlinks=False)
             )
         except FileNotFoundError:
             return
         for name in names:
             yield self.directory / name
 
+    def read_event(self, path: Path) -> bytes:
+        """The bytes of one spool file, never following a link and never reading more
+        than an event can hold. Raises :class:`InvalidEvent` for what cannot be an
+        event (a link, not a plain file, too large) and OSError when it cannot be read
+        (permissions)."""
+        try:
+            fd = os.open(path, _READ)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise InvalidEvent("a symbolic link, not followed") from None
+            raise
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise InvalidEvent("not a regular file")
+            if info.st_size > MAX_EVENT_BYTES:
+                raise InvalidEvent(
+                    f"{info.st_size} bytes, larger than any event ({MAX_EVENT_BYTES})"
+                )
+            chunks: list[bytes] = []
+            size = 0
+            # Bounded even if the file grows after the fstat.
+            while size <= MAX_EVENT_BYTES and (chunk := os.read(fd, MAX_EVENT_BYTES + 1 - size)):
+                chunks.append(chunk)
+                size += len(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
     def reject(self, path: Path) -> Path:
-        """Move an unreadable spool file aside instead of deleting it: nothing is lost,
-        and the forwarder does not trip over it again."""
-        target_dir = self.directory / REJECTED_DIR
-        target_dir.mkdir(exist_ok=True, mode=0o750)
-        target = target_dir / path.name
-        os.replace(path, target)
-        return target
+        """Move a spool file that cannot be sent aside instead of deleting it: nothing
+        is lost, and the forwarder does not trip over it again. A ``rejected`` that is
+        not a real directory (a planted link) is refused, never followed."""
+        dir_fd = self._subdir(REJECTED_DIR, 0o750)
+        try:
+            os.replace(path, path.name, dst_dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+        return self.directory / REJECTED_DIR / path.name
 
     def recover_stale_tmp(self, now: float | None = None) -> list[tuple[Path, str]]:
         """Deal with temp files of writers that died: a complete event is put in place
@@ -231,11 +357,10 @@ class Spool:
                 continue
             path = Path(entry.path)
             try:
-                if now - entry.stat().st_mtime < STALE_TMP_SECONDS:
+                if now - entry.stat(follow_symlinks=False).st_mtime < STALE_TMP_SECONDS:
                     continue
-                data = path.read_bytes()
                 try:
-                    decode_event(data)
+                    decode_event(self.read_event(path))
                 except Exception:
                     done.append((self.reject(path), "set aside a half-written event"))
                     continue
@@ -258,7 +383,7 @@ class Spool:
                 continue  # flock is per process on some file systems (NFS)
             lock_path = directory.with_suffix(".lock")
             try:
-                fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+                fd = os.open(lock_path, os.O_RDWR | _NOFOLLOW)
             except FileNotFoundError:
                 fd = -1
             try:
@@ -283,16 +408,25 @@ class Spool:
         return released
 
     def write_status(self, status: dict[str, object]) -> None:
-        """Best effort: status is for operators, never worth failing forwarding for."""
-        tmp = self.directory / f"{STATUS_FILE}.tmp"
+        """Best effort: status is for operators, never worth failing forwarding for.
+        Written to a temp file of a fresh name (O_EXCL: a planted link is never
+        followed) and renamed over the status file (a rename replaces a link there,
+        it does not write through it)."""
+        tmp = self.directory / f"{STATUS_FILE}.tmp-{uuid.uuid4().hex}"
         with contextlib.suppress(OSError):
-            tmp.write_text(json.dumps(status))
+            fd = os.open(tmp, os.O_WRONLY | _CREATE | os.O_EXCL, FILE_MODE)
+            try:
+                os.write(fd, json.dumps(status).encode())
+            finally:
+                os.close(fd)
             os.replace(tmp, self.directory / STATUS_FILE)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
     def read_status(self) -> dict[str, object]:
         try:
-            data = json.loads((self.directory / STATUS_FILE).read_text())
-        except (OSError, ValueError):
+            data = json.loads(self.read_event(self.directory / STATUS_FILE))
+        except (OSError, ValueError, InvalidEvent):
             return {}
         return data if isinstance(data, dict) else {}
 
@@ -303,11 +437,11 @@ class Claim:
     def __init__(self, spool: Spool):
         self.spool = spool
         claim_id = uuid.uuid4().hex
-        spool.claims_dir.mkdir(parents=True, exist_ok=True, mode=0o2770)
+        spool.ensure()
+        # Refuses a link in place of claims/; the claim's own names are fresh ones.
+        os.close(spool._subdir(CLAIMS_DIR, 0o2770))
         self.directory = spool.claims_dir / claim_id
-        self._lock_fd = os.open(
-            self.directory.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640
-        )
+        self._lock_fd = os.open(self.directory.with_suffix(".lock"), os.O_RDWR | _CREATE, 0o640)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         self.directory.mkdir(mode=0o2770)
 

@@ -9,6 +9,7 @@ entries it changes.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from collections.abc import Iterable
 from importlib import resources
@@ -17,7 +18,7 @@ from typing import Final
 
 from shared.catalog_entry import Catalog, CatalogEntry
 from shared.errors import ConfigError, Problem
-from shared.event import MODULE_RE
+from shared.event import MODULE_RE, PARAM_KEY_RE
 from shared.levels import LEVELS
 from shared.tables import Table
 from shared.vendor_csv import is_vendor_csv, parse_vendor_csv
@@ -32,6 +33,7 @@ __all__ = [
 ]
 
 BUILTIN_NAME: Final = "builtin_catalog.toml"
+_KEY_RE: Final = re.compile(r"[a-z0-9_-]{1,32}:[0-9]{1,18}")
 
 
 def parse_catalog(data: object, source: str, problems: list[Problem]) -> Catalog:
@@ -52,9 +54,12 @@ def parse_catalog(data: object, source: str, problems: list[Problem]) -> Catalog
         description = table.text("description", "")
         alternates = table.str_list("alternates", ())
         log_text = table.text("log_text", "")
+        identity = table.str_list("identity", None)
+        resolves = table.str_list("resolves", ())
         table.finish()
         if isinstance(module, str) and not MODULE_RE.fullmatch(module):
             table.error("module", f"{module!r:.40} must match [a-z0-9_-]{{1,32}}")
+        _check_incident_keys(table, identity, resolves, f"{module}:{event_id}")
         if len(problems) > before:
             continue
         key = (module, event_id)
@@ -64,11 +69,35 @@ def parse_catalog(data: object, source: str, problems: list[Problem]) -> Catalog
         seen[key] = len(entries)
         entries.append(
             CatalogEntry(
-                module, event_id, level, entry_mail, text, action, description, alternates, log_text
+                module,
+                event_id,
+                level,
+                entry_mail,
+                text,
+                action,
+                description,
+                alternates,
+                log_text,
+                None if identity is None else tuple(dict.fromkeys(identity)),
+                tuple(dict.fromkeys(resolves)),
             )
         )
     root.finish()
     return Catalog(entries)
+
+
+def _check_incident_keys(
+    table: Table, identity: tuple[str, ...] | None, resolves: tuple[str, ...], own: str
+) -> None:
+    """``identity`` names params; ``resolves`` names other kinds as ``module:event_id``."""
+    for i, name in enumerate(identity or ()):
+        if not PARAM_KEY_RE.fullmatch(name):
+            table.error(f"identity[{i}]", f"not a param name (letters, digits, _): {name!r:.60}")
+    for i, key in enumerate(resolves):
+        if not _KEY_RE.fullmatch(key):
+            table.error(f"resolves[{i}]", f"expected module:event_id, e.g. rm:9, got {key!r:.60}")
+        elif key == own:
+            table.error(f"resolves[{i}]", f"{key} cannot resolve itself")
 
 
 def _read_file(path: Path, problems: list[Problem]) -> Catalog:
@@ -157,4 +186,8 @@ def catalog_to_toml(catalog: Catalog, header: str = "") -> str:
             out.append(f"alternates = [{', '.join(map(_toml_string, entry.alternates))}]")
         if entry.log_text:
             out.append(f"log_text = {_toml_string(entry.log_text)}")
+        if entry.identity is not None:
+            out.append(f"identity = [{', '.join(map(_toml_string, entry.identity))}]")
+        if entry.resolves:
+            out.append(f"resolves = [{', '.join(map(_toml_string, entry.resolves))}]")
     return "\n".join(out).lstrip("\n") + "\n"

@@ -26,6 +26,11 @@ class CatalogEntry:
     # The message as the cluster software writes it to its log, when our mail text says it
     # in other words: log followers match lines against this to recover the params.
     log_text: str = ""
+    # The params that tell one incident of this kind from another (the worker merges
+    # events with equal cluster, key and these params); None: all of them.
+    identity: tuple[str, ...] | None = None
+    # The ``module:event_id`` keys whose open incidents an event of this kind closes.
+    resolves: tuple[str, ...] = ()
 
     @property
     def logged_texts(self) -> tuple[str, ...]:

@@ -32,6 +32,7 @@ __all__ = [
     "Config",
     "FilterConfig",
     "FollowConfig",
+    "IncidentConfig",
     "MailConfig",
     "MetricsConfig",
     "ProducerConfig",
@@ -55,6 +56,7 @@ SECTIONS: Final = (
     "metrics",
     "worker",
     "route",
+    "incident",
 )
 CHARSETS: Final = (
     "utf-8",
@@ -158,6 +160,8 @@ class ProducerConfig:
     max_events: int = 10_000
     max_bytes: int = 100 * 1024 * 1024
     metrics_port: int = 0  # 0: no metrics endpoint on the node
+    # Seconds a publish may wait for its confirm before the agent tries the next broker.
+    confirm_timeout: float = 30.0
     follow: tuple[FollowConfig, ...] = ()
 
 
@@ -241,6 +245,22 @@ class WorkerConfig:
     max_hold: float = 600.0
 
 
+StormBy = Literal["cluster", "node", "module", "key"]
+STORM_BY: Final[tuple[StormBy, ...]] = ("cluster", "node", "module", "key")
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentConfig:
+    """The incident stage: how reports become incidents (durations in seconds)."""
+
+    group_wait: float = 2.0  # hold a new incident this long for other nodes' reports
+    repeat_interval: float = 3600.0  # identical reports this soon after the mail: folded
+    storm_threshold: int = 10  # notifications per storm group and window; 0: no storms
+    storm_window: float = 60.0
+    storm_by: tuple[StormBy, ...] = ("cluster",)
+    max_held: int = 50_000  # events held unacked at most; past it, oldest flushed early
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     path: Path | None = None
@@ -253,6 +273,7 @@ class Config:
     catalog: CatalogConfig = CatalogConfig()
     metrics: MetricsConfig = MetricsConfig()
     worker: WorkerConfig = WorkerConfig()
+    incident: IncidentConfig = IncidentConfig()
     warnings: tuple[Problem, ...] = ()
 
 
@@ -338,6 +359,8 @@ def parse_config(
             max_hold=worker.number("max_hold", 600.0, low=1, high=86400),
         )
         worker.finish()
+    if "incident" in sections:
+        parts["incident"] = reader.incident(root.table("incident"))
     root.skip(*SECTIONS)
     root.finish()
     errors = [p for p in problems if p.severity == "error"]
@@ -406,6 +429,7 @@ class _Reader:
             max_events=t.integer("max_events", 10_000, low=0),
             max_bytes=t.integer("max_bytes", 100 * 1024 * 1024, low=0),
             metrics_port=t.integer("metrics_port", 0, low=0, high=65535),
+            confirm_timeout=t.number("confirm_timeout", 30.0, low=0.1, high=3600),
             follow=tuple(
                 f for f in (self.follow(ft) for ft in t.tables("follow")) if f is not None
             ),
@@ -514,6 +538,29 @@ class _Reader:
             enable=enable,
             disable=disable,
             unknown=t.choice("unknown", (*LEVELS, "never"), "error"),
+        )
+        t.finish()
+        return config
+
+    def incident(self, t: Table) -> IncidentConfig:
+        storm_by = t.str_list("storm_by", ("cluster",))
+        for i, name in enumerate(storm_by):
+            if name not in STORM_BY:
+                t.error(
+                    f"storm_by[{i}]", f"expected one of {', '.join(STORM_BY)}, got {name!r:.40}"
+                )
+        if not storm_by:
+            t.error("storm_by", f"at least one of {', '.join(STORM_BY)} is required")
+        # Held events are unacked: a held event waits at most group_wait plus a storm
+        # window, which must stay well under RabbitMQ's consumer ack timeout (30 minutes
+        # by default), or the broker closes the channel and takes back everything held.
+        config = IncidentConfig(
+            group_wait=t.number("group_wait", 2.0, low=0, high=300),
+            repeat_interval=t.number("repeat_interval", 3600.0, low=0, high=7 * 86400),
+            storm_threshold=t.integer("storm_threshold", 10, low=0, high=1_000_000),
+            storm_window=t.number("storm_window", 60.0, low=1, high=1200),
+            storm_by=tuple(dict.fromkeys(storm_by)),
+            max_held=t.integer("max_held", 50_000, low=1, high=10_000_000),
         )
         t.finish()
         return config

@@ -32,6 +32,8 @@ __all__ = [
     "clean_text",
     "decode_event",
     "encode_event",
+    "event_doc",
+    "event_from_doc",
     "new_event",
     "peek_event",
     "routing_key",
@@ -55,6 +57,7 @@ PARAM_KEY_RE: Final = re.compile(r"[A-Za-z0-9_]{1,64}")
 # Lone surrogates (from "\udc80"-style JSON escapes) cannot be encoded at all downstream.
 _CONTROL_RE: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _SURROGATE_RE: Final = re.compile("[\ud800-\udfff]")
+_CANONICAL_UUID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _NAMED_ESCAPES: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -113,11 +116,19 @@ class Event:
     level: Level | None = None
     params: Mapping[str, str] = field(default_factory=dict)
     text: str | None = None
+    # The node whose producer spooled the event; ``node`` is the node it is about.
+    reporter: str | None = None
 
     @property
     def key(self) -> str:
         """The catalog and filter key, ``module:event_id``."""
         return f"{self.module}:{self.event_id}"
+
+    @property
+    def reported_by(self) -> str:
+        """Who reported the event: its ``reporter``, else (events from before the field
+        existed) the node it is about."""
+        return self.reporter if self.reporter is not None else self.node
 
 
 def routing_key(event: Event) -> str:
@@ -144,7 +155,8 @@ def peek_event(raw: bytes) -> tuple[str, str]:
     if not isinstance(doc, dict) or doc.get("v") != SCHEMA_VERSION:
         raise InvalidEvent("not a version 1 event object")
     event_uuid, module, event_id, node = (doc.get(k) for k in ("id", "module", "event_id", "node"))
-    if not isinstance(event_uuid, str) or len(event_uuid) != 36:
+    # The id goes into logs and the AMQP message_id: only the canonical form passes.
+    if not isinstance(event_uuid, str) or not _CANONICAL_UUID.fullmatch(event_uuid):
         raise InvalidEvent("id: not a UUID")
     if not isinstance(module, str) or not MODULE_RE.fullmatch(module):
         raise InvalidEvent("module: missing or invalid")
@@ -226,7 +238,7 @@ def _fit(event: Event, params: Mapping[str, str]) -> Event:
     # The common case needs no encoding to know it fits: at most 4 bytes per character,
     # plus JSON quoting (escapes double a character at most, as \uXXXX is ASCII).
     rough = sum(len(k) + 6 * len(v) for k, v in fitted.items()) + 6 * (
-        len(event.cluster) + len(event.node) + len(event.text or "")
+        len(event.cluster) + len(event.node) + len(event.reporter or "") + len(event.text or "")
     )
     if rough + 1024 < MAX_EVENT_BYTES:
         return Event(**{**_fields(event), "params": fitted})
@@ -255,6 +267,7 @@ def new_event(
     text: str | None = None,
     time: datetime | None = None,
     id: str | None = None,
+    reporter: str | None = None,
 ) -> Event:
     """Build a clean event from local input (CLI arguments, an alert agent's environment).
     Raises :class:`InvalidEvent` for structural faults, cleans everything else."""
@@ -278,11 +291,12 @@ def new_event(
         source=_clean_name(source, MAX_SOURCE_CHARS),
         level=_as_level(level),
         text=None if text is None else clean_text(text, MAX_TEXT_BYTES),
+        reporter=None if reporter is None else _clean_name(reporter, MAX_NAME_CHARS),
     )
     return _fit(event, _check_params(params or {}))
 
 
-def _encode_unchecked(event: Event, params: Mapping[str, str]) -> bytes:
+def _doc(event: Event, params: Mapping[str, str]) -> dict[str, object]:
     doc: dict[str, object] = {
         "v": SCHEMA_VERSION,
         "id": event.id,
@@ -298,7 +312,20 @@ def _encode_unchecked(event: Event, params: Mapping[str, str]) -> bytes:
         doc["level"] = event.level
     if event.text is not None:
         doc["text"] = event.text
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    if event.reporter is not None:
+        doc["reporter"] = event.reporter
+    return doc
+
+
+def _encode_unchecked(event: Event, params: Mapping[str, str]) -> bytes:
+    return json.dumps(_doc(event, params), ensure_ascii=False, separators=(",", ":")).encode(
+        "utf-8"
+    )
+
+
+def event_doc(event: Event) -> dict[str, object]:
+    """The wire form as a JSON object, for formats that carry events inside them."""
+    return _doc(event, event.params)
 
 
 def encode_event(event: Event) -> bytes:
@@ -334,6 +361,11 @@ def decode_event(raw: bytes) -> Event:
     except (ValueError, RecursionError) as exc:
         # ValueError covers JSONDecodeError and integers beyond Python's digit limit.
         raise InvalidEvent(f"not JSON: {str(exc)[:200]}") from None
+    return event_from_doc(doc)
+
+
+def event_from_doc(doc: object) -> Event:
+    """Check and clean an event already parsed from JSON (see :func:`decode_event`)."""
     if not isinstance(doc, dict):
         raise InvalidEvent(f"expected a JSON object, got {type(doc).__name__}")
     version = _require(doc, "v", int)
@@ -358,4 +390,5 @@ def decode_event(raw: bytes) -> Event:
         level=level if isinstance(level := doc.get("level"), str) else None,
         params=params,
         text=_optional_str(doc, "text"),
+        reporter=_optional_str(doc, "reporter"),
     )

@@ -1,5 +1,8 @@
-"""A TCP proxy between a client and the shared broker, so a test can cut a client's
-connection without touching the broker everyone else uses."""
+"""A TCP proxy between a client and the shared broker, so a test can misbehave the network
+for one client without touching the broker everyone else uses: :meth:`TcpProxy.cut` drops
+every connection at once, as a failing network does; :meth:`TcpProxy.mute` stops passing
+the broker's bytes but keeps every socket open, as a broker in a minority partition or a
+stuck quorum leader does."""
 
 from __future__ import annotations
 
@@ -15,11 +18,13 @@ class TcpProxy:
         self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
         self._open: list[socket.socket] = []
+        self._muted = threading.Event()
+        self._closed = threading.Event()
         self.accepted = 0
         threading.Thread(target=self._accept, name="tcpproxy", daemon=True).start()
 
     def _accept(self) -> None:
-        while True:
+        while not self._closed.is_set():
             try:
                 client, _ = self._listener.accept()
             except OSError:
@@ -33,12 +38,28 @@ class TcpProxy:
             with self._lock:
                 self.accepted += 1
                 self._open += [client, server]
-            for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+            for source, sink, from_broker in ((client, server, False), (server, client, True)):
+                threading.Thread(
+                    target=self._pump, args=(source, sink, from_broker), daemon=True
+                ).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, from_broker: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if from_broker and self._muted.is_set():
+                    self._closed.wait()  # silent, sockets open, until the test ends
+                    return
+                sink.sendall(data)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def mute(self) -> None:
+        """Stop passing the broker's bytes to clients, keeping the connections up."""
+        self._muted.set()
 
     def cut(self) -> None:
-        """Drop every connection through the proxy at once, as a failing network would;
-        new connections are still accepted."""
+        """Drop every connection through the proxy at once; new ones are still accepted."""
         with self._lock:
             sockets, self._open = self._open, []
         for sock in sockets:
@@ -47,14 +68,6 @@ class TcpProxy:
             sock.close()
 
     def close(self) -> None:
+        self._closed.set()
         self._listener.close()
         self.cut()
-
-
-def _pump(source: socket.socket, sink: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        while data := source.recv(65536):
-            sink.sendall(data)
-    for sock in (source, sink):
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)

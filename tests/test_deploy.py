@@ -5,19 +5,27 @@ exported by a real worker. No Docker engine runs here, so these are the checks w
 
 from __future__ import annotations
 
+import atexit
 import base64
+import contextlib
+import functools
 import hashlib
 import json
 import os
 import re
 import shlex
 import shutil
+import socket
+import ssl
 import subprocess
+import sys
 import tempfile
+import threading
 import tomllib
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -81,9 +89,10 @@ def _clusteralert_commands() -> list[list[str]]:
             continue
         command = service.get("command", [])
         if service.get("entrypoint") == ["sh", "-c"]:
-            for part in re.split(r"&&|exec ", " ".join(command)):
+            # The shell's own words (tests, groups) are not commands of ours.
+            for part in re.split(r"&&|\|\||;|\bexec |[{}]", " ".join(command)):
                 words = shlex.split(part)
-                if words:
+                if words and words[0].startswith("clusteralert-"):
                     commands.append(words)
         else:
             commands.append([*entrypoint, *command])
@@ -342,6 +351,19 @@ def test_prometheus_config_and_rules_pass_promtool(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _start_node_agent(processes: Callable[..., Process], config: Path) -> int:
+    """``clusteralert-producer run`` with ``config`` and its metrics on a free port, which
+    it returns once the endpoint answers."""
+    port = free_port()
+    agent_config = config.with_name("agent.toml")
+    agent_config.write_text(
+        config.read_text().replace("[producer]", f"[producer]\nmetrics_port = {port}")
+    )
+    processes("clusteralert-producer", "run", "--config", str(agent_config))
+    wait_until(lambda: scrape(port), 30, "the node agent's metrics")
+    return port
+
+
 def _used_metric_names(prefix: str) -> set[str]:
     text = DASHBOARD.read_text() + RULES.read_text()
     names = set(re.findall(rf"\b{prefix}_[a-z0-9_]+", text))
@@ -362,13 +384,7 @@ def test_every_metric_in_dashboard_and_rules_is_exported(
     _, port = start_worker(processes, config)
     exported = {re.sub(r"\{.*", "", k) for k in scrape(port)}
     # The node agent's own endpoint (the spool rules use it).
-    agent_port = free_port()
-    agent_config = tmp_path / "agent.toml"
-    agent_config.write_text(
-        config.read_text().replace("[producer]", f"[producer]\nmetrics_port = {agent_port}")
-    )
-    processes("clusteralert-producer", "run", "--config", str(agent_config))
-    wait_until(lambda: scrape(agent_port), 30, "the node agent's metrics")
+    agent_port = _start_node_agent(processes, config)
     exported |= {re.sub(r"\{.*", "", k) for k in scrape(agent_port)}
     exported |= {re.sub(r"_(bucket|count|sum|total|created)$", "", k) for k in exported}
     used = _used_metric_names("clusteralert")
@@ -546,11 +562,9 @@ def _as_root(script: str, env: dict[str, str] | None = None) -> str:
     return result.stdout
 
 
-def _run_init(tree: Path) -> dict[str, tuple[int, int, str]]:
-    """Run deploy/dev/init.sh in ``tree``, which mirrors the init container's mounts, as
-    on a first start and then a restart (keeping a copy of what the first start made in
-    ``tree``/../first), and list every path in the tree as (uid, mode, type). Under
-    fakeroot when we are not root, which fakes only the owners."""
+def _init_tree(tree: Path) -> Path:
+    """A tree that mirrors the init container's mounts on a first start: bind mounts
+    link to the repository, named volumes are empty directories."""
     init = _compose_services()["init"]
     for source, target, _ in _mounts(init):
         path = tree / target.lstrip("/")
@@ -559,14 +573,52 @@ def _run_init(tree: Path) -> dict[str, tuple[int, int, str]]:
             path.symlink_to(ROOT / source)
         else:
             path.mkdir()  # a fresh named volume: an empty directory
-    run = f"sh {shlex.quote(str(tree / 'init.sh'))} >/dev/null"
-    first = shlex.quote(str(tree.parent / "first"))
+    return tree
+
+
+@functools.cache
+def _alpine_like_path() -> str:
+    """A PATH like the init image's (deploy/init/Dockerfile): BusyBox's applets, as in
+    Alpine, and openssl; nothing else."""
+    busybox = shutil.which("busybox")
+    openssl = shutil.which("openssl")
+    if busybox is None or openssl is None:
+        pytest.fail("busybox and openssl are needed: install Debian's packages (scripts/test does)")
+    applets = Path(tempfile.mkdtemp(prefix="clusteralert-busybox-"))
+    atexit.register(shutil.rmtree, applets, ignore_errors=True)
+    applets.chmod(0o755)
+    listing = subprocess.run([busybox, "--list"], check=True, capture_output=True, text=True)
+    for applet in listing.stdout.split():
+        (applets / applet).symlink_to(busybox)
+    (applets / "openssl").symlink_to(openssl)
+    return str(applets)
+
+
+def _init_command(tree: Path) -> str:
+    """deploy/dev/init.sh in ``tree``, run as the init container runs it: by BusyBox's
+    sh, with only BusyBox's applets and openssl on the PATH."""
+    path = _alpine_like_path()
+    env = f"PATH={shlex.quote(path)} INIT_ROOT={shlex.quote(str(tree))}"
+    return f"{env} {path}/sh {shlex.quote(str(tree / 'init.sh'))} >/dev/null"
+
+
+def _run_init(tree: Path) -> dict[str, tuple[int, int, str]]:
+    """Run deploy/dev/init.sh in ``tree``, which mirrors the init container's mounts, as
+    on a first start and then a restart (keeping a copy of what the first start made in
+    ``tree``/../first), and list every path in the tree as (uid, mode, type). Under
+    fakeroot when we are not root, which fakes only the owners."""
+    run = _init_command(_init_tree(tree))
+    first = tree.parent / "first"
+    copy = " && ".join(
+        f"cp -a {shlex.quote(str(tree / d))} {shlex.quote(str(first / d))}"
+        for d in ("secrets", "rabbitmq-definitions")
+    )
     script = (
-        f"{run} && cp -a {shlex.quote(str(tree / 'secrets'))} {first} && {run} && "
+        f"mkdir {shlex.quote(str(first))} && {run} && {copy} && {run} && "
         f"find {shlex.quote(str(tree))} -mindepth 1 -printf '%P\\t%U\\t%m\\t%y\\n'"
     )
     listing = {}
-    for line in _as_root(script, env={"INIT_ROOT": str(tree)}).splitlines():
+    for line in _as_root(script).splitlines():
         path, uid, mode, kind = line.split("\t")
         listing[path] = (int(uid), int(mode, 8), kind)
     return listing
@@ -623,10 +675,15 @@ def test_init_makes_one_secret_set_per_service_readable_only_by_its_user(tmp_pat
     users = json.loads((tree / "rabbitmq-definitions" / "00-users.json").read_text())["users"]
     hashes = {u["name"]: u["password_hash"] for u in users}
     for user in ("clusteralert-producer", "clusteralert-worker", "admin"):
-        path = secret(user.removeprefix("clusteralert-") + "_amqp_password")
-        password = path.read_text()
+        file = secret(user.removeprefix("clusteralert-") + "_amqp_password")
+        password = file.read_text()
         assert _hash_matches(hashes[user], password), user
-        assert (tmp_path / "first" / path.relative_to(secrets)).read_text() == password, user
+        assert (tmp_path / "first" / "secrets" / file.relative_to(secrets)).read_text() == password
+    # Unchanged passwords give unchanged definitions (the same salts), so the broker's
+    # import (deploy/rabbitmq/import-definitions.sh) sees them as already imported.
+    for made in (tree / "rabbitmq-definitions").iterdir():
+        first = tmp_path / "first" / "rabbitmq-definitions" / made.name
+        assert first.read_bytes() == made.read_bytes(), made.name
 
 
 # A node's users as the README's install makes them (ids are arbitrary).
@@ -735,3 +792,426 @@ def test_the_pacemaker_agent_spools_without_the_broker_password() -> None:
         assert len(list(spool.glob("0*.json"))) == 1
     finally:
         shutil.rmtree(base)
+
+
+# --- The compose stack across `down`/`up`, health, init image, definitions, TLS ---
+
+
+def test_rabbitmq_keeps_its_data_under_a_fixed_node_name() -> None:
+    """RabbitMQ keeps its database in /var/lib/rabbitmq/mnesia/<node name>, and the node
+    name defaults to rabbit@<host name>, which Compose sets to the container id: without a
+    fixed host name every recreated container starts an empty broker beside the old one."""
+    rabbitmq = _compose_services()["rabbitmq"]
+    hostname = rabbitmq.get("hostname")
+    assert isinstance(hostname, str) and hostname, "rabbitmq needs a fixed hostname"
+    environment: dict[str, str] = rabbitmq.get("environment", {})  # type: ignore[assignment]
+    assert environment.get("RABBITMQ_NODENAME") == f"rabbit@{hostname}"
+    # The data directory is a named volume, which `down` (without -v) keeps.
+    volumes = yaml.safe_load(COMPOSE.read_text())["volumes"]
+    [data] = [s for s, t, _ in _mounts(rabbitmq) if t == "/var/lib/rabbitmq"]
+    assert data in volumes
+
+
+def _one_shot_services() -> set[str]:
+    """Services that others wait on to complete successfully."""
+    return {
+        name
+        for service in _compose_services().values()
+        for name, dependency in service.get("depends_on", {}).items()  # type: ignore[attr-defined]
+        if dependency["condition"] == "service_completed_successfully"
+    }
+
+
+def _effective_healthcheck(service: dict[str, object]) -> list[str] | None:
+    """The probe Docker runs: the service's own, else its image's HEALTHCHECK."""
+    if "healthcheck" in service:
+        check: dict[str, object] = service["healthcheck"]  # type: ignore[assignment]
+        test: list[str] = check["test"]  # type: ignore[assignment]
+        return None if check.get("disable") or test == ["NONE"] else test
+    if service.get("image") == "clusteralert:dev":
+        dockerfile = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+        match = re.search(r"^HEALTHCHECK .*?CMD (\[.+\])$", dockerfile, re.M)
+        return ["CMD", *json.loads(match.group(1))] if match else None
+    return None
+
+
+def _metrics_probe(test: list[str]) -> tuple[int, str, list[str]]:
+    """(port, metric sample, command) of one of our /metrics probes."""
+    assert test[0] == "CMD" and test[1:3] == ["python", "-c"], test
+    code = test[3]
+    port = re.search(r"http://127\.0\.0\.1:(\d+)/metrics", code)
+    sample = re.search(r"'(clusteralert_[a-z_]+ [0-9.]+)'", code)
+    assert port and sample, code
+    return int(port.group(1)), sample.group(1), [sys.executable, "-c", code]
+
+
+def _metrics_port(service: dict[str, object]) -> int:
+    """The metrics port of the clusteralert program a service runs, from its config."""
+    environment: dict[str, str] = service.get("environment", {})  # type: ignore[assignment]
+    command: list[str] = service.get("command", [])  # type: ignore[assignment]
+    path = environment.get("CLUSTERALERT_CONFIG") or command[command.index("--config") + 1]
+    [source] = [s for s, t, _ in _mounts(service) if t == path]
+    config = tomllib.loads((ROOT / source).read_text())
+    port = config["metrics"]["port"] if "metrics" in config else config["producer"]["metrics_port"]
+    assert isinstance(port, int)
+    return port
+
+
+def test_every_service_has_a_healthcheck_and_ours_probe_their_own_port() -> None:
+    """`docker compose up --wait` waits for every service's health: each long-running
+    service has a probe, and ours probe the port their own config serves metrics on
+    (the producer inherited the worker's probe of 9464, so it could never be healthy)."""
+    services = _compose_services()
+    for name, service in services.items():
+        if name in _one_shot_services():
+            continue  # a job that others wait on to complete, not to be healthy
+        test = _effective_healthcheck(service)
+        assert test, f"{name} has no healthcheck"
+        if service.get("image") == "clusteralert:dev":
+            port, _, _ = _metrics_probe(test)
+            assert port == _metrics_port(service), name
+            assert str(port) in service.get("expose", []), name  # type: ignore[operator]
+        # Upstream images' HTTP probes: the port the service publishes.
+        for url_port in re.findall(r"http://localhost:(\d+)/", " ".join(test)):
+            ports: list[str] = service.get("ports", [])  # type: ignore[assignment]
+            assert any(p.endswith(f":{url_port}") for p in ports), (name, url_port)
+
+
+def test_our_healthchecks_pass_against_the_real_programs(
+    vhost: str,
+    tmp_path: Path,
+    certs: Certs,
+    smtp_server: Callable[..., SmtpServer],
+    processes: Callable[..., Process],
+) -> None:
+    """Each of our services' probe, run against the real program it checks (a worker and
+    a node agent connected to the broker), with its port moved to a free one: healthy.
+    And a node agent whose broker is unreachable is not."""
+    config = write_config(tmp_path, vhost, [smtp_server("starttls")], certs, auth=False)
+    _, worker_port = start_worker(processes, config)
+    producer_port = _start_node_agent(processes, config)
+    wait_metric(producer_port, "clusteralert_producer_broker_connected", lambda v: v == 1, 30)
+    services = _compose_services()
+
+    def probe(name: str, real_port: int) -> int:
+        test = _effective_healthcheck(services[name])
+        assert test, name
+        port, _, command = _metrics_probe(test)
+        command[-1] = command[-1].replace(f":{port}/", f":{real_port}/")
+        return subprocess.run(command, capture_output=True, timeout=30).returncode
+
+    assert probe("worker", worker_port) == 0
+    assert probe("producer", producer_port) == 0
+    cut_off = tmp_path / "cut-off" / "clusteralert.toml"
+    cut_off.parent.mkdir()
+    cut_off.write_text(
+        config.read_text()
+        .replace("127.0.0.1:5672", f"127.0.0.1:{free_port()}")  # nothing listens there
+        .replace('password_file = "amqp_password"', f'password_file = "{tmp_path}/amqp_password"')
+        .replace('spool_dir = "spool"', f'spool_dir = "{tmp_path}/cut-off/spool"')
+    )
+    cut_off_port = _start_node_agent(processes, cut_off)
+    assert probe("producer", cut_off_port) == 1
+
+
+_PACKAGE_INSTALL = re.compile(
+    r"\b(apk\s+add|apt(-get)?\s+install|dnf\s+install|yum\s+install|microdnf|"
+    r"pip3?\s+install|npm\s+(install|ci))\b"
+)
+
+
+def test_nothing_installs_packages_at_run_time() -> None:
+    """Containers start without reaching a package mirror: init's openssl is in an image
+    built from deploy/init/Dockerfile, and no command, entrypoint, healthcheck or script
+    of the stack installs anything."""
+    services = _compose_services()
+    for name, service in services.items():
+        for key in ("command", "entrypoint", "healthcheck"):
+            assert not _PACKAGE_INSTALL.search(json.dumps(service.get(key, ""))), (name, key)
+    scripts = [ROOT / s for svc in services.values() for s, _, _ in _mounts(svc) if s[:2] == "./"]
+    for path in scripts:
+        for script in [path] if path.is_file() else sorted(path.rglob("*.sh")):
+            assert not _PACKAGE_INSTALL.search(script.read_text()), script
+    init = services["init"]
+    build: dict[str, str] = init["build"]  # type: ignore[assignment]
+    dockerfile = (ROOT / build["context"] / build.get("dockerfile", "Dockerfile")).read_text()
+    assert re.search(r"^FROM alpine:\d+\.\d+\.\d+$", dockerfile, re.M)  # pinned
+    assert re.search(r"^RUN apk add --no-cache openssl$", dockerfile, re.M)
+    assert init["image"] != "alpine" and not str(init["image"]).startswith("alpine:")
+
+
+def _tls_handshake_strict(ca_file: Path, cert: Path, key: Path, hostname: str) -> None:
+    """A real TLS server on loopback serving ``cert``, and a client that verifies it as
+    Python 3.13 does by default (VERIFY_X509_STRICT) against ``ca_file`` for
+    ``hostname``; raises ssl.SSLError when the chain does not verify."""
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    client_context = ssl.create_default_context(cafile=str(ca_file))
+    client_context.verify_flags |= ssl.VERIFY_X509_STRICT
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            connection, _ = listener.accept()
+            with (
+                contextlib.suppress(ssl.SSLError, OSError),
+                server_context.wrap_socket(connection, server_side=True) as tls,
+            ):
+                tls.recv(1)
+            connection.close()
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        try:
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+                client_context.wrap_socket(raw, server_hostname=hostname) as tls,
+            ):
+                tls.sendall(b"x")
+        finally:
+            server.join(10)
+
+
+def _relay_tls_files(tree: Path) -> tuple[Path, Path, Path]:
+    """(the worker's CA file, Mailpit's certificate, Mailpit's key) as init made them."""
+    secrets = tree / "secrets"
+    return (
+        secrets / "worker" / "smtp-ca.pem",
+        secrets / "mailpit" / "smtp-cert.pem",
+        secrets / "mailpit" / "smtp-key.pem",
+    )
+
+
+def test_dev_ca_and_relay_certificate_verify_under_x509_strict(tmp_path: Path) -> None:
+    """The worker verifies Mailpit's certificate with the CA init made, under the strict
+    checks Python 3.13 turns on by default: the CA needs keyUsage (keyCertSign) and the
+    leaf an authority key identifier, or the handshake fails."""
+    tree = _init_tree(tmp_path / "init")
+    _as_root(_init_command(tree))
+    ca_file, cert, key = _relay_tls_files(tree)
+    _tls_handshake_strict(ca_file, cert, key, "mailpit")
+    # And the check is real: another name fails.
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _tls_handshake_strict(ca_file, cert, key, "relay.example.com")
+
+
+def _not_after(cert: Path) -> datetime:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc
+
+
+def test_init_renews_a_relay_certificate_that_nears_expiry(tmp_path: Path) -> None:
+    """init runs at every `up`: a relay certificate that expires within 30 days (here:
+    tomorrow, from an older CA without keyUsage) is replaced, CA included, and the new
+    chain verifies; a valid one is kept."""
+    tree = _init_tree(tmp_path / "init")
+    _as_root(_init_command(tree))
+    ca_file, cert, key = _relay_tls_files(tree)
+    kept = cert.read_bytes()
+    _as_root(_init_command(tree))
+    assert cert.read_bytes() == kept  # far from expiry: unchanged
+    old = tmp_path / "old"
+    old.mkdir()
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=mailpit", "-addext", "subjectAltName=DNS:mailpit"),
+            *("-keyout", str(old / "key.pem"), "-out", str(old / "cert.pem")),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    for source, target in (
+        (old / "cert.pem", cert),
+        (old / "key.pem", key),
+        (old / "cert.pem", ca_file),
+    ):
+        target.chmod(0o600)
+        shutil.copyfile(source, target)
+    assert _not_after(cert) < datetime.now(UTC) + timedelta(days=2)
+    _as_root(_init_command(tree))
+    assert _not_after(cert) > datetime.now(UTC) + timedelta(days=300)
+    assert ca_file.read_bytes() != (old / "cert.pem").read_bytes()
+    _tls_handshake_strict(ca_file, cert, key, "mailpit")
+    assert (cert.stat().st_mode & 0o777, ca_file.stat().st_mode & 0o777) == (0o400, 0o400)
+
+
+def test_demo_events_are_spooled_once_per_spool_volume(tmp_path: Path) -> None:
+    """The demo producer's command, run twice as two starts of the container on the same
+    spool volume: the two demo events are spooled on the first start only."""
+    producer = _compose_services()["producer"]
+    assert producer["entrypoint"] == ["sh", "-c"]
+    command: list[str] = producer["command"]  # type: ignore[assignment]
+    script = " ".join(command).replace("$$", "$")  # Compose's escape for a literal $
+    [spool_target] = [t for s, t, _ in _mounts(producer) if s == "spool"]
+    config_source = next(s for s, t, _ in _mounts(producer) if t.endswith("producer.toml"))
+    config_text = (ROOT / config_source).read_text()
+    assert f'spool_dir = "{spool_target}"' in config_text
+    spool = tmp_path / "spool"
+    config = tmp_path / "producer.toml"
+    config.write_text(config_text.replace(spool_target, str(spool)))
+    forward = "exec clusteralert-producer run"
+    assert script.endswith(forward)
+    # Instead of forwarding (which would empty the spool), report what is waiting.
+    script = script.replace(spool_target, str(spool)).replace(
+        forward, "exec clusteralert-producer status --json"
+    )
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "CLUSTERALERT_CONFIG": str(config)}
+    for start in (1, 2):
+        run = subprocess.run(
+            ["sh", "-c", script], capture_output=True, text=True, env=env, timeout=60
+        )
+        assert run.returncode == 0, run.stderr
+        status = json.loads(run.stdout[run.stdout.index("{") :])  # after emit's ids
+        assert status["events"] == 2, start
+
+
+IMPORT_SCRIPT = DEPLOY / "rabbitmq" / "import-definitions.sh"
+
+
+def test_definitions_are_imported_by_a_one_shot_service_not_at_boot() -> None:
+    """RabbitMQ 4.0.5's boot-time import with definitions.skip_if_unchanged discards the
+    import's result and stores the new hash anyway, so a failed import goes unnoticed
+    while the broker passes its healthcheck. The broker imports nothing at boot; a
+    one-shot service of the same image imports after it is up, and the services that
+    use the broker wait for that import to succeed."""
+    conf = (DEPLOY / "rabbitmq" / "rabbitmq.conf").read_text()
+    keys = [line.split("=")[0].strip() for line in conf.splitlines() if "=" in line]
+    assert not [k for k in keys if k.startswith(("definitions.", "load_definitions"))], keys
+    services = _compose_services()
+    [name] = [
+        n for n, s in services.items() if f"/{IMPORT_SCRIPT.name}" in json.dumps(s.get("command"))
+    ]
+    importer = services[name]
+    assert importer["image"] == services["rabbitmq"]["image"]  # no other image to fetch
+    assert importer["depends_on"] == {"rabbitmq": {"condition": "service_healthy"}}
+    rabbitmq_env: dict[str, str] = services["rabbitmq"]["environment"]  # type: ignore[assignment]
+    importer_env: dict[str, str] = importer["environment"]  # type: ignore[assignment]
+    assert importer_env["RABBITMQ_NODENAME"] == rabbitmq_env["RABBITMQ_NODENAME"]
+    # It reaches the node with the node's own Erlang cookie, from the data volume.
+    assert ("rabbitmq-data", "/var/lib/rabbitmq", "ro") in _mounts(importer)
+    # And removes the default user RabbitMQ seeds when nothing is imported at boot
+    # (guest, as rabbitmq.conf names no other default_user).
+    assert importer["command"][-1] == "guest"  # type: ignore[index]
+    assert "default_user" not in conf
+    for user in ("worker", "producer"):
+        depends: dict[str, dict[str, str]] = services[user]["depends_on"]  # type: ignore[assignment]
+        assert depends.get(name) == {"condition": "service_completed_successfully"}, user
+
+
+def _definitions_for_vhost(source: Path, target: Path, vhost: str, suffix: str) -> None:
+    """init's definitions, moved to ``vhost`` with user names ending in ``suffix``: the
+    broker is shared, so the test imports into its own vhost and users."""
+    target.mkdir(mode=0o755)
+    for path in sorted(source.iterdir()):
+        defs = json.loads(path.read_text())
+        # The test broker is RabbitMQ 3.10, which rejects 4.x's policy (delivery-limit -1
+        # for quorum queues); test_rabbitmq_definitions_declare_exactly_our_topology
+        # checks that policy.
+        defs.pop("policies", None)
+        for key in ("vhosts",):
+            for item in defs.get(key, []):
+                item["name"] = vhost
+        for key in ("permissions", "exchanges", "queues", "bindings"):
+            for item in defs.get(key, []):
+                item["vhost"] = vhost
+        for item in defs.get("users", []):
+            item["name"] += suffix
+        for item in defs.get("permissions", []):
+            item["user"] += suffix
+        (target / path.name).write_text(json.dumps(defs))
+        (target / path.name).chmod(0o644)  # the broker's CLI reads it as user rabbitmq
+
+
+def test_definitions_import_once_and_fail_loudly(vhost: str, tmp_path: Path) -> None:
+    """The import script against the real broker (Debian's RabbitMQ and rabbitmqctl), on
+    init's real definitions moved to a vhost of the test's own: it imports them (the
+    worker's password logs in), does nothing while they are unchanged (a queue deleted in
+    between stays deleted), and when RabbitMQ refuses a file it exits non-zero naming the
+    file and records nothing, so the same definitions are imported at the next start."""
+    import pika
+
+    tree = _init_tree(tmp_path / "init")
+    _as_root(_init_command(tree))
+    suffix = f"-{vhost[-6:]}"
+    marker = f"clusteralert_test_definitions_{vhost[-12:]}"
+    base = Path(tempfile.mkdtemp(prefix="clusteralert-defs-"))
+    base.chmod(0o755)
+    definitions = base / "definitions"
+    _definitions_for_vhost(tree / "rabbitmq-definitions", definitions, vhost, suffix)
+    # Stands in for the default user a fresh broker seeds (the real guest is the tests').
+    default_user = f"default{suffix}"
+    subprocess.run(
+        ["rabbitmqctl", "-q", "add_user", default_user, "pw"], check=True, capture_output=True
+    )
+
+    def run_import() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["sh", str(IMPORT_SCRIPT), str(definitions), marker, default_user],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    def exists(queue: str) -> bool:
+        with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
+            try:
+                connection.channel().queue_declare(queue, passive=True)
+            except pika.exceptions.ChannelClosedByBroker:
+                return False
+            return True
+
+    try:
+        first = run_import()
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert all(exists(q.name) for q in QUEUES)
+        password = (tree / "secrets" / "worker" / "worker_amqp_password").read_text()
+        path = urllib.parse.quote(vhost, safe="")
+        url = f"amqp://clusteralert-worker{suffix}:{password}@127.0.0.1:5672/{path}"
+        pika.BlockingConnection(pika.URLParameters(url)).close()
+        assert f"removed RabbitMQ's default user {default_user}" in first.stdout
+        users = subprocess.run(
+            ["rabbitmqctl", "-q", "list_users", "--no-table-headers"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        assert default_user not in users.split()
+
+        retry_queue = retry_queue_name(RETRY_DELAYS[0][0])
+        with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
+            connection.channel().queue_delete(retry_queue)
+        again = run_import()
+        assert again.returncode == 0, again.stderr
+        assert "unchanged" in again.stdout
+        assert not exists(retry_queue)  # nothing was imported
+
+        # Definitions RabbitMQ refuses: a permission for a user nobody made.
+        topology = definitions / "10-topology.json"
+        imported = topology.read_text()
+        defs = json.loads(imported)
+        ghost = {**defs["permissions"][0], "user": f"clusteralert-ghost{suffix}"}
+        defs["permissions"].append(ghost)
+        topology.write_text(json.dumps(defs))
+        failed = run_import()
+        assert failed.returncode != 0
+        assert "no_such_user" in failed.stderr and "10-topology.json" in failed.stderr
+        # The failed import recorded nothing: the marker still names what was imported.
+        topology.write_text(imported)
+        assert "unchanged" in run_import().stdout
+    finally:
+        shutil.rmtree(base)
+        cleanup = [["clear_global_parameter", marker]]
+        cleanup += [
+            ["delete_user", user + suffix]
+            for user in ("clusteralert-producer", "clusteralert-worker", "admin", "default")
+        ]
+        running = [
+            subprocess.Popen(
+                ["rabbitmqctl", "-q", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            for args in cleanup
+        ]
+        for process in running:
+            process.wait(60)

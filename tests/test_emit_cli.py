@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import grp
 import json
+import os
+import stat
 import subprocess
 import sys
 import uuid
@@ -11,6 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BIN
+
+# A group the test runner (root) is not in, standing for the agent's.
+AGENT_GID = grp.getgrnam("nogroup").gr_gid
 
 
 def emit(tmp_path: Path, *args: str, spool: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -118,3 +124,34 @@ def test_spool_write_is_durable_in_order(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(os, "rename", rename)
     spool.write(new_event(module="rm", event_id=1, cluster="c", node="n", source="t"))
     assert calls == ["fsync file", "rename", "fsync dir"]
+
+
+def test_emit_writes_files_the_agent_can_read_whatever_the_umask(tmp_path: Path) -> None:
+    """Run by root with umask 077, into a spool without its setgid bit: the file must
+    still be 0640 and belong to the spool's group, which the agent reads through."""
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o770)
+    os.chown(spool, -1, AGENT_GID)
+    os.chmod(spool, 0o770)  # noqa: S103 - no setgid bit, on purpose
+    config = tmp_path / "producer.toml"
+    config.write_text(f'[producer]\nspool_dir = "{spool}"\n')
+    result = subprocess.run(
+        [
+            BIN / "clusteralert-producer",
+            "emit",
+            "--config",
+            config,
+            "--module",
+            "rm",
+            "--event-id",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        umask=0o077,
+    )
+    assert result.returncode == 0, result.stderr
+    (spooled,) = spool.glob("0*.json")
+    info = spooled.stat()
+    assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o640, AGENT_GID)

@@ -7,7 +7,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import pwd
+import signal
 import subprocess
+import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,8 +23,9 @@ import pytest
 from producer.cli import main as producer_main
 from producer.spool import Spool
 from shared.config import parse_config
-from shared.event import new_event
-from tests.conftest import Process, amqp_url, free_port, scrape
+from shared.event import encode_event, new_event
+from tests.conftest import BIN, Process, amqp_url, free_port, scrape, wait_metric
+from tests.pipeline import emit
 from tests.waiting import wait_until
 from worker.broker import connect_any, declare_topology
 
@@ -159,3 +165,61 @@ def test_two_agents_on_one_spool_never_send_a_file_twice(
     # How the work was split depends on timing; exclusivity is what is asserted.
     print(f"\ntwo agents forwarded {shares[0]} and {shares[1]} of {len(spooled)}")
     assert sum(shares) == len(spooled)
+
+
+# Root reads every file; without these capabilities it is bound by file modes like the
+# agent's own user, while still reaching the interpreter under /root.
+WITHOUT_DAC = ["setpriv", "--inh-caps=-dac_override,-dac_read_search"]
+WITHOUT_DAC += ["--bounding-set=-dac_override,-dac_read_search", "--"]
+
+
+def test_an_unreadable_file_is_set_aside_and_holds_up_nothing(
+    node: tuple[Path, int], tmp_path: Path, vhost: str
+) -> None:
+    """A spool file the agent cannot read (another user's, mode 0600; emit by root with
+    umask 077 made such files): the agent sets it aside, counts and logs it once, and
+    forwards the next event at once instead of retrying the unreadable one forever."""
+    config, port = node
+    spool = Spool(config.parent / "spool")
+    spool.ensure()
+    # The oldest in the spool, so the agent meets it first.
+    unreadable = spool.directory / f"00000000000000000001-{uuid.uuid4()}.json"
+    unreadable.write_bytes(
+        encode_event(new_event(module="rm", event_id=1, cluster="c", node="n", source="t"))
+    )
+    nobody = pwd.getpwnam("nobody")
+    os.chown(unreadable, nobody.pw_uid, nobody.pw_gid)
+    unreadable.chmod(0o600)
+    log = tmp_path / "agent.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [*WITHOUT_DAC, str(BIN / "clusteralert-producer"), "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        # Until the agent has dealt with the unreadable file, or (as it did) retried it
+        # often enough for its backoff to grow.
+        wait_until(
+            lambda: (
+                scrape(port).get("clusteralert_producer_set_aside_total", 0) >= 1
+                or scrape(port).get("clusteralert_producer_held_back_total", 0) >= 5
+            ),
+            20,
+            "the agent meeting the unreadable file",
+        )
+        started = time.monotonic()
+        event_id = emit(config, "--module", "rm", "--event-id", "2")
+        wait_until(lambda: queued(vhost) == 1, 2, "the later event forwarded")
+        took = time.monotonic() - started
+        print(f"\nthe event after an unreadable one was forwarded in {took:.3f} s")
+        assert drain_ids(vhost) == [event_id]
+        wait_metric(port, "clusteralert_producer_set_aside_total", lambda v: v == 1, 5)
+        assert (spool.directory / "rejected" / unreadable.name).exists()
+        assert not list(spool.pending())
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+    output = log.read_text()
+    (line,) = [line for line in output.splitlines() if unreadable.name in line]
+    assert "cannot be read (Permission denied); moved to" in line

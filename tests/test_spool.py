@@ -3,15 +3,23 @@ half-written files, and the status report."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from producer.spool import Spool
+from shared.errors import SpoolError
 from shared.event import Event, encode_event, new_event
 from tests.conftest import BIN
+from tests.waiting import wait_until
 
 
 def event(i: int = 0) -> Event:
@@ -112,3 +120,167 @@ def test_status_reports_depth_age_and_last_error(tmp_path: Path) -> None:
     assert report["last_error"] == "broker unreachable"
     text = emit(config, "status")
     assert "events waiting: 1" in text.stdout and "broker unreachable" in text.stdout
+
+
+def _fail_rename_into(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch, before: Callable[[], object]
+) -> None:
+    """The next rename of a temp file into ``spool`` fails with ENOSPC, after ``before``."""
+    real_rename = os.rename
+
+    def rename(src: str | Path, dst: str | Path) -> None:
+        if Path(dst).parent == spool.directory and Path(src).name.startswith(".tmp-"):
+            monkeypatch.setattr(os, "rename", real_rename)
+            before()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+
+
+def test_a_failed_write_once_leaves_no_marker_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pacemaker's next recipient run must spool the alert the failed run could not."""
+    spool = Spool(tmp_path / "spool")
+    alert = event(22)
+    _fail_rename_into(spool, monkeypatch, lambda: None)
+    with pytest.raises(SpoolError, match="disk is full"):
+        spool.write_once(alert)
+    assert not list(spool.pending())
+    written = spool.write_once(alert)
+    assert written is not None
+    assert [p.name for p in spool.pending()] == [written.name]
+    assert spool.write_once(alert) is None  # and only once
+
+
+def test_a_run_that_finds_the_marker_waits_for_the_first_writer_outcome(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second run sees the marker while the first is still writing, and the first
+    then fails: the second must not report "already spooled" and spool nothing."""
+    spool = Spool(tmp_path / "spool")
+    alert = event(22)
+    second_waits = threading.Event()
+    real_flock = fcntl.flock
+
+    def flock(fd: int, operation: int) -> None:
+        if operation == fcntl.LOCK_SH:
+            second_waits.set()
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    # The first run fails only once the second one found its marker (or gave up).
+    _fail_rename_into(spool, monkeypatch, lambda: second_waits.wait(10))
+    outcome: dict[str, object] = {}
+
+    def first() -> None:
+        try:
+            spool.write_once(alert)
+        except SpoolError as exc:
+            outcome["first"] = exc
+
+    def second() -> None:
+        # Only once the first run holds the marker.
+        wait_until((spool.directory / ".seen" / alert.id).exists, 10, "the marker")
+        outcome["second"] = spool.write_once(alert)
+        second_waits.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert isinstance(outcome["first"], SpoolError)
+    assert isinstance(outcome["second"], Path)
+    assert [p.name for p in spool.pending()] == [outcome["second"].name]
+
+
+FAULT_INJECTION = """
+import errno, os
+_real_rename = os.rename
+def _rename(src, dst, *args, **kwargs):
+    if os.path.basename(str(src)).startswith(".tmp-"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return _real_rename(src, dst, *args, **kwargs)
+os.rename = _rename
+"""
+
+
+def test_the_pacemaker_agent_after_a_failed_run_still_spools_the_alert(tmp_path: Path) -> None:
+    """Real processes: the first recipient's run hits a full disk (injected into that
+    process alone), the next recipient's run must spool the alert."""
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / "sitecustomize.py").write_text(FAULT_INJECTION)
+    config = tmp_path / "c.toml"
+    config.write_text(f'[producer]\nspool_dir = "{tmp_path / "spool"}"\n')
+    alert = {
+        "CLUSTERALERT_CONFIG": str(config),
+        "CRM_alert_kind": "fencing",
+        "CRM_alert_node": "node2",
+        "CRM_alert_rc": "1",
+        "CRM_alert_desc": "Operation reboot of node2 failed",
+        "CRM_alert_timestamp_epoch": "1700000000",
+    }
+
+    def run(recipient: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, **alert, "CRM_alert_recipient": recipient, **extra}
+        return subprocess.run(
+            [str(BIN / "clusteralert-pacemaker-alert")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    failed = run("a@example.com", PYTHONPATH=str(faults))
+    assert failed.returncode == 1
+    assert "disk is full" in failed.stderr and failed.stderr.count("\n") == 1
+    assert not list((tmp_path / "spool").glob("0*.json"))
+    second = run("b@example.com")
+    assert second.returncode == 0, second.stderr
+    spooled = list((tmp_path / "spool").glob("0*.json"))
+    assert len(spooled) == 1 and second.stdout.strip() in spooled[0].name
+
+
+def test_the_status_file_never_follows_a_planted_symlink(tmp_path: Path) -> None:
+    """The agent may run as root: a link planted where it writes its status must not
+    let anyone in the spool's group overwrite another file, or read one through it."""
+    spool = Spool(tmp_path / "spool")
+    spool.ensure()
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    for name in (".forwarder-status.tmp", ".forwarder-status"):
+        (spool.directory / name).symlink_to(victim)
+    assert spool.read_status() == {}  # a link is not the status
+    spool.write_status({"connected": True})
+    assert victim.read_text() == "precious\n"
+    status = spool.directory / ".forwarder-status"
+    assert not status.is_symlink()
+    assert spool.read_status() == {"connected": True}
+    victim.write_text('{"last_error": "planted"}')
+    (spool.directory / ".forwarder-status").unlink()
+    (spool.directory / ".forwarder-status").symlink_to(victim)
+    assert spool.read_status() == {}
+
+
+@pytest.mark.parametrize("name", ["rejected", ".seen", "claims"])
+def test_a_spool_directory_replaced_by_a_link_is_never_used(tmp_path: Path, name: str) -> None:
+    """Anyone in the spool's group may swap one of its directories for a link elsewhere:
+    the agent (maybe root) must not move, link or create files there."""
+    spool = Spool(tmp_path / "spool")
+    spool.ensure()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (spool.directory / name).symlink_to(elsewhere)
+    path = spool.write(event(1))
+    with pytest.raises((SpoolError, OSError)):
+        if name == "rejected":
+            spool.reject(path)
+        elif name == ".seen":
+            spool.write_once(event(2))
+        else:
+            spool.new_claim()
+    assert list(elsewhere.iterdir()) == []
+    assert [p.name for p in spool.pending()] == [path.name]

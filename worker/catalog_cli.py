@@ -89,6 +89,10 @@ def _show(args: argparse.Namespace) -> int:
             print(f"description: {entry.description}")
         if entry.action:
             print(f"action:      {entry.action}")
+        identity = "all params" if entry.identity is None else ", ".join(entry.identity)
+        print(f"identity:    {identity or 'none (one incident per cluster)'}")
+        if entry.resolves:
+            print(f"resolves:    {', '.join(entry.resolves)}")
     print(f"decision:    {'mailed' if decision.mail else 'not mailed'} ({decision.why})")
     return 0
 

@@ -24,7 +24,17 @@ from worker.dlq_cli import add_dlq_parser
 __all__ = ["main"]
 
 PROG = "clusteralert-worker"
-WORKER_SECTIONS = ("broker", "mail", "smtp", "filter", "catalog", "metrics", "worker", "route")
+WORKER_SECTIONS = (
+    "broker",
+    "mail",
+    "smtp",
+    "filter",
+    "catalog",
+    "metrics",
+    "worker",
+    "route",
+    "incident",
+)
 
 log = logging.getLogger(PROG)
 

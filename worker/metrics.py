@@ -74,6 +74,30 @@ class Metrics:
             buckets=_EVENT_TO_MAIL_BUCKETS,
             registry=r,
         )
+        # The incident stage (README, "Incidents").
+        self.incidents_opened = Counter(
+            "clusteralert_incidents_opened", "New incidents mailed or digested", registry=r
+        )
+        self.folded = Counter(
+            "clusteralert_events_folded",
+            "Events merged into an incident (duplicate) or folded after its mail (repeat)",
+            ["reason"],
+            registry=r,
+        )
+        self.digests = Counter("clusteralert_digests_sent", "Storm digests published", registry=r)
+        self.recoveries = Counter(
+            "clusteralert_recoveries", "Incidents ended by a resolving event", registry=r
+        )
+        self.stage_active = Gauge(
+            "clusteralert_incident_stage_active",
+            "1 on the worker whose stage is active",
+            registry=r,
+        )
+        self.held = Gauge(
+            "clusteralert_incident_held", "Events the stage holds unacked", registry=r
+        )
+        for fold in ("duplicate", "repeat"):
+            self.folded.labels(fold)
         for filter_reason in FILTER_REASONS:
             self.filtered.labels(filter_reason)
         for reason in FAILURE_REASONS:

@@ -11,14 +11,29 @@ from __future__ import annotations
 
 import base64
 import re
+import uuid
+from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["body_part", "header_value", "one_line"]
+__all__ = ["Mail", "body_part", "header_value", "mail_content", "one_line"]
 
 _MAX_WORD: Final = 75  # RFC 2047: an encoded word is at most 75 characters
 _PLAIN_HEADER_RE: Final = re.compile(r"[\x20-\x7e]*")
 _CONTROL_RE: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 _B64_LINE: Final = 76
+
+
+@dataclass(frozen=True, slots=True)
+class Mail:
+    """A mail ready for SMTP: envelope and the message's bytes."""
+
+    # The Message-ID's local part: the event's UUID (not its catalog number), or
+    # ``digest-`` and a UUID for a storm digest. Logs name the mail by it.
+    event_id: str
+    sender: str
+    recipients: tuple[str, ...]
+    data: bytes
+    charset: str
 
 
 def one_line(text: str) -> str:
@@ -66,3 +81,27 @@ def body_part(text: str, charset: str) -> tuple[str, bytes]:
     encoded = base64.b64encode(data)
     lines = [encoded[i : i + _B64_LINE] for i in range(0, len(encoded), _B64_LINE)]
     return "base64", b"\r\n".join(lines) + b"\r\n"
+
+
+def _part(text: str, subtype: str, charset: str) -> bytes:
+    encoding, payload = body_part(text, charset)
+    return (
+        f'Content-Type: text/{subtype}; charset="{charset}"\r\n'
+        f"Content-Transfer-Encoding: {encoding}\r\n\r\n"
+    ).encode("ascii") + payload
+
+
+def mail_content(body: str, html_body: str, charset: str) -> bytes:
+    """The Content-* headers and the body: plain text, or plain text and HTML as
+    multipart/alternative with a random boundary: event text cannot guess it."""
+    if not html_body:
+        return _part(body, "plain", charset)
+    boundary = f"=_clusteralert_{uuid.uuid4().hex}"
+    return (
+        f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n\r\n'.encode("ascii")
+        + f"--{boundary}\r\n".encode("ascii")
+        + _part(body, "plain", charset)
+        + f"--{boundary}\r\n".encode("ascii")
+        + _part(html_body, "html", charset)
+        + f"--{boundary}--\r\n".encode("ascii")
+    )
