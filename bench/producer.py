@@ -26,8 +26,7 @@ from producer.spool import Spool
 from shared.config import parse_config
 from shared.event import new_event, peek_event
 from shared.topology import EVENTS_EXCHANGE
-from worker.consume import connect_any
-from worker.declare import declare_topology
+from worker.broker import connect_any, declare_topology
 
 BIN = Path(sys.executable).parent
 RUNS = 30

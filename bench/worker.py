@@ -102,8 +102,7 @@ def _publish(name: str, count: int) -> None:
 
 def _declare(name: str) -> None:
     from shared.config import parse_config
-    from worker.consume import connect_any
-    from worker.declare import declare_topology
+    from worker.broker import connect_any, declare_topology
 
     broker = parse_config({"broker": {"urls": [amqp_url(name)]}}, sections=("broker",)).broker
     with connect_any(broker)[0] as connection:

@@ -1,9 +1,11 @@
 """Error classes shared by producer and worker.
 
-Delivery failures are classified where they happen (the SMTP step, the reply code, the
-exception type) into one of three classes, and the class alone decides what happens next:
-transient failures are retried, TLS refusals and permanent failures are dead-lettered.
-Every delivery error carries a ``reason`` from the fixed set below, which becomes a metric
+A message the worker could not finish fails with a :class:`MessageFailure`, and its class
+alone decides what happens next. Delivery failures are classified where they happen (the
+SMTP step, the reply code, the exception type): transient ones are retried, TLS refusals
+and permanent ones are dead-lettered. An event that cannot become a mail
+(:class:`UnusableEvent`) and a bug of the worker (:class:`WorkerCrash`) are dead-lettered
+too. Every failure carries a ``reason`` from the fixed set below, which becomes a metric
 label, so it must never hold free text.
 """
 
@@ -16,13 +18,17 @@ __all__ = [
     "TLS_CAUSES",
     "ClusteralertError",
     "ConfigError",
+    "ConnectionDropped",
     "DeliveryError",
     "InvalidEvent",
+    "MessageFailure",
     "PermanentError",
     "Problem",
     "SpoolError",
     "TlsRefusedError",
     "TransientError",
+    "UnusableEvent",
+    "WorkerCrash",
     "describe",
 ]
 
@@ -36,6 +42,7 @@ Reason = Literal[
     "tls_refused",
     "invalid_event",
     "render",
+    "crash",
 ]
 TlsCause = Literal["not_offered", "rejected", "handshake", "verify"]
 
@@ -92,15 +99,13 @@ class InvalidEvent(ClusteralertError):
     """An event that is structurally unusable (not JSON, missing or wrongly typed field,
     too large). Dirty but well-formed content is cleaned instead of refused."""
 
-    reason: Final = "invalid_event"
-
 
 class SpoolError(ClusteralertError):
     """The producer could not make an event durable (disk full, permissions)."""
 
 
-class DeliveryError(ClusteralertError):
-    """A failed attempt to hand a mail to a relay. Subclasses decide what happens next."""
+class MessageFailure(ClusteralertError):
+    """Why the worker could not finish one message. Subclasses decide what happens next."""
 
     def __init__(self, reason: Reason, detail: str):
         self.reason: Reason = reason
@@ -108,12 +113,35 @@ class DeliveryError(ClusteralertError):
         super().__init__(f"{reason}: {detail}")
 
 
+class UnusableEvent(MessageFailure):
+    """The event cannot become a mail (undecodable, or the renderer failed on it):
+    no retry can change that, so it is dead-lettered at once."""
+
+
+class WorkerCrash(MessageFailure):
+    """An unexpected exception while handling the message: a bug of ours. Dead-lettered
+    at once with reason ``crash``, so the message waits for someone to look at it."""
+
+    def __init__(self, detail: str):
+        super().__init__("crash", detail)
+
+
+class DeliveryError(MessageFailure):
+    """A failed attempt to hand a mail to a relay."""
+
+
 class TransientError(DeliveryError):
     """Worth retrying: refused or reset connections, timeouts, 4xx replies, disconnects."""
 
 
+class ConnectionDropped(TransientError):
+    """The relay's connection went away mid-transaction (reset, closed). On a pooled
+    connection the relay may just have closed it while idle: the sender reconnects once
+    before calling it a failure."""
+
+
 class PermanentError(DeliveryError):
-    """Retrying cannot help: 5xx replies, authentication failures, unrenderable events."""
+    """Retrying cannot help: 5xx replies, authentication failures."""
 
 
 class TlsRefusedError(DeliveryError):

@@ -377,8 +377,7 @@ def test_every_metric_in_dashboard_and_rules_is_exported(
     smtp_server: Callable[..., SmtpServer],
     processes: Callable[..., Process],
 ) -> None:
-    from worker.consume import connect_any
-    from worker.declare import declare_topology
+    from worker.broker import connect_any, declare_topology
 
     relay = smtp_server("starttls")
     config = write_config(tmp_path, vhost, [relay], certs, auth=False)

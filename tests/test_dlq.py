@@ -24,7 +24,7 @@ from tests.conftest import BIN, RABBIT_HOST, RABBIT_PORT, Certs, Process
 from tests.pipeline import SMTP_PASSWORD, dlq, dlq_list, received_ids, start_worker, write_config
 from tests.smtpserver import SmtpServer
 from tests.waiting import wait_until
-from worker.declare import declare_topology
+from worker.broker import declare_topology
 from worker.retry_policy import HEADER_ATTEMPTS, HEADER_LAST_ERROR, HEADER_REASON
 
 pytestmark = pytest.mark.integration

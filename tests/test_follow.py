@@ -488,8 +488,7 @@ class Agent:
         log: Path,
         catalog: str = "",
     ):
-        from worker.consume import connect_any
-        from worker.declare import declare_topology
+        from worker.broker import connect_any, declare_topology
 
         broker = parse_config({"broker": {"urls": [amqp_url(vhost)]}}, sections=("broker",))
         with connect_any(broker.broker)[0] as connection:

@@ -26,8 +26,7 @@ from shared.topology import EVENTS_EXCHANGE, WORK_QUEUE
 from tests.conftest import RABBIT_HOST, RABBIT_PORT, amqp_url
 from tests.tcpproxy import TcpProxy
 from tests.waiting import wait_until
-from worker.consume import connect_any
-from worker.declare import declare_topology
+from worker.broker import connect_any, declare_topology
 
 pytestmark = pytest.mark.integration
 

@@ -27,8 +27,7 @@ from shared.event import encode_event, new_event
 from tests.conftest import BIN, Process, amqp_url, free_port, scrape, wait_metric
 from tests.pipeline import emit
 from tests.waiting import wait_until
-from worker.consume import connect_any
-from worker.declare import declare_topology
+from worker.broker import connect_any, declare_topology
 
 pytestmark = pytest.mark.integration
 

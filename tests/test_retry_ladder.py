@@ -31,8 +31,7 @@ from tests.pipeline import (
 )
 from tests.smtpserver import SmtpServer
 from tests.waiting import wait_until
-from worker.consume import connect_any
-from worker.declare import declare_topology
+from worker.broker import connect_any, declare_topology
 
 pytestmark = pytest.mark.integration
 

@@ -379,8 +379,7 @@ def test_the_pacemaker_agent_spools_once_per_alert_and_reaches_the_broker(
     tmp_path: Path, vhost: str, processes: Callable[..., Process]
 ) -> None:
     from shared.config import parse_config
-    from worker.consume import connect_any
-    from worker.declare import declare_topology
+    from worker.broker import connect_any, declare_topology
 
     broker = parse_config({"broker": {"urls": [amqp_url(vhost)]}}, sections=("broker",)).broker
     with connect_any(broker)[0] as connection:

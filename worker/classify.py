@@ -17,6 +17,7 @@ from collections.abc import Callable
 import aiosmtplib
 
 from shared.errors import (
+    ConnectionDropped,
     DeliveryError,
     PermanentError,
     TlsRefusedError,
@@ -77,14 +78,17 @@ def _describe(exc: BaseException, scrub: Scrub) -> str:
     return relay_text(str(exc) or type(exc).__name__, scrub)
 
 
-def _classify_network(exc: BaseException, scrub: Scrub) -> DeliveryError:
+def _classify_network(
+    exc: BaseException, scrub: Scrub, lost: type[TransientError] = TransientError
+) -> DeliveryError:
+    """``lost`` is the class of a connection that went away (disconnected or reset)."""
     if isinstance(exc, (aiosmtplib.SMTPTimeoutError, TimeoutError)):
         return TransientError("timeout", _describe(exc, scrub))
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         return classify_response(exc.code, exc.message, scrub)
     if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
-        return TransientError("disconnected", _describe(exc, scrub))
-    return TransientError("connect", _describe(exc, scrub))
+        return lost("disconnected", _describe(exc, scrub))
+    return lost("connect", _describe(exc, scrub))
 
 
 def classify_connect(exc: BaseException, scrub: Scrub = _same) -> DeliveryError:
@@ -122,7 +126,8 @@ def classify_auth(exc: BaseException, scrub: Scrub = _same) -> DeliveryError:
 
 
 def classify_transaction(exc: BaseException, scrub: Scrub = _same) -> DeliveryError:
-    """MAIL, RCPT and DATA."""
+    """MAIL, RCPT and DATA. A connection that went away is :class:`ConnectionDropped`,
+    which on a pooled connection may only mean the relay closed it while idle."""
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         codes = [r.code for r in exc.recipients]
         detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
@@ -133,7 +138,7 @@ def classify_transaction(exc: BaseException, scrub: Scrub = _same) -> DeliveryEr
         return PermanentError("rejected_5xx", detail)
     if isinstance(exc, aiosmtplib.SMTPNotSupported | ValueError):
         return PermanentError("rejected_5xx", _describe(exc, scrub))
-    return _classify_network(exc, scrub)
+    return _classify_network(exc, scrub, ConnectionDropped)
 
 
 def combine_attempts(errors: list[DeliveryError]) -> DeliveryError:

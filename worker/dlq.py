@@ -20,16 +20,19 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-import amqp
-import amqp.exceptions
-
-from shared.errors import ClusteralertError, describe
+from shared.errors import ClusteralertError
 from shared.topology import DEAD_QUEUE, WORK_QUEUE
+from worker.broker import (
+    BrokerError,
+    ConfirmedPublisher,
+    PublishNotConfirmed,
+    copy_properties,
+    talking,
+)
 from worker.retry_policy import (
     HEADER_ATTEMPTS,
     HEADER_CAUSE,
@@ -40,7 +43,6 @@ from worker.retry_policy import (
     HEADER_REPLAYED,
     without_broker_headers,
 )
-from worker.settle import copy_properties
 
 __all__ = ["DeadMessage", "DlqError", "DlqFilter", "DlqSession", "parse_since"]
 
@@ -185,38 +187,28 @@ class DlqFilter:
         return True
 
 
-class DlqError(ClusteralertError):
-    """The broker failed, refused or did not answer. Nothing was acked that should not
-    have been: what is unsettled goes back when the connection is dropped."""
+class DlqError(BrokerError):
+    """The broker refused a copy, or had no queue for it. Nothing was acked that should
+    not have been: what is unsettled goes back when the connection is dropped."""
 
 
 class DlqSession:
     """Walks the DLQ once on one confirmed channel: see the module docstring."""
 
     def __init__(self, connection: Any, timeout: float):
-        self._connection = connection.connection  # py-amqp's, for raw confirm events
         self._user = connection.userid
-        self._timeout = timeout
-        with _talking():
-            self._channel = self._connection.channel()
-            self._channel.confirm_select()
-        self._channel.events["basic_ack"].add(self._on_ack)
-        self._channel.events["basic_nack"].add(self._on_nack)
-        self._channel.events["basic_return"].add(self._on_return)
-        self._published = 0
-        # Publish sequence number -> delivery tag of the original to ack once confirmed.
-        self._awaiting: dict[int, int] = {}
-        self._failure: str | None = None
+        self._publisher = ConfirmedPublisher(connection, timeout)
+        self._channel = self._publisher.channel
 
     def take(self) -> Iterator[DeadMessage]:
         """Every message now in the DLQ, once each, in queue order. Callers must exhaust
         it: a message neither replayed nor purged by the time the next one is asked for
         is kept (copied to the back of the DLQ)."""
-        with _talking():
+        with talking():
             queued = self._channel.queue_declare(DEAD_QUEUE, passive=True).message_count
         # Exactly as many as were queued: the copies behind them are not taken again.
         for _ in range(queued):
-            with _talking():
+            with talking():
                 raw = self._channel.basic_get(DEAD_QUEUE, no_ack=False)
             if raw is None:
                 break
@@ -252,59 +244,31 @@ class DlqSession:
 
     def purge(self, message: DeadMessage) -> None:
         message.settled = True
-        with _talking():
+        with talking():
             self._channel.basic_ack(message.raw.delivery_tag)
 
     def _publish(self, message: DeadMessage, queue: str, properties: dict[str, Any]) -> None:
         message.settled = True
-        copy = amqp.Message(message.raw.body, **properties)
-        with _talking():
-            self._channel.basic_publish(copy, exchange="", routing_key=queue, mandatory=True)
-        self._published += 1
-        self._awaiting[self._published] = message.raw.delivery_tag
+        delivery_tag = message.raw.delivery_tag
+
+        def ack_original() -> None:
+            self._channel.basic_ack(delivery_tag)
+
+        self._publisher.publish(message.raw.body, properties, "", queue, ack_original)
         # Confirms are waited for in batches: one round trip per message would make a
         # browse of a large DLQ slow, and a bounded batch keeps memory bounded.
-        if len(self._awaiting) >= _CONFIRM_BATCH:
+        if self._publisher.pending >= _CONFIRM_BATCH:
             self._flush()
 
     def _flush(self) -> None:
         """Wait until every copy is confirmed (and its original acked)."""
-        while self._awaiting and self._failure is None:
-            with _talking():
-                self._connection.drain_events(timeout=self._timeout)
-        if self._failure is not None:
-            raise DlqError(self._failure)
-
-    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
-        if self._failure is not None:
-            # A return comes before the ack of the same publish: ack nothing after one.
-            return
-        confirmed = [s for s in self._awaiting if s <= delivery_tag] if multiple else [delivery_tag]
-        for sequence in confirmed:
-            original = self._awaiting.pop(sequence, None)
-            if original is not None:
-                self._channel.basic_ack(original)
-
-    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
-        self._failure = "the broker refused a copy; its dead letter stays in the DLQ"
-
-    def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
-        self._failure = f"queue {routing_key} is missing; the dead letter stays in the DLQ"
+        try:
+            self._publisher.flush()
+        except PublishNotConfirmed as exc:
+            raise DlqError(f"{exc}; the dead letter stays in the DLQ") from None
 
     def close(self) -> None:
         """Close the channel: anything taken and not settled goes back, once. Its
         close-ok also tells that the broker has processed every ack before it."""
-        with _talking():
+        with talking():
             self._channel.close()
-
-
-@contextmanager
-def _talking() -> Iterator[None]:
-    """Broker failures as one line. Only around broker calls: the caller's own errors
-    (a closed stdout, say) must stay what they are."""
-    try:
-        yield
-    except OSError as exc:
-        raise DlqError(f"the broker stopped answering: {describe(exc)}") from None
-    except amqp.exceptions.AMQPError as exc:
-        raise DlqError(f"broker error: {describe(exc)}") from None

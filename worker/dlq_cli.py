@@ -14,7 +14,6 @@ from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, Final
 
 from shared.config import BrokerConfig, load_config
-from shared.errors import ClusteralertError, describe
 from shared.event import visible
 
 if TYPE_CHECKING:
@@ -68,21 +67,10 @@ def _filter(args: argparse.Namespace) -> DlqFilter:
 def _connect(config: BrokerConfig) -> Any:
     """The first broker that answers, with every wait bounded: ``connect_timeout`` covers
     the TCP and AMQP handshakes, and then every later read and write on the socket."""
-    from worker.consume import kombu_connection
+    from worker.broker import connect_any
 
-    failures = []
-    for url in config.urls:
-        connection = kombu_connection(config, url)
-        try:
-            # One attempt: kombu's connect() would try twice, two seconds apart.
-            connection.ensure_connection(max_retries=0, reraise_as_library_errors=False)
-        except Exception as exc:  # every failure is reported, all on one line
-            failures.append(f"{url}: {describe(exc)}")
-            connection.collect()
-            continue
-        connection.connection.sock.settimeout(config.connect_timeout)
-        return connection
-    raise ClusteralertError(f"cannot reach the broker: {'; '.join(failures)}")
+    # One attempt each: kombu would try twice, two seconds apart.
+    return connect_any(config, retries=0, io_timeout=config.connect_timeout)[0]
 
 
 @contextmanager

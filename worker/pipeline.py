@@ -19,7 +19,15 @@ from datetime import UTC, datetime, timedelta
 
 from shared.catalog import Catalog
 from shared.config import FilterConfig
-from shared.errors import DeliveryError, InvalidEvent, PermanentError, TransientError
+from shared.errors import (
+    DeliveryError,
+    InvalidEvent,
+    MessageFailure,
+    TransientError,
+    UnusableEvent,
+    WorkerCrash,
+    describe,
+)
 from shared.event import Event, decode_event
 from shared.filter import decide
 from worker.metrics import Metrics
@@ -103,8 +111,19 @@ class Pipeline:
         try:
             arrival = time.monotonic() if received is None else received
             return await self._handle(body, headers or {}, arrival)
+        except Exception as exc:
+            return self.crashed(headers or {}, exc)
         finally:
             self.metrics.in_flight.dec()
+
+    def crashed(self, headers: Mapping[str, object], exc: Exception) -> Outcome:
+        """A bug of ours took this message down: dead-letter it like any failure, with
+        reason ``crash``. Unacked it would hold a prefetch slot; requeued it could loop
+        (the broker's delivery limit backs this up for what crashes the process)."""
+        log.error("unexpected error handling a message; dead-lettering it", exc_info=exc)
+        self.metrics.failed.labels("crash").inc()
+        error = WorkerCrash(f"{type(exc).__name__}: {describe(exc)}")
+        return self._fail(error, None, RetryState.from_headers(headers), headers)
 
     async def _handle(self, body: bytes, headers: Mapping[str, object], received: float) -> Outcome:
         started = time.monotonic()
@@ -116,7 +135,7 @@ class Pipeline:
             event = decode_event(body)  # checks the size before it reads anything
         except InvalidEvent as exc:
             self.metrics.failed.labels("invalid_event").inc()
-            return self._fail(PermanentError("invalid_event", str(exc)), None, state, headers)
+            return self._fail(UnusableEvent("invalid_event", str(exc)), None, state, headers)
 
         decision = decide(event, self.catalog, self.filters)
         if decision.entry is None:
@@ -138,7 +157,7 @@ class Pipeline:
         except Exception as exc:
             log.exception("event %s %s could not be rendered", event.id, event.key)
             self.metrics.failed.labels("render").inc()
-            error = PermanentError("render", f"{type(exc).__name__}: {exc}")
+            error = UnusableEvent("render", f"{type(exc).__name__}: {exc}")
             return self._fail(error, event, state, headers)
 
         if state.recipients is not None:
@@ -195,7 +214,7 @@ class Pipeline:
 
     def _fail(
         self,
-        error: DeliveryError,
+        error: MessageFailure,
         event: Event | None,
         state: RetryState,
         headers: Mapping[str, object],
@@ -213,7 +232,10 @@ class Pipeline:
             detail=detail,
             recipients=recipients,
         )
-        what = f"event {event.id} {event.key}" if event else "undecodable event"
+        if event is not None:
+            what = f"event {event.id} {event.key}"
+        else:
+            what = "a message" if isinstance(error, WorkerCrash) else "undecodable event"
         if isinstance(step, DeadLetter):
             log.error(
                 "dead-lettering %s after %d attempt(s): %s: %s",

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import aiosmtplib
 
 from shared.config import SmtpRelay
-from shared.errors import DeliveryError, TlsRefusedError, TransientError
+from shared.errors import ConnectionDropped, DeliveryError, TlsRefusedError
 from shared.tls import client_context
 from worker.classify import (
     classify_auth,
@@ -120,9 +120,7 @@ class Relay:
             if client is not None:
                 try:
                     refused = await self._transact(client, mail)
-                except TransientError as exc:
-                    if exc.reason not in ("disconnected", "connect"):
-                        raise
+                except ConnectionDropped as exc:
                     # The relay closed a connection we held idle: not a failure yet.
                     log.debug(
                         "relay %s dropped a reused connection (%s); reconnecting",

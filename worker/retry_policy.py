@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
-from shared.errors import DeliveryError, TransientError
+from shared.errors import MessageFailure, TransientError
 from shared.topology import RETRY_DELAYS
 
 __all__ = [
@@ -105,7 +105,7 @@ class DeadLetter:
 
 
 def decide_failure(
-    error: DeliveryError, state: RetryState, now: datetime, window: timedelta
+    error: MessageFailure, state: RetryState, now: datetime, window: timedelta
 ) -> Retry | DeadLetter:
     """Retry a transient failure on the next rung while the window since the first
     failure lasts; dead-letter anything else, and anything past the window."""
@@ -121,7 +121,7 @@ def decide_failure(
 
 def failure_headers(
     headers: Mapping[str, object] | None,
-    error: DeliveryError,
+    error: MessageFailure,
     *,
     state: RetryState,
     now: datetime,

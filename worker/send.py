@@ -1,6 +1,6 @@
 """Send stage: try every relay in ``[[smtp]]`` order until one accepts, and classify the
-failure only when all of them failed. Transient failures are retried in-process with
-tenacity (exponential backoff with jitter, a few seconds in all).
+failure only when all of them failed. Transient failures are retried in-process
+(exponential backoff with jitter, a few seconds in all).
 
 A relay that accepts the mail for some recipients and refuses others has delivered it:
 those refused with 5xx are logged and counted, those refused with 4xx (greylisting, a
@@ -10,18 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_exponential_jitter,
-)
 
 from shared.config import SmtpRelay
 from shared.errors import DeliveryError, TlsRefusedError, TransientError
@@ -33,15 +25,17 @@ from worker.render import Mail
 __all__ = ["Sender", "Sent"]
 
 COOLDOWN_AFTER = 3  # consecutive failures before a relay sits out its cool-down
-# Exponential backoff with jitter between in-process attempts: 0.2 s, 0.4 s, ... at most 2 s.
-_FIRST_WAIT = wait_exponential_jitter(multiplier=0.2, max=2.0, jitter=0.3)
+# Exponential backoff with jitter between in-process attempts: 0.2 s, 0.4 s, ... at most
+# 2 s, each plus up to 0.3 s so that mails failing together do not retry together.
+_FIRST_WAIT = 0.2
+_MAX_WAIT = 2.0
+_JITTER = 0.3
 
 
-def _first_state() -> RetryCallState:
-    """The state tenacity would have after one failed attempt, to time the first wait."""
-    state = RetryCallState(AsyncRetrying(), fn=None, args=(), kwargs={})
-    state.attempt_number = 1
-    return state
+def _wait(failed: int) -> float:
+    """The pause after the ``failed``-th failed attempt."""
+    jitter = random.uniform(0, _JITTER)  # noqa: S311 - jitter, not secrets
+    return min(_FIRST_WAIT * 2.0 ** (failed - 1) + jitter, _MAX_WAIT)
 
 
 log = logging.getLogger(__name__)
@@ -73,31 +67,23 @@ class Sender:
         """Deliver ``mail`` and say which relay took it and which recipients it deferred,
         or raise the classified :class:`DeliveryError` once retries are used up."""
         started = time.monotonic()
-        try:
-            # Most mails go through at once; they should not pay for retry machinery.
-            return await self._attempt(mail)
-        except TransientError as exc:
-            if self.max_attempts < 2:
-                raise
-            self._count_retry(exc)
-            await asyncio.sleep(_FIRST_WAIT(_first_state()))
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(TransientError),
-            stop=stop_after_attempt(self.max_attempts - 1)
-            | stop_after_delay(max(0.0, self.retry_budget - (time.monotonic() - started))),
-            wait=_FIRST_WAIT,
-            before_sleep=self._before_retry,
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
+        failed = 0
+        while True:
+            try:
+                # A plain loop, no retry library: most mails go through at once, and
+                # they should not pay for retry machinery.
                 return await self._attempt(mail)
-        raise AssertionError("tenacity returned without a result")  # pragma: no cover
+            except TransientError as exc:
+                failed += 1
+                # The budget counts from the second failure on: a first attempt that
+                # alone outlasts it (a relay slow to time out) still gets one more try.
+                out_of_time = failed > 1 and time.monotonic() - started >= self.retry_budget
+                if failed >= self.max_attempts or out_of_time:
+                    raise
+                self._count_retry(exc)
+                await asyncio.sleep(_wait(failed))
 
-    def _before_retry(self, state: RetryCallState) -> None:
-        self._count_retry(state.outcome.exception() if state.outcome else None)
-
-    def _count_retry(self, error: BaseException | None) -> None:
+    def _count_retry(self, error: TransientError) -> None:
         self.metrics.retries.labels("inprocess").inc()
         log.info("retrying in-process after %s", error)
 

@@ -1,0 +1,154 @@
+"""worker.broker against the real RabbitMQ: what py-amqp and kombu raise leaves it as our
+own errors, and two consumers and a confirmed publish share one connection on one thread.
+Plus the pieces of the failure vocabulary that need no broker (unit level)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import aiosmtplib
+import pika
+import pytest
+
+from shared.backoff import Backoff
+from shared.config import BrokerConfig, parse_config
+from shared.errors import (
+    ConnectionDropped,
+    DeliveryError,
+    TransientError,
+    UnusableEvent,
+    WorkerCrash,
+)
+from shared.topology import DEAD_QUEUE, DLX_EXCHANGE, WORK_QUEUE
+from tests.conftest import amqp_url, free_port
+from tests.waiting import wait_until
+from worker.broker import (
+    Broker,
+    BrokerUnavailable,
+    ConfirmedPublisher,
+    Delivery,
+    PublishNotConfirmed,
+    TopologyMismatch,
+    connect_any,
+    copy_properties,
+    declare_topology,
+    talking,
+)
+from worker.classify import classify_connect, classify_transaction
+from worker.retry_policy import DeadLetter, RetryState, decide_failure
+
+
+def broker_config(*urls: str) -> BrokerConfig:
+    return parse_config({"broker": {"urls": list(urls)}}, sections=("broker",)).broker
+
+
+@pytest.mark.integration
+def test_no_broker_answering_is_broker_unavailable_naming_each_url(vhost: str) -> None:
+    dead = [f"amqp://guest:guest@127.0.0.1:{free_port()}/{vhost}" for _ in range(2)]
+    broker = Broker(broker_config(*dead))
+    heard: list[str] = []
+    with pytest.raises(BrokerUnavailable, match="cannot reach the broker") as caught:
+        broker.connect(on_failure=lambda url, why: heard.append(str(url)))
+    assert all(str(url) in str(caught.value) for url in broker.config.urls)
+    assert heard == [str(url) for url in broker.config.urls]
+    assert "guest:guest" not in str(caught.value)  # URLs are shown without the password
+
+
+@pytest.mark.integration
+def test_a_queue_with_other_arguments_is_topology_mismatch(vhost: str) -> None:
+    with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
+        connection.channel().queue_declare(WORK_QUEUE, durable=True)  # classic, no limits
+    broker = Broker(broker_config(amqp_url(vhost)))
+    with pytest.raises(TopologyMismatch):
+        broker.connect()
+    broker.close()
+
+
+@pytest.mark.integration
+def test_two_consumers_and_confirmed_publishes_share_one_connection(vhost: str) -> None:
+    broker = Broker(broker_config(amqp_url(vhost)))
+    broker.connect()
+    try:
+        got: dict[str, list[Delivery]] = {WORK_QUEUE: [], DEAD_QUEUE: []}
+        for queue, deliveries in got.items():
+            broker.consume(queue, deliveries.append, prefetch=4)
+        properties = copy_properties({"message_id": "m1"}, {"x": "y"})
+        broker.publish_confirmed(b"to work", properties, "", WORK_QUEUE)
+        broker.publish_confirmed(b"to dead", properties, DLX_EXCHANGE, "")
+
+        def both_arrived() -> bool:
+            broker.drain(0.05)
+            return all(got.values())
+
+        wait_until(both_arrived, 10, "a delivery on each consumer")
+        [work], [dead] = got[WORK_QUEUE], got[DEAD_QUEUE]
+        assert (work.body, dead.body) == (b"to work", b"to dead")
+        assert work.headers == {"x": "y"} and work.properties["message_id"] == "m1"
+        work.ack()
+        dead.ack()
+        # No queue for it: the broker returns it, and the publish is not confirmed.
+        with pytest.raises(PublishNotConfirmed):
+            broker.publish_confirmed(b"lost", properties, "", "no.such.queue")
+        # The connection is still good for the next publish.
+        broker.publish_confirmed(b"again", properties, "", WORK_QUEUE)
+    finally:
+        broker.close()
+    # A settle on a connection that is gone is BrokerUnavailable, not an amqp error.
+    with pytest.raises(BrokerUnavailable):
+        work.ack()
+
+
+@pytest.mark.integration
+def test_many_publishes_in_flight_run_their_confirm_callbacks_and_a_return_stops_them(
+    vhost: str,
+) -> None:
+    connection, _ = connect_any(broker_config(amqp_url(vhost)), retries=0)
+    try:
+        with talking():
+            declare_topology(connection.default_channel)
+        publisher = ConfirmedPublisher(connection, timeout=10)
+        confirmed: list[int] = []
+        properties = copy_properties({}, {})
+        for n in range(3):
+            publisher.publish(b"x", properties, "", WORK_QUEUE, lambda n=n: confirmed.append(n))
+        assert publisher.pending <= 3
+        publisher.flush()
+        assert confirmed == [0, 1, 2] and publisher.pending == 0
+        # No queue for it: returned, so neither it nor anything after it counts.
+        publisher.publish(b"x", properties, "", "no.such.queue", lambda: confirmed.append(9))
+        publisher.publish(b"x", properties, "", WORK_QUEUE, lambda: confirmed.append(10))
+        with pytest.raises(PublishNotConfirmed, match=r"no\.such\.queue"):
+            publisher.flush()
+        assert confirmed == [0, 1, 2]
+    finally:
+        connection.collect()
+
+
+def test_failures_that_are_not_delivery_failures_have_their_own_classes() -> None:
+    now_state = RetryState()
+    for failure in (UnusableEvent("invalid_event", "x"), WorkerCrash("KeyError: 'a'")):
+        assert not isinstance(failure, DeliveryError)
+        step = decide_failure(failure, now_state, datetime.now(UTC), timedelta(hours=1))
+        assert step == DeadLetter(failure.reason)
+    assert WorkerCrash("x").reason == "crash"
+
+
+def test_a_dropped_connection_is_its_own_type_only_mid_transaction() -> None:
+    dropped = classify_transaction(aiosmtplib.SMTPServerDisconnected("gone"))
+    assert isinstance(dropped, ConnectionDropped) and dropped.reason == "disconnected"
+    reset = classify_transaction(ConnectionResetError("reset by peer"))
+    assert isinstance(reset, ConnectionDropped) and reset.reason == "connect"
+    # A fresh connection that fails is a transient failure, not a dropped one.
+    refused = classify_connect(ConnectionRefusedError("refused"))
+    assert isinstance(refused, TransientError) and not isinstance(refused, ConnectionDropped)
+    timeout = classify_transaction(aiosmtplib.SMTPTimeoutError("slow"))
+    assert not isinstance(timeout, ConnectionDropped)
+
+
+def test_backoff_doubles_with_jitter_up_to_its_ceiling_and_resets() -> None:
+    backoff = Backoff(0.5, 3.0)
+    delays = [backoff.delay() for _ in range(6)]
+    ceilings = [0.5, 1.0, 2.0, 3.0, 3.0, 3.0]
+    assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings, strict=True)), delays
+    backoff.reset()
+    assert 0.25 <= backoff.delay() <= 0.5

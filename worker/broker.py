@@ -1,0 +1,388 @@
+"""The broker, behind one door: connecting with failover over ``[broker] urls``, declaring
+the topology, consuming, and publishing with confirms. py-amqp and kombu are used here
+and nowhere above: what they raise leaves this module as :class:`BrokerUnavailable`
+(the connection or channel is no good: reconnect), :class:`TopologyMismatch` (the broker
+has our names with other arguments: an operator must decide) or
+:class:`PublishNotConfirmed` (one publish has no certain home; the connection may be fine).
+
+A :class:`Broker` holds one connection, and every call on it must come from the one
+thread that owns it (kombu channels are not thread-safe, and heartbeats are only sent
+while that thread services the connection; see docs/design.md). A second consumer is one
+more :meth:`Broker.consume` on the same connection; more confirmed publishes go through
+:meth:`Broker.publish_confirmed`, or :class:`ConfirmedPublisher` for many in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Callable, Iterator
+from time import monotonic
+from typing import Any, Final
+
+import amqp
+import amqp.exceptions
+import kombu.exceptions
+from kombu import Connection
+
+from shared.config import BrokerConfig, BrokerUrl
+from shared.errors import ClusteralertError, describe
+from shared.topology import BINDINGS, EXCHANGES, QUEUES
+
+__all__ = [
+    "Broker",
+    "BrokerError",
+    "BrokerUnavailable",
+    "ConfirmedPublisher",
+    "Delivery",
+    "PublishNotConfirmed",
+    "TopologyMismatch",
+    "connect_any",
+    "copy_properties",
+    "declare_topology",
+    "talking",
+]
+
+log = logging.getLogger(__name__)
+
+CONFIRM_TIMEOUT: Final = 30.0
+_COPIED_PROPERTIES: Final = (
+    "content_type",
+    "content_encoding",
+    "message_id",
+    "timestamp",
+    "correlation_id",
+    "app_id",
+)
+
+
+class BrokerError(ClusteralertError):
+    """Base of what this module raises."""
+
+
+class BrokerUnavailable(BrokerError):
+    """The broker went away, refused us or did not answer: this connection is no good."""
+
+
+class TopologyMismatch(BrokerError):
+    """The broker has our names with other arguments; retrying will not fix it."""
+
+
+class PublishNotConfirmed(BrokerError):
+    """The broker did not confirm one publish (a nack, a return, a timeout)."""
+
+
+# What py-amqp and kombu raise when the broker or the connection goes away.
+_BROKER_ERRORS: Final[tuple[type[BaseException], ...]] = (
+    amqp.exceptions.AMQPError,
+    kombu.exceptions.OperationalError,
+    OSError,  # includes ConnectionError and TimeoutError
+)
+
+
+@contextlib.contextmanager
+def talking() -> Iterator[None]:
+    """Around broker calls only: what the client library raises becomes
+    :class:`BrokerUnavailable`, as one line. The caller's own errors (a closed stdout,
+    say) must stay what they are, so this wraps nothing else."""
+    try:
+        yield
+    except amqp.exceptions.AMQPError as exc:
+        raise BrokerUnavailable(f"broker error: {describe(exc)}") from exc
+    except _BROKER_ERRORS as exc:
+        raise BrokerUnavailable(f"the broker stopped answering: {describe(exc)}") from exc
+
+
+def kombu_connection(config: BrokerConfig, url: BrokerUrl) -> Connection:
+    """A kombu connection to one broker. Failover is ours (see :func:`connect_any`):
+    kombu's own shares one TLS option dict between hosts and verifies every host against
+    the first one's name."""
+    ssl_options: dict[str, Any] | bool = False
+    if url.scheme == "amqps":
+        ssl_options = {
+            "cert_reqs": ssl.CERT_REQUIRED,
+            "ca_certs": str(config.ca_file) if config.ca_file else None,
+            "certfile": str(config.cert_file) if config.cert_file else None,
+            "keyfile": str(config.key_file) if config.key_file else None,
+            "tls_minimum_version": ssl.TLSVersion.TLSv1_2,
+            "server_hostname": url.host,
+        }
+    return Connection(
+        url.with_secret(),
+        heartbeat=config.heartbeat,
+        connect_timeout=config.connect_timeout,
+        ssl=ssl_options,
+        transport_options={
+            "client_properties": {"connection_name": f"clusteralert-worker@{socket.gethostname()}"}
+        },
+    )
+
+
+def connect_any(
+    config: BrokerConfig,
+    start: int = 0,
+    *,
+    retries: int = 1,
+    io_timeout: float | None = None,
+    on_failure: Callable[[BrokerUrl, str], None] | None = None,
+) -> tuple[Connection, int]:
+    """Connect to the first broker that answers, trying every URL in turn from ``start``
+    (each ``1 + retries`` times, as kombu spaces them). Returns the connection and the
+    index of its URL; raises :class:`BrokerUnavailable` naming every failure.
+    ``io_timeout`` bounds every later socket read and write (for commands, which have no
+    heartbeat to notice a broker that stopped answering). ``on_failure`` hears of each
+    URL that did not answer."""
+    failures: list[str] = []
+    count = len(config.urls)
+    for offset in range(count):
+        index = (start + offset) % count
+        url = config.urls[index]
+        connection = kombu_connection(config, url)
+        try:
+            connection.ensure_connection(max_retries=retries, reraise_as_library_errors=False)
+            if io_timeout is not None:
+                connection.connection.sock.settimeout(io_timeout)
+        except (*connection.connection_errors, *_BROKER_ERRORS) as exc:
+            failures.append(f"{url}: {describe(exc)}")
+            if on_failure is not None:
+                on_failure(url, describe(exc))
+            connection.collect()  # drops what was opened, without waiting on the network
+            continue
+        return connection, index
+    raise BrokerUnavailable(f"cannot reach the broker: {'; '.join(failures)}")
+
+
+def declare_topology(channel: Any) -> None:
+    """Declare :mod:`shared.topology`. Idempotent on a broker that already has the same
+    topology. A queue that exists with other arguments makes the broker close the channel
+    (PRECONDITION_FAILED): changing a queue's type or limits needs an operator decision."""
+    try:
+        for exchange in EXCHANGES:
+            channel.exchange_declare(
+                exchange=exchange.name,
+                type=exchange.type,
+                durable=exchange.durable,
+                auto_delete=False,
+            )
+        for queue in QUEUES:
+            channel.queue_declare(
+                queue=queue.name,
+                durable=queue.durable,
+                auto_delete=False,
+                arguments=dict(queue.arguments),
+            )
+        for binding in BINDINGS:
+            channel.queue_bind(
+                queue=binding.queue, exchange=binding.exchange, routing_key=binding.routing_key
+            )
+    except amqp.exceptions.PreconditionFailed as exc:
+        raise TopologyMismatch(
+            f"broker has one of our queues or exchanges with other arguments: {exc}"
+        ) from None
+
+
+def copy_properties(properties: dict[str, Any], headers: dict[str, Any]) -> dict[str, Any]:
+    """The properties to re-publish a message with: persistent, same identity."""
+    copied = {k: properties[k] for k in _COPIED_PROPERTIES if properties.get(k) is not None}
+    copied["delivery_mode"] = 2
+    copied["application_headers"] = headers
+    return copied
+
+
+class Delivery:
+    """One message as py-amqp handed it over, untouched: kombu's own Message would
+    inflate a body with a ``compression`` header before anyone could check its size."""
+
+    __slots__ = ("_channel", "body", "delivery_tag", "headers", "properties", "received")
+
+    def __init__(self, raw: amqp.Message, received: float):
+        self._channel = raw.channel
+        self.delivery_tag: int = raw.delivery_tag
+        self.body: bytes = raw.body
+        self.properties: dict[str, Any] = dict(raw.properties)
+        self.headers: dict[str, Any] = dict(self.properties.get("application_headers") or {})
+        self.received = received
+
+    def ack(self) -> None:
+        with talking():
+            self._channel.basic_ack(self.delivery_tag)
+
+    def requeue(self) -> None:
+        """Give this one message back; the broker charges it, and only it, a delivery."""
+        with talking():
+            self._channel.basic_reject(self.delivery_tag, requeue=True)
+
+
+class ConfirmedPublisher:
+    """A confirm-mode channel with many publishes in flight, for bulk work such as the
+    DLQ commands: waiting for each confirm in turn would cost a round trip per message.
+    Each publish's ``on_confirmed`` runs once the broker confirms it; :meth:`flush` waits
+    for all of them. After a nack or a return nothing more counts as confirmed (a return
+    comes before the ack of the same publish), and :meth:`flush` raises
+    :class:`PublishNotConfirmed`. The channel is free for other calls (gets, acks)."""
+
+    def __init__(self, connection: Connection, timeout: float):
+        self._connection = connection.connection  # py-amqp's, for raw confirm events
+        self._timeout = timeout
+        with talking():
+            self.channel = self._connection.channel()
+            self.channel.confirm_select()
+        self.channel.events["basic_ack"].add(self._on_ack)
+        self.channel.events["basic_nack"].add(self._on_nack)
+        self.channel.events["basic_return"].add(self._on_return)
+        self._published = 0
+        # Publish sequence number -> what to do once it is confirmed.
+        self._awaiting: dict[int, Callable[[], None]] = {}
+        self._failure: str | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._awaiting)
+
+    def publish(
+        self,
+        body: bytes,
+        properties: dict[str, Any],
+        exchange: str,
+        routing_key: str,
+        on_confirmed: Callable[[], None],
+    ) -> None:
+        message = amqp.Message(body, **properties)
+        with talking():
+            self.channel.basic_publish(
+                message, exchange=exchange, routing_key=routing_key, mandatory=True
+            )
+        self._published += 1
+        self._awaiting[self._published] = on_confirmed
+
+    def flush(self) -> None:
+        """Wait until every publish is confirmed (and its ``on_confirmed`` has run)."""
+        while self._awaiting and self._failure is None:
+            with talking():
+                self._connection.drain_events(timeout=self._timeout)
+        if self._failure is not None:
+            raise PublishNotConfirmed(self._failure)
+
+    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
+        if self._failure is not None:
+            return
+        confirmed = [s for s in self._awaiting if s <= delivery_tag] if multiple else [delivery_tag]
+        for sequence in confirmed:
+            on_confirmed = self._awaiting.pop(sequence, None)
+            if on_confirmed is not None:
+                on_confirmed()
+
+    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
+        self._failure = "the broker refused a publish (nack)"
+
+    def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
+        self._failure = f"no queue took a publish to {routing_key!r} (returned)"
+
+
+class Broker:
+    """One connection at a time, to whichever of ``[broker] urls`` answers, with its
+    consuming channels and one confirmed publishing channel. Owner thread only."""
+
+    def __init__(self, config: BrokerConfig):
+        self.config = config
+        self.index = 0  # of the URL connected to, or to try first
+        self._connection: Connection | None = None
+        self._publish_channel: Any = None
+
+    @property
+    def url(self) -> BrokerUrl:
+        return self.config.urls[self.index]
+
+    def connect(self, on_failure: Callable[[BrokerUrl, str], None] | None = None) -> None:
+        """Connect (trying from the current URL on), then declare the topology."""
+        self.close()
+        self._connection, self.index = connect_any(self.config, self.index, on_failure=on_failure)
+        with talking():
+            channel = self._connection.channel()
+            declare_topology(channel)
+            channel.close()
+
+    def fail_over(self) -> None:
+        """Next time, start with the next broker: this one just failed us."""
+        self.index = (self.index + 1) % len(self.config.urls)
+
+    def consume(
+        self, queue: str, callback: Callable[[Delivery], None], *, prefetch: int
+    ) -> Callable[[], None]:
+        """Deliveries of ``queue`` to ``callback``, on a channel of their own with
+        ``prefetch`` unacked at most. Returns the function that cancels the consumer."""
+        assert self._connection is not None
+        with talking():
+            channel = self._connection.channel()
+            # Bodies stay bytes: py-amqp would otherwise turn a body that names a
+            # content_encoding into str.
+            channel.auto_decode = False
+            channel.basic_qos(prefetch_size=0, prefetch_count=prefetch, a_global=False)
+            # py-amqp's consumer, not kombu's: see Delivery.
+            tag = channel.basic_consume(
+                queue, callback=lambda raw: callback(Delivery(raw, monotonic())), no_ack=False
+            )
+
+        def cancel() -> None:
+            with talking():
+                channel.basic_cancel(tag)
+
+        return cancel
+
+    def drain(self, timeout: float) -> None:
+        """Dispatch what arrived within ``timeout`` seconds, and keep heartbeats going."""
+        assert self._connection is not None
+        with talking():
+            with contextlib.suppress(TimeoutError):
+                self._connection.drain_events(timeout=timeout)
+            self._connection.heartbeat_check()
+
+    def publish_confirmed(
+        self, body: bytes, properties: dict[str, Any], exchange: str, routing_key: str
+    ) -> None:
+        """Publish with ``mandatory`` and wait for the broker's confirm; raise
+        :class:`PublishNotConfirmed` on a nack, a return or no answer."""
+        assert self._connection is not None
+        # A channel of its own in confirm mode: consuming channels stay unconfirmed, and
+        # a publish failure closes only this one.
+        with talking():
+            if self._publish_channel is None or not self._publish_channel.is_open:
+                self._publish_channel = self._connection.channel()
+                self._publish_channel.confirm_select()
+        channel = self._publish_channel
+        message = amqp.Message(body, **properties)
+        try:
+            channel.basic_publish_confirm(
+                message,
+                exchange=exchange,
+                routing_key=routing_key,
+                mandatory=True,
+                confirm_timeout=CONFIRM_TIMEOUT,
+            )
+        except Exception as exc:
+            # A fresh channel next time, as a late confirm of this publish must not be
+            # taken for the next one's. A nack or a return leaves this one open: close
+            # it rather than leak a channel per failed publish. (Not after a timeout or a
+            # socket error: the close would wait on a broker that does not answer.)
+            self._publish_channel = None
+            if not isinstance(exc, OSError) and channel.is_open:
+                with contextlib.suppress(Exception):
+                    channel.close()
+            raise PublishNotConfirmed(
+                f"publish to {exchange or 'default exchange'} ({routing_key}) not confirmed: {exc}"
+            ) from exc
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        self._publish_channel = None
+        if connection is not None:
+            _close_quietly(connection)
+
+
+def _close_quietly(connection: Connection) -> None:
+    try:
+        connection.release()
+    except Exception as exc:
+        log.debug("ignoring error while closing broker connection: %s", exc)
