@@ -15,9 +15,11 @@ __all__ = [
     "DLX_EXCHANGE",
     "EVENTS_EXCHANGE",
     "EXCHANGES",
+    "INCOMING_QUEUE",
     "QUEUES",
     "RETRY_DELAYS",
     "RETRY_EXCHANGE",
+    "UNBINDINGS",
     "WORK_QUEUE",
     "Binding",
     "Exchange",
@@ -28,6 +30,10 @@ __all__ = [
 EVENTS_EXCHANGE: Final = "clusteralert.events"
 RETRY_EXCHANGE: Final = "clusteralert.retry"
 DLX_EXCHANGE: Final = "clusteralert.dlx"
+# The incident stage's input: every event. One consumer in the whole deployment is
+# active (single active consumer); the others stand by to take over.
+INCOMING_QUEUE: Final = "clusteralert.incoming"
+# The delivery stage's input: notifications from the incident stage.
 WORK_QUEUE: Final = "clusteralert.mail"
 DEAD_QUEUE: Final = "clusteralert.dead"
 
@@ -78,6 +84,21 @@ EXCHANGES: Final[tuple[Exchange, ...]] = (
 
 QUEUES: Final[tuple[Queue, ...]] = (
     Queue(
+        INCOMING_QUEUE,
+        {
+            "x-queue-type": "quorum",
+            "x-single-active-consumer": True,
+            # The same backstop as the work queue's: an event that kills the active stage
+            # every time goes to the DLQ instead of taking down every standby in turn.
+            # Held events come back once per stage that dies holding them, so the limit
+            # also bounds how many failovers one event survives.
+            "x-dead-letter-exchange": DLX_EXCHANGE,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+            "x-delivery-limit": WORK_DELIVERY_LIMIT,
+        },
+    ),
+    Queue(
         WORK_QUEUE,
         {
             "x-queue-type": "quorum",
@@ -111,7 +132,12 @@ QUEUES: Final[tuple[Queue, ...]] = (
 )
 
 BINDINGS: Final[tuple[Binding, ...]] = (
-    Binding(EVENTS_EXCHANGE, WORK_QUEUE, "#"),
+    Binding(EVENTS_EXCHANGE, INCOMING_QUEUE, "#"),
     *(Binding(RETRY_EXCHANGE, retry_queue_name(suffix), suffix) for suffix, _ in RETRY_DELAYS),
     Binding(DLX_EXCHANGE, DEAD_QUEUE, ""),
 )
+
+# Bindings of earlier versions that the worker removes at start, so a deployment upgrades
+# in place: 0.1 bound the work queue to the events exchange, which would now mail every
+# event a second time, past the incident stage.
+UNBINDINGS: Final[tuple[Binding, ...]] = (Binding(EVENTS_EXCHANGE, WORK_QUEUE, "#"),)

@@ -39,9 +39,11 @@ from shared.topology import (
     DLX_EXCHANGE,
     EVENTS_EXCHANGE,
     EXCHANGES,
+    INCOMING_QUEUE,
     QUEUES,
     RETRY_DELAYS,
     RETRY_EXCHANGE,
+    UNBINDINGS,
     WORK_QUEUE,
     retry_queue_name,
 )
@@ -212,7 +214,8 @@ def _publish_event(url: str, event_id: str, routing_key: str = "node.1.n") -> No
             "node": "n",
             "module": "node",
             "event_id": 1,
-            "params": {"server": "s"},
+            # Each event its own incident: identical reports would be folded into one.
+            "params": {"server": event_id},
             "source": "t",
         }
     ).encode()
@@ -260,25 +263,26 @@ def test_worker_permissions_are_the_minimum_its_operations_need() -> None:
     """Derived from the topology with RabbitMQ's rules: declaring needs configure on the
     name, and a queue with a dead-letter exchange also write on that exchange and read
     on the queue; binding needs write on the queue and read on the exchange; consuming
-    and the DLQ commands read their queue; retries, dead letters and replays write to
-    clusteralert.retry, clusteralert.dlx and the default exchange (amq.default). The
-    events exchange is not among them: only producers publish events."""
+    and the DLQ commands read their queue; unbinding 0.1's binding needs what binding does;
+    retries, dead letters and replays write to clusteralert.retry, clusteralert.dlx and
+    the default exchange (amq.default), and so do notifications. The events exchange is
+    not among them: only producers publish events."""
     defs = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())
     perms = {p["user"]: p for p in defs["permissions"]}["clusteralert-worker"]
     need: dict[str, set[str]] = {
         "configure": {e.name for e in EXCHANGES} | {q.name for q in QUEUES},
         "write": {RETRY_EXCHANGE, DLX_EXCHANGE, "amq.default"},
-        "read": {WORK_QUEUE, DEAD_QUEUE},
+        "read": {INCOMING_QUEUE, WORK_QUEUE, DEAD_QUEUE},
     }
     for queue in QUEUES:
         if "x-dead-letter-exchange" in queue.arguments:
             need["write"].add(str(queue.arguments["x-dead-letter-exchange"]) or "amq.default")
             need["read"].add(queue.name)
-    for binding in BINDINGS:
+    for binding in (*BINDINGS, *UNBINDINGS):  # unbinding needs what binding needs
         need["write"].add(binding.queue)
         need["read"].add(binding.exchange)
     assert EVENTS_EXCHANGE not in need["write"]
-    others = {"amq.default", "amq.topic", "clusteralert.incoming", "clusteralert.sneaky"}
+    others = {"amq.default", "amq.topic", "clusteralert.incomings", "clusteralert.sneaky"}
     candidates = need["configure"] | others
     for kind, needed in need.items():
         # RabbitMQ searches (re:run) rather than matching the whole name.

@@ -29,7 +29,7 @@ from kombu import Connection
 
 from shared.config import BrokerConfig, BrokerUrl
 from shared.errors import ClusteralertError, describe
-from shared.topology import BINDINGS, EXCHANGES, QUEUES
+from shared.topology import BINDINGS, EXCHANGES, QUEUES, UNBINDINGS
 
 __all__ = [
     "Broker",
@@ -176,6 +176,11 @@ def declare_topology(channel: Any) -> None:
         for binding in BINDINGS:
             channel.queue_bind(
                 queue=binding.queue, exchange=binding.exchange, routing_key=binding.routing_key
+            )
+        # Unbinding what does not exist is a no-op for RabbitMQ, so this stays idempotent.
+        for old in UNBINDINGS:
+            channel.queue_unbind(
+                queue=old.queue, exchange=old.exchange, routing_key=old.routing_key
             )
     except amqp.exceptions.PreconditionFailed as exc:
         raise TopologyMismatch(

@@ -202,6 +202,7 @@ def _run(args: argparse.Namespace) -> int:
         loop,
         prefetch=config.worker.prefetch,
         shutdown_grace=config.worker.shutdown_grace,
+        incident=config.incident,
     )
     stop = threading.Event()
 

@@ -20,9 +20,10 @@ import time
 from concurrent.futures import Future
 
 from shared.backoff import Backoff
-from shared.config import BrokerConfig, BrokerUrl
+from shared.config import BrokerConfig, BrokerUrl, IncidentConfig
 from shared.topology import WORK_QUEUE
 from worker.broker import Broker, BrokerUnavailable, Delivery, PublishNotConfirmed
+from worker.incident_stage import IncidentStage
 from worker.metrics import Metrics
 from worker.outcome import Outcome
 from worker.pipeline import Pipeline
@@ -49,8 +50,17 @@ class Consumer:
         *,
         prefetch: int,
         shutdown_grace: float,
+        incident: IncidentConfig | None = None,
     ):
         self.broker = Broker(broker)
+        # The incident stage shares the connection and this thread (None: delivery only).
+        self.stage = (
+            None
+            if incident is None
+            else IncidentStage(
+                self.broker, incident, pipeline.catalog, pipeline.filters, pipeline, metrics
+            )
+        )
         self.pipeline = pipeline
         self.metrics = metrics
         self.loop = loop
@@ -78,6 +88,8 @@ class Consumer:
                 # another worker) and can no longer be settled here: stop their sends,
                 # or each would be mailed twice.
                 self._abandon_in_flight()
+                if self.stage is not None:
+                    self.stage.lost()
                 self.broker.fail_over()
                 stop.wait(delay)
             finally:
@@ -86,6 +98,8 @@ class Consumer:
 
     def _consume(self, stop: threading.Event) -> None:
         cancel = self.broker.consume(WORK_QUEUE, self._on_message, prefetch=self.prefetch)
+        if self.stage is not None:
+            self.stage.start()
         # Only now is the worker useful: topology declared and deliveries flowing.
         self.metrics.broker_connected.set(1)
         log.info("consuming %s with prefetch %d", WORK_QUEUE, self.prefetch)
@@ -95,6 +109,8 @@ class Consumer:
         except BrokerUnavailable:
             self._settle_before_leaving()
             raise
+        if self.stage is not None:
+            self.stage.stop()
         cancel()
         deadline = time.monotonic() + self.shutdown_grace
         if self._in_flight:
@@ -117,6 +133,8 @@ class Consumer:
     def _drain(self) -> None:
         self.broker.drain(_DRAIN_TIMEOUT)
         self._settle_finished()
+        if self.stage is not None:
+            self.stage.service()
 
     def _on_message(self, delivery: Delivery) -> None:
         self.metrics.consumed.inc()

@@ -29,7 +29,8 @@ from shared.errors import (
     describe,
 )
 from shared.event import Event, decode_event
-from shared.filter import decide
+from shared.filter import Decision, decide
+from shared.notification import Notification, decode_notification, is_notification
 from worker.metrics import Metrics
 from worker.outcome import Outcome
 from worker.render import Mail, Renderer
@@ -42,14 +43,18 @@ from worker.retry_policy import (
 )
 from worker.send import Sender, Sent
 
-__all__ = ["Outcome", "Pipeline"]  # Outcome re-exported: callers name it here too
+__all__ = [
+    "Outcome",
+    "Pipeline",
+    "refuse_compressed",
+]  # Outcome re-exported: callers name it here too
 
 MAX_EXPLAINED = 1000  # bounded: a flood of made-up kinds must not grow memory
 
 log = logging.getLogger(__name__)
 
 
-def _refuse_compressed(headers: Mapping[str, object]) -> None:
+def refuse_compressed(headers: Mapping[str, object]) -> None:
     """Events travel as plain JSON. A body the sender compressed (kombu's ``compression``
     header) is refused unread: inflating it has no size limit, so a small message could
     take all the worker's memory."""
@@ -125,40 +130,66 @@ class Pipeline:
         error = WorkerCrash(f"{type(exc).__name__}: {describe(exc)}")
         return self._fail(error, None, RetryState.from_headers(headers), headers)
 
+    def undecodable(
+        self, headers: Mapping[str, object], exc: InvalidEvent, state: RetryState | None = None
+    ) -> Outcome:
+        """A message that is no event (nor notification): dead-letter it at once, with
+        reason ``invalid_event``, counted. The incident stage refuses its own the same way."""
+        self.metrics.failed.labels("invalid_event").inc()
+        state = RetryState.from_headers(headers) if state is None else state
+        return self._fail(UnusableEvent("invalid_event", str(exc)), None, state, headers)
+
+    def note_decision(self, event: Event, decision: Decision) -> None:
+        """Count and log what the filter said of an event not in the catalog."""
+        if decision.entry is None:
+            self.metrics.unknown.inc()
+            if decision.mail:
+                log.info("event %s %s is not in the catalog: %s", event.id, event.key, decision.why)
+
+    def note_filtered(self, event: Event, decision: Decision) -> None:
+        """Log a filtered event (the caller counts it)."""
+        if decision.reason == "unknown":
+            self._explain_unknown(event.key, decision.why)
+        log.info("filtered event %s %s from %s: %s", event.id, event.key, event.node, decision.why)
+
     async def _handle(self, body: bytes, headers: Mapping[str, object], received: float) -> Outcome:
         started = time.monotonic()
         state = RetryState.from_headers(headers)
         if HEADER_REPLAYED in headers and state.attempts == 0:
             self.metrics.replayed.inc()
         try:
-            _refuse_compressed(headers)
-            event = decode_event(body)  # checks the size before it reads anything
-        except InvalidEvent as exc:
-            self.metrics.failed.labels("invalid_event").inc()
-            return self._fail(UnusableEvent("invalid_event", str(exc)), None, state, headers)
-
-        decision = decide(event, self.catalog, self.filters)
-        if decision.entry is None:
-            self.metrics.unknown.inc()
-            if decision.mail:
-                log.info("event %s %s is not in the catalog: %s", event.id, event.key, decision.why)
-        if not decision.mail:
-            assert decision.reason is not None
-            self.metrics.filtered.labels(decision.reason).inc()
-            if decision.reason == "unknown":
-                self._explain_unknown(event.key, decision.why)
-            log.info(
-                "filtered event %s %s from %s: %s", event.id, event.key, event.node, decision.why
+            refuse_compressed(headers)
+            # A notification from the incident stage, or a bare event: a 0.1 message, or
+            # a 0.1 dead letter replayed, which takes the path it took before incidents.
+            # decode_event checks the size before it reads anything.
+            decoded: Event | Notification = (
+                decode_notification(body) if is_notification(body) else decode_event(body)
             )
-            return Outcome("ack")
+        except InvalidEvent as exc:
+            return self.undecodable(headers, exc, state)
 
-        try:
-            mail = self.renderer.render(event, decision)
-        except Exception as exc:
-            log.exception("event %s %s could not be rendered", event.id, event.key)
-            self.metrics.failed.labels("render").inc()
-            error = UnusableEvent("render", f"{type(exc).__name__}: {exc}")
-            return self._fail(error, event, state, headers)
+        if isinstance(decoded, Notification):
+            # Filtered by the incident stage already: never again here.
+            event = decoded.first
+            level = self.decider(event).level
+            try:
+                mail = self.renderer.render_notification(decoded, self.decider)
+            except Exception as exc:
+                return self._unrenderable(exc, event, state, headers)
+        else:
+            event = decoded
+            decision = decide(event, self.catalog, self.filters)
+            self.note_decision(event, decision)
+            if not decision.mail:
+                assert decision.reason is not None
+                self.metrics.filtered.labels(decision.reason).inc()
+                self.note_filtered(event, decision)
+                return Outcome("ack")
+            level = decision.level
+            try:
+                mail = self.renderer.render(event, decision)
+            except Exception as exc:
+                return self._unrenderable(exc, event, state, headers)
 
         if state.recipients is not None:
             narrowed = _still_to_reach(mail, state.recipients)
@@ -189,7 +220,7 @@ class Pipeline:
             "(%.3fs after the event)",
             event.id,
             event.key,
-            decision.level,
+            level,
             event.node,
             sent.relay,
             f" to {len(mail.recipients) - len(sent.deferred)} of {len(mail.recipients)}"
@@ -202,6 +233,17 @@ class Pipeline:
         if sent.deferred:
             return self._defer(sent, event, state, headers)
         return Outcome("ack")
+
+    def decider(self, event: Event) -> Decision:
+        return decide(event, self.catalog, self.filters)
+
+    def _unrenderable(
+        self, exc: Exception, event: Event, state: RetryState, headers: Mapping[str, object]
+    ) -> Outcome:
+        log.error("event %s %s could not be rendered", event.id, event.key, exc_info=exc)
+        self.metrics.failed.labels("render").inc()
+        error = UnusableEvent("render", f"{type(exc).__name__}: {exc}")
+        return self._fail(error, event, state, headers)
 
     def _defer(
         self, sent: Sent, event: Event, state: RetryState, headers: Mapping[str, object]

@@ -1,0 +1,213 @@
+"""The incident stage on the broker's owner thread: events from ``clusteralert.incoming``
+into the :class:`~worker.incident.IncidentEngine`, its notifications out to the mail
+queue with publisher confirms, and the events they cover acked only after the confirm.
+
+Every worker subscribes; the queue's single-active-consumer setting makes RabbitMQ deliver
+to one of them only. AMQP 0-9-1 does not tell a consumer that it became the active one
+(every subscriber gets the same consume-ok), so a worker counts as active from its first
+delivery since it subscribed until it loses the channel. An engine lives exactly as long
+as one subscription: its handles are deliveries of that channel and mean nothing on
+another, and what it held comes back to whichever stage is active next.
+
+Deliveries are queued by the consumer callback and offered from :meth:`IncidentStage.service`,
+never inside the callback: a confirmed publish services the connection while it waits,
+which may dispatch more deliveries, and the engine must not be re-entered.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Final
+
+from shared.catalog import Catalog
+from shared.config import FilterConfig, IncidentConfig
+from shared.errors import InvalidEvent
+from shared.event import Event, decode_event
+from shared.filter import Decision, decide
+from shared.notification import DIGEST_PREFIX, Notification, encode_notification
+from shared.topology import INCOMING_QUEUE, WORK_QUEUE
+from worker.broker import Broker, Delivery, PublishNotConfirmed
+from worker.incident import Ack, Action, IncidentEngine, Publish, count
+from worker.metrics import Metrics
+from worker.pipeline import Pipeline, refuse_compressed
+from worker.settle import settle
+
+__all__ = ["IncidentStage", "stage_prefetch"]
+
+log = logging.getLogger(__name__)
+
+# Unacked deliveries beyond max_held: room for the events the engine takes in while it
+# flushes its oldest window early, so that the broker never stops delivering to it.
+PREFETCH_MARGIN: Final = 100
+MAX_PREFETCH: Final = 65535  # basic.qos prefetch-count is a 16-bit field
+_FOLDS: Final = ("duplicate", "repeat")
+
+
+def stage_prefetch(max_held: int) -> int:
+    return min(MAX_PREFETCH, max_held + PREFETCH_MARGIN)
+
+
+def _message_id(notification: Notification) -> str:
+    first = notification.first.id
+    return DIGEST_PREFIX + first if notification.kind == "digest" else first
+
+
+class IncidentStage:
+    """Owner thread only, like the :class:`Broker` it uses."""
+
+    def __init__(  # noqa: PLR0917 (the stage's collaborators, each named at the call)
+        self,
+        broker: Broker,
+        config: IncidentConfig,
+        catalog: Catalog,
+        filters: FilterConfig,
+        pipeline: Pipeline,
+        metrics: Metrics,
+    ):
+        self.broker = broker
+        self.config = config
+        self.catalog = catalog
+        self.filters = filters
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.engine: IncidentEngine[Delivery] | None = None
+        self.active = False
+        self._arrived: deque[Delivery] = deque()
+        self._cancel: Callable[[], None] | None = None
+        # The decision of the event being offered, so that the engine need not decide
+        # it a second time.
+        self._offered: tuple[Event, Decision] | None = None
+
+    def start(self) -> None:
+        """Subscribe (on a connected broker) with a fresh engine."""
+        self.engine = IncidentEngine(self.config, self.catalog, self.filters, decider=self._decide)
+        self._arrived.clear()
+        prefetch = stage_prefetch(self.config.max_held)
+        self._cancel = self.broker.consume(INCOMING_QUEUE, self._arrived.append, prefetch=prefetch)
+        log.info("incident stage subscribed to %s with prefetch %d", INCOMING_QUEUE, prefetch)
+
+    def stop(self) -> None:
+        """Stop taking events; what the engine held stays unacked and goes, once the
+        channel closes, to the next active stage. The engine goes with the channel."""
+        cancel, self._cancel = self._cancel, None
+        if cancel is not None:
+            cancel()
+        self.lost()
+
+    def lost(self) -> None:
+        """The channel is gone (or going): forget everything tied to it."""
+        if self.active:
+            log.info("incident stage no longer active")
+        self.engine = None
+        self.active = False
+        self._cancel = None
+        self._arrived.clear()
+        self.metrics.stage_active.set(0)
+        self.metrics.held.set(0)
+
+    def service(self) -> None:
+        """Offer what arrived and send what is due. Called after each drain."""
+        engine = self.engine
+        if engine is None:
+            return
+        while self._arrived:
+            self._offer(engine, self._arrived.popleft())
+        deadline = engine.next_deadline()
+        if deadline is not None:
+            now = time.monotonic()
+            if deadline <= now:
+                self._carry_out(engine.tick(now))
+        self.metrics.held.set(engine.held)
+
+    def _decide(self, event: Event, catalog: Catalog, filters: FilterConfig) -> Decision:
+        if self._offered is not None and self._offered[0] is event:
+            return self._offered[1]
+        return decide(event, catalog, filters)
+
+    def _offer(self, engine: IncidentEngine[Delivery], delivery: Delivery) -> None:
+        if not self.active:
+            self.active = True
+            self.metrics.stage_active.set(1)
+            log.info("incident stage active: this worker groups the events of %s", INCOMING_QUEUE)
+        try:
+            refuse_compressed(delivery.headers)
+            event = decode_event(delivery.body)
+        except InvalidEvent as exc:
+            self._dead_letter(delivery, exc)
+            return
+        decision = decide(event, self.catalog, self.filters)
+        self.pipeline.note_decision(event, decision)
+        self._offered = (event, decision)
+        try:
+            actions = engine.offer(event, delivery, now=time.monotonic())
+        finally:
+            self._offered = None
+        for action in actions:
+            if (
+                isinstance(action, Ack)
+                and action.handle is delivery
+                and action.reason not in _FOLDS
+            ):
+                self.pipeline.note_filtered(event, decision)
+        self._carry_out(actions)
+
+    def _dead_letter(self, delivery: Delivery, exc: InvalidEvent) -> None:
+        outcome = self.pipeline.undecodable(delivery.headers, exc)
+        try:
+            settle(self.broker, delivery, outcome)
+        except PublishNotConfirmed as failed:
+            log.error("could not dead-letter an undecodable event: %s; returning it", failed)
+            delivery.requeue()
+            return
+        self.metrics.dead_lettered.labels(outcome.reason or "invalid_event").inc()
+
+    def _carry_out(self, actions: list[Action[Delivery]]) -> None:
+        for action in actions:
+            if isinstance(action, Ack):
+                action.handle.ack()
+                count(self.metrics, action)
+                if action.reason in _FOLDS:
+                    message_id = str(action.handle.properties.get("message_id", ""))
+                    log.info("folded event %r (%s)", message_id[:64], action.reason)
+            else:
+                self._publish(action)
+
+    def _publish(self, action: Publish[Delivery]) -> None:
+        notification = action.notification
+        try:
+            body = encode_notification(notification)
+            self.broker.publish_confirmed(
+                body,
+                {
+                    "delivery_mode": 2,
+                    "content_type": "application/json",
+                    "message_id": _message_id(notification),
+                },
+                "",
+                WORK_QUEUE,
+            )
+        except (PublishNotConfirmed, InvalidEvent) as exc:
+            # Not certainly in the mail queue: the events go back, to be grouped again
+            # (the queue's delivery limit ends a loop).
+            log.error(
+                "could not publish %s (event %s): %s; returning its %d event(s) to %s",
+                notification.summary(),
+                notification.first.id,
+                exc,
+                len(action.handles),
+                INCOMING_QUEUE,
+            )
+            for handle in action.handles:
+                handle.requeue()
+            return
+        for handle in action.handles:
+            handle.ack()
+        count(self.metrics, action)
+        log.info(
+            "published %s, first event %s, for delivery",
+            notification.summary(),
+            notification.first.id,
+        )
