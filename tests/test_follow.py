@@ -517,7 +517,7 @@ class Agent:
         with pika.BlockingConnection(pika.URLParameters(amqp_url(self.vhost))) as conn:
             channel = conn.channel()
             while True:
-                method, _, body = channel.basic_get("clusteralert.mail", auto_ack=True)
+                method, _, body = channel.basic_get("clusteralert.incoming", auto_ack=True)
                 if method is None:
                     return self.received
                 self.received.append(json.loads(body))

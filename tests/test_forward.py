@@ -22,7 +22,7 @@ from producer.watch import SpoolWatcher
 from shared.config import BrokerConfig, parse_config
 from shared.errors import ConfigError
 from shared.event import Event, decode_event, encode_event, new_event
-from shared.topology import EVENTS_EXCHANGE, WORK_QUEUE
+from shared.topology import EVENTS_EXCHANGE, INCOMING_QUEUE
 from tests.conftest import RABBIT_HOST, RABBIT_PORT, amqp_url
 from tests.tcpproxy import TcpProxy
 from tests.waiting import wait_until
@@ -81,7 +81,7 @@ def test_fresh_broker_keeps_events_in_the_spool_until_they_can_be_routed(
     assert not path.exists()
 
     with pika.BlockingConnection(params) as connection:
-        method, properties, body = connection.channel().basic_get(WORK_QUEUE, auto_ack=True)
+        method, properties, body = connection.channel().basic_get(INCOMING_QUEUE, auto_ack=True)
     assert method is not None
     assert method.routing_key == "rm.9.db_example_com"
     assert properties.delivery_mode == 2
@@ -166,7 +166,7 @@ def _drain(vhost: str) -> list[str]:
     with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
         channel = connection.channel()
         while True:
-            method, _, body = channel.basic_get(WORK_QUEUE, auto_ack=True)
+            method, _, body = channel.basic_get(INCOMING_QUEUE, auto_ack=True)
             if method is None:
                 return ids
             ids.append(decode_event(body).id)

@@ -51,7 +51,7 @@ def node(tmp_path: Path, vhost: str) -> Iterator[tuple[Path, int]]:
 
 def queued(vhost: str) -> int:
     with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
-        method = connection.channel().queue_declare("clusteralert.mail", passive=True).method
+        method = connection.channel().queue_declare("clusteralert.incoming", passive=True).method
         return int(method.message_count)
 
 
@@ -60,7 +60,7 @@ def drain_ids(vhost: str) -> list[str]:
     with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
         channel = connection.channel()
         while True:
-            method, _, body = channel.basic_get("clusteralert.mail", auto_ack=True)
+            method, _, body = channel.basic_get("clusteralert.incoming", auto_ack=True)
             if method is None:
                 return ids
             ids.append(json.loads(body)["id"])
@@ -133,7 +133,7 @@ def test_broker_stopped_during_a_burst_of_500_emits(
     finally:
         if stopped:
             subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120)
-    wait_until(lambda: queued(vhost) >= 500, 90, "500 events on the work queue")
+    wait_until(lambda: queued(vhost) >= 500, 90, "500 events on the incoming queue")
     wait_until(lambda: scrape(port).get("clusteralert_spool_events") == 0, 30, "spool drained")
     ids = drain_ids(vhost)
     # Each event arrives; one published before the stop but never confirmed may arrive

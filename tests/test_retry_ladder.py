@@ -156,12 +156,14 @@ def test_a_dead_letter_the_broker_cannot_route_is_not_acked(
     assert queue_depth(vhost) == 1
 
 
+@pytest.mark.parametrize("queue", ["clusteralert.incoming", "clusteralert.mail"])
 def test_the_brokers_delivery_limit_dead_letters_a_poison_message(
-    tmp_path: Path, vhost: str, certs: Certs, smtp_server: Servers
+    tmp_path: Path, vhost: str, certs: Certs, smtp_server: Servers, queue: str
 ) -> None:
     """A message that keeps coming back unsettled (as one that crashes every worker
-    does) is dead-lettered by RabbitMQ itself after the work queue's delivery limit, and
-    ``dlq`` shows it with reason ``delivery_limit``."""
+    does) is dead-lettered by RabbitMQ itself after the queue's delivery limit (the
+    incident stage's input and the work queue alike), and ``dlq`` shows it with reason
+    ``delivery_limit``."""
     relay = smtp_server("starttls")
     config = write_config(tmp_path, vhost, [relay], certs, auth=False)
     broker = parse_config({"broker": {"urls": [amqp_url(vhost)]}}, sections=("broker",)).broker
@@ -171,8 +173,13 @@ def test_the_brokers_delivery_limit_dead_letters_a_poison_message(
     deliveries = 0
     with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
         channel = connection.channel()
+        if queue == "clusteralert.mail":  # as the incident stage passes it on
+            method, properties, body = channel.basic_get("clusteralert.incoming", auto_ack=True)
+            assert method is not None
+            channel.confirm_delivery()
+            channel.basic_publish("", queue, body, properties, mandatory=True)
         while True:
-            method, _, _ = channel.basic_get("clusteralert.mail")
+            method, _, _ = channel.basic_get(queue)
             if method is None:
                 break
             deliveries += 1

@@ -413,13 +413,12 @@ def test_the_pacemaker_agent_spools_once_per_alert_and_reaches_the_broker(
 
     def queued() -> int:
         with pika.BlockingConnection(params) as conn:
-            return int(
-                conn.channel().queue_declare("clusteralert.mail", passive=True).method.message_count
-            )
+            declared = conn.channel().queue_declare("clusteralert.incoming", passive=True)
+            return int(declared.method.message_count)
 
-    wait_until(lambda: queued() == 1, 20, "the fencing event on the work queue")
+    wait_until(lambda: queued() == 1, 20, "the fencing event on the incoming queue")
     with pika.BlockingConnection(params) as conn:
-        method, properties, body = conn.channel().basic_get("clusteralert.mail", auto_ack=True)
+        method, properties, body = conn.channel().basic_get("clusteralert.incoming", auto_ack=True)
     doc = json.loads(body)
     assert method.routing_key == "pacemaker.12.node2"
     assert (doc["module"], doc["event_id"], doc["level"], doc["cluster"]) == (

@@ -137,7 +137,6 @@ class Consumer:
             self.stage.service()
 
     def _on_message(self, delivery: Delivery) -> None:
-        self.metrics.consumed.inc()
         future = asyncio.run_coroutine_threadsafe(
             self.pipeline.handle(delivery.body, delivery.headers, received=delivery.received),
             self.loop,

@@ -136,6 +136,7 @@ class IncidentStage:
             refuse_compressed(delivery.headers)
             event = decode_event(delivery.body)
         except InvalidEvent as exc:
+            self.metrics.consumed.inc()
             self._dead_letter(delivery, exc)
             return
         decision = decide(event, self.catalog, self.filters)
@@ -169,6 +170,8 @@ class IncidentStage:
             if isinstance(action, Ack):
                 action.handle.ack()
                 count(self.metrics, action)
+                # Its last stop (see Pipeline: the delivery stage counts the others).
+                self.metrics.consumed.inc()
                 if action.reason in _FOLDS:
                     message_id = str(action.handle.properties.get("message_id", ""))
                     log.info("folded event %r (%s)", message_id[:64], action.reason)

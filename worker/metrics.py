@@ -24,7 +24,10 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.consumed = Counter(
-            "clusteralert_events_consumed", "Messages taken from the work queue", registry=r
+            "clusteralert_events_consumed",
+            "Events taken in, each counted where it ends: filtered, folded or refused by the "
+            "incident stage, or in a notification the delivery stage takes",
+            registry=r,
         )
         self.filtered = Counter(
             "clusteralert_events_filtered", "Events acked without mail", ["reason"], registry=r

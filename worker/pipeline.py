@@ -166,7 +166,11 @@ class Pipeline:
                 decode_notification(body) if is_notification(body) else decode_event(body)
             )
         except InvalidEvent as exc:
+            self.metrics.consumed.inc()
             return self.undecodable(headers, exc, state)
+        # Counted where an event is taken for the last time: here for the events a
+        # notification covers (the incident stage counts those it settles itself).
+        self.metrics.consumed.inc(decoded.events if isinstance(decoded, Notification) else 1)
 
         if isinstance(decoded, Notification):
             # Filtered by the incident stage already: never again here.
