@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from shared.errors import ClusteralertError
+from shared.errors import ClusteralertError, InvalidEvent
+from shared.notification import Notification, decode_notification, is_notification
 from shared.topology import DEAD_QUEUE, WORK_QUEUE
 from worker.broker import (
     BrokerError,
@@ -84,6 +85,10 @@ class DeadMessage:
     last_error: str
     headers: dict[str, Any]
     settled: bool = False
+    # A notification from the incident stage: its one-line summary and every event id it
+    # covers (empty for a bare event, such as a 0.1 dead letter).
+    notification: str = ""
+    events: tuple[str, ...] = ()
 
     @property
     def digest(self) -> bytes:
@@ -111,6 +116,16 @@ class DeadMessage:
             reason = _text(headers.get("x-first-death-reason")) or "unknown"
             reason = "delivery_limit" if reason == "delivery_limit" else f"broker:{reason}"
         attempts = headers.get(HEADER_ATTEMPTS, 0)
+        notification = _notification(raw.body)
+        if notification is not None:
+            first = notification.first
+            doc = {
+                "id": raw.properties.get("message_id") or first.id,
+                "time": first.time.isoformat(),
+                "node": first.node,
+                "module": first.module,
+                "event_id": first.event_id,
+            }
         return cls(
             raw=raw,
             id=_text(doc.get("id") or raw.properties.get("message_id") or "?"),
@@ -122,9 +137,16 @@ class DeadMessage:
             attempts=attempts if isinstance(attempts, int) else 0,
             last_error=_text(headers.get(HEADER_LAST_ERROR)),
             headers=headers,
+            notification=notification.summary() if notification is not None else "",
+            events=notification.event_ids if notification is not None else (),
         )
 
     def summary(self) -> dict[str, object]:
+        if self.notification:
+            return {**self._summary(), "notification": self.notification}
+        return self._summary()
+
+    def _summary(self) -> dict[str, object]:
         return {
             "id": self.id,
             "time": self.time,
@@ -134,6 +156,16 @@ class DeadMessage:
             "attempts": self.attempts,
             "last_error": self.last_error,
         }
+
+
+def _notification(body: object) -> Notification | None:
+    """The notification a dead letter holds, or None for a bare event or garbage."""
+    if not isinstance(body, bytes) or not is_notification(body):
+        return None
+    try:
+        return decode_notification(body)
+    except InvalidEvent:
+        return None
 
 
 def parse_since(value: str, now: datetime | None = None) -> datetime:
@@ -172,7 +204,8 @@ class DlqFilter:
             return False
         if self.event and self.event not in (message.key, message.event_id):
             return False
-        if self.ids and message.id not in self.ids:
+        # A notification also answers to any event id it covers.
+        if self.ids and message.id not in self.ids and self.ids.isdisjoint(message.events):
             return False
         if self.since is not None:
             try:

@@ -148,13 +148,15 @@ def _show(args: argparse.Namespace) -> int:
     doc: dict[str, object] | None = None
     with _session(args.config) as session:
         for message in session.take():
-            if doc is None and message.id == args.id:
+            if doc is None and (message.id == args.id or args.id in message.events):
                 body = message.raw.body
                 try:
                     shown: object = json.loads(body)
                 except ValueError:
                     shown = _json_value(body)
                 doc = {**message.summary(), "headers": message.headers, "event": shown}
+                if message.events:
+                    doc["event_ids"] = list(message.events)
     if doc is None:
         print(f"clusteralert-worker: no dead letter with id {visible(args.id)}", file=sys.stderr)
         return 1

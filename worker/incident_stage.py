@@ -107,6 +107,7 @@ class IncidentStage:
         self._arrived.clear()
         self.metrics.stage_active.set(0)
         self.metrics.held.set(0)
+        self.metrics.next_due.set(0)
 
     def service(self) -> None:
         """Offer what arrived and send what is due. Called after each drain."""
@@ -120,7 +121,12 @@ class IncidentStage:
             now = time.monotonic()
             if deadline <= now:
                 self._carry_out(engine.tick(now))
+                deadline = engine.next_deadline()
         self.metrics.held.set(engine.held)
+        # As wall-clock time, so that an alert sees a deadline long past even when this
+        # thread stopped updating it.
+        due = 0.0 if deadline is None else time.time() + deadline - time.monotonic()
+        self.metrics.next_due.set(due)
 
     def _decide(self, event: Event, catalog: Catalog, filters: FilterConfig) -> Decision:
         if self._offered is not None and self._offered[0] is event:

@@ -99,6 +99,11 @@ class Metrics:
         self.held = Gauge(
             "clusteralert_incident_held", "Events the stage holds unacked", registry=r
         )
+        self.next_due = Gauge(
+            "clusteralert_incident_next_due_timestamp_seconds",
+            "When the stage next sends what it holds (Unix time; 0 when it holds nothing)",
+            registry=r,
+        )
         for fold in ("duplicate", "repeat"):
             self.folded.labels(fold)
         for filter_reason in FILTER_REASONS:
