@@ -158,3 +158,25 @@ def received_ids(received: SmtpServer | Sequence[Received]) -> list[str]:
     """The event id of every mail the relay took, duplicates included."""
     mails = received.received if isinstance(received, SmtpServer) else received
     return [m.event_id for m in mails]
+
+
+def take_messages(
+    vhost: str, queue: str = "clusteralert.incoming"
+) -> list[tuple[pika.spec.Basic.Deliver, pika.BasicProperties, bytes]]:
+    """Every message ready on ``queue`` now, taken off it (acked). With a consumer, not
+    basic.get: RabbitMQ refuses basic.get on a single-active-consumer quorum queue such as
+    clusteralert.incoming. Messages that arrive meanwhile stay on the queue."""
+    taken: list[tuple[pika.spec.Basic.Deliver, pika.BasicProperties, bytes]] = []
+    with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
+        channel = connection.channel()
+        ready = int(channel.queue_declare(queue, passive=True).method.message_count)
+        if ready == 0:
+            return taken
+        for method, properties, body in channel.consume(queue, inactivity_timeout=30):
+            assert method is not None, f"only {len(taken)} of {ready} messages came"
+            channel.basic_ack(method.delivery_tag)
+            taken.append((method, properties, body))
+            if len(taken) == ready:
+                break
+        channel.cancel()  # returns what was delivered beyond them, unacked
+    return taken

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
-import pika
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,6 +23,7 @@ from producer.spool import Spool
 from shared.catalog import Catalog, CatalogEntry
 from shared.config import CLUSTERPRO_PATTERN, FollowConfig, parse_config
 from tests.conftest import Process, amqp_url
+from tests.pipeline import take_messages
 from tests.waiting import wait_until
 
 SYSLOG = b"Nov 27 03:00:01 server1 clusterpro: "
@@ -514,13 +514,8 @@ class Agent:
 
     def events(self) -> list[dict[str, object]]:
         """Every event published so far (taken off the queue and kept here)."""
-        with pika.BlockingConnection(pika.URLParameters(amqp_url(self.vhost))) as conn:
-            channel = conn.channel()
-            while True:
-                method, _, body = channel.basic_get("clusteralert.incoming", auto_ack=True)
-                if method is None:
-                    return self.received
-                self.received.append(json.loads(body))
+        self.received += [json.loads(body) for _, _, body in take_messages(self.vhost)]
+        return self.received
 
     def ids(self) -> list[int]:
         return [int(str(e["event_id"])) for e in self.events()]

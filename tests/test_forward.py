@@ -24,6 +24,7 @@ from shared.errors import ConfigError
 from shared.event import Event, decode_event, encode_event, new_event
 from shared.topology import EVENTS_EXCHANGE, INCOMING_QUEUE
 from tests.conftest import RABBIT_HOST, RABBIT_PORT, amqp_url
+from tests.pipeline import take_messages
 from tests.tcpproxy import TcpProxy
 from tests.waiting import wait_until
 from worker.broker import connect_any, declare_topology
@@ -80,9 +81,7 @@ def test_fresh_broker_keeps_events_in_the_spool_until_they_can_be_routed(
     wait_until(lambda: forwarder.forwarder.published == 1, 15, "the event to be confirmed")
     assert not path.exists()
 
-    with pika.BlockingConnection(params) as connection:
-        method, properties, body = connection.channel().basic_get(INCOMING_QUEUE, auto_ack=True)
-    assert method is not None
+    [(method, properties, body)] = take_messages(vhost, INCOMING_QUEUE)
     assert method.routing_key == "rm.9.db_example_com"
     assert properties.delivery_mode == 2
     assert properties.message_id == event.id
@@ -162,14 +161,7 @@ def _declare(vhost: str) -> None:
 
 
 def _drain(vhost: str) -> list[str]:
-    ids = []
-    with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
-        channel = connection.channel()
-        while True:
-            method, _, body = channel.basic_get(INCOMING_QUEUE, auto_ack=True)
-            if method is None:
-                return ids
-            ids.append(decode_event(body).id)
+    return [decode_event(body).id for _, _, body in take_messages(vhost, INCOMING_QUEUE)]
 
 
 def _event(i: int = 1) -> Event:

@@ -25,7 +25,7 @@ from producer.spool import Spool
 from shared.config import parse_config
 from shared.event import encode_event, new_event
 from tests.conftest import BIN, Process, amqp_url, free_port, scrape, wait_metric
-from tests.pipeline import emit
+from tests.pipeline import emit, take_messages
 from tests.waiting import wait_until
 from worker.broker import connect_any, declare_topology
 
@@ -56,14 +56,7 @@ def queued(vhost: str) -> int:
 
 
 def drain_ids(vhost: str) -> list[str]:
-    ids = []
-    with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
-        channel = connection.channel()
-        while True:
-            method, _, body = channel.basic_get("clusteralert.incoming", auto_ack=True)
-            if method is None:
-                return ids
-            ids.append(json.loads(body)["id"])
+    return [json.loads(body)["id"] for _, _, body in take_messages(vhost)]
 
 
 def spool_events(config: Path, count: int) -> list[str]:

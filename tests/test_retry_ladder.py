@@ -27,6 +27,7 @@ from tests.pipeline import (
     publish_events,
     queue_depth,
     start_worker,
+    take_messages,
     write_config,
 )
 from tests.smtpserver import SmtpServer
@@ -170,21 +171,26 @@ def test_the_brokers_delivery_limit_dead_letters_a_poison_message(
     with connect_any(broker)[0] as connection:
         declare_topology(connection.default_channel)
     [event_id] = publish_events(vhost, 1)
+    if queue == "clusteralert.mail":  # as the incident stage passes it on
+        [(_, properties, body)] = take_messages(vhost, "clusteralert.incoming")
+        with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            channel.basic_publish("", queue, body, properties, mandatory=True)
     deliveries = 0
     with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
         channel = connection.channel()
-        if queue == "clusteralert.mail":  # as the incident stage passes it on
-            method, properties, body = channel.basic_get("clusteralert.incoming", auto_ack=True)
-            assert method is not None
-            channel.confirm_delivery()
-            channel.basic_publish("", queue, body, properties, mandatory=True)
-        while True:
-            method, _, _ = channel.basic_get(queue)
+        channel.basic_qos(prefetch_count=1)
+        # A consumer, not basic.get, which a single-active-consumer queue refuses.
+        for method, _, _ in channel.consume(queue, inactivity_timeout=0.2):
             if method is None:
-                break
+                if queue_depth(vhost, "clusteralert.dead") == 1:
+                    break
+                continue
             deliveries += 1
             channel.basic_nack(method.delivery_tag, requeue=True)  # as a crash would
             assert deliveries <= 100, "the broker never dead-lettered it"
+        channel.cancel()
     assert deliveries > 1
     wait_until(lambda: queue_depth(vhost, "clusteralert.dead") == 1, 30, "the dead letter")
     doc = dead_letter(config, event_id)

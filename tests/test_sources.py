@@ -17,6 +17,7 @@ from shared.catalog import load_catalog
 from shared.errors import InvalidEvent
 from shared.placeholders import render_template
 from tests.conftest import BIN, Process, amqp_url
+from tests.pipeline import take_messages
 from tests.waiting import wait_until
 
 BASE = {
@@ -417,8 +418,7 @@ def test_the_pacemaker_agent_spools_once_per_alert_and_reaches_the_broker(
             return int(declared.method.message_count)
 
     wait_until(lambda: queued() == 1, 20, "the fencing event on the incoming queue")
-    with pika.BlockingConnection(params) as conn:
-        method, properties, body = conn.channel().basic_get("clusteralert.incoming", auto_ack=True)
+    [(method, properties, body)] = take_messages(vhost)
     doc = json.loads(body)
     assert method.routing_key == "pacemaker.12.node2"
     assert (doc["module"], doc["event_id"], doc["level"], doc["cluster"]) == (
