@@ -29,8 +29,11 @@ def write_config(
     extra: str = "",
     broker_extra: str = "",
     name: str = "clusteralert.toml",
+    incident: str = "group_wait = 0\nstorm_threshold = 0",
 ) -> Path:
-    """A config for ``vhost`` with the given relays in order. Secrets go in files."""
+    """A config for ``vhost`` with the given relays in order. Secrets go in files.
+    ``incident`` is the ``[incident]`` table: by default one mail per event, at once,
+    as before incidents existed (the delivery tests are about delivery, not grouping)."""
     (tmp_path / "smtp_password").write_text(SMTP_PASSWORD + "\n")
     (tmp_path / "amqp_password").write_text("guest\n")
     smtp = ""
@@ -63,6 +66,9 @@ to = ["ops@example.com", "oncall@example.com"]
 charset = "{charset}"
 {smtp}
 {extra}
+
+[incident]
+{incident}
 """)
     return config
 

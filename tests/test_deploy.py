@@ -214,8 +214,7 @@ def _publish_event(url: str, event_id: str, routing_key: str = "node.1.n") -> No
             "node": "n",
             "module": "node",
             "event_id": 1,
-            # Each event its own incident: identical reports would be folded into one.
-            "params": {"server": event_id},
+            "params": {"server": "s"},
             "source": "t",
         }
     ).encode()

@@ -17,20 +17,16 @@ pytestmark = pytest.mark.integration
 
 # (module, event_id, extra args, reported?) -- with [filter] min_level = "warning",
 # disable = ["group:2"], and the shipped catalog.
-# Every mailed event is an incident of its own (the incident stage would merge identical
-# reports into one mail), and no filtered event ends a mailed incident (its recovery
-# would be mailed as a reply to it).
+# No filtered event ends a mailed incident: the incident stage would mail its recovery as
+# a reply to it, even with grouping off.
 EVENTS: list[tuple[str, int, list[str], bool]] = [
     *[("node", 1, ["--param", f"server=srv{i}"], True) for i in range(3)],
     ("node", 1, ["--param", "server=ノード1", "--node", "東京-1"], True),
-    *[
-        ("group", 1, ["--param", f"group=g{i}", "from_server=a", "to_server=b"], True)
-        for i in range(3)
-    ],
-    *[("monitor", 1, ["--param", f"monitor=httpw{i}", "detail=timeout"], True) for i in range(2)],
+    *[("group", 1, ["--param", "group=g1", "from_server=a", "to_server=b"], True)] * 3,
+    *[("monitor", 1, ["--param", "monitor=httpw", "detail=timeout"], True)] * 2,
     ("monitor", 1, ["--param", "monitor=x\r\nBcc: victim@example.com", "detail=y"], True),
     *[("heartbeat", 2, ["--param", "interface=eth1", "server=b"], False)] * 2,  # catalog
-    *[("group", 2, ["--param", "group=g9", "to_server=b"], False)] * 2,  # disabled
+    *[("group", 2, ["--param", "group=g1", "to_server=b"], False)] * 2,  # disabled
     *[("node", 2, ["--param", "server=srv9"], False)] * 2,  # min_level
     *[("custom", 7, ["--level", "info", "--text", "routine"], False)] * 2,  # unknown
     *[("monitor", 2, ["--param", "monitor=other"], False)] * 2,  # catalog

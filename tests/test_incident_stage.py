@@ -60,7 +60,7 @@ def _publish(vhost: str, events: Sequence[dict[str, object]]) -> list[str]:
 
 
 def _config(tmp_path: Path, vhost: str, relay: SmtpServer, certs: Certs, incident: str) -> Path:
-    return write_config(tmp_path, vhost, [relay], certs, extra=f"[incident]\n{incident}\n")
+    return write_config(tmp_path, vhost, [relay], certs, incident=incident)
 
 
 def _body(mail: Received) -> str:
