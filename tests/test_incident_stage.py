@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -14,7 +15,7 @@ from pathlib import Path
 import pika
 
 from tests.conftest import Certs, Process, amqp_url, scrape, wait_metric
-from tests.pipeline import SMTP_PASSWORD, start_worker, write_config
+from tests.pipeline import SMTP_PASSWORD, queue_depth, start_worker, write_config
 from tests.smtpserver import Received, SmtpServer
 from tests.waiting import wait_until
 
@@ -226,3 +227,37 @@ def test_kill_9_of_the_active_stage_holding_a_storm_loses_nothing(
     assert scrape(standby_port)["clusteralert_incident_stage_active"] == 1
     duplicates = sum(len(_ids(m)) for m in relay.received) - len(mailed())
     print(f"{len(relay.received)} mails, {duplicates} event id(s) mailed twice after failover")
+
+
+def test_a_notification_the_broker_refuses_returns_its_events_and_the_stage_backs_off(
+    vhost: str,
+    tmp_path: Path,
+    certs: Certs,
+    smtp_server: Callable[..., SmtpServer],
+    processes: Callable[..., Process],
+) -> None:
+    """The broker refuses the notification (here: the worker may no longer write to the
+    default exchange): the events it covers are not acked but returned, offered again
+    only after a pause (not spun into the DLQ by the delivery limit), and mailed once the
+    broker takes the notification."""
+    relay = smtp_server("starttls", credentials=("alert", SMTP_PASSWORD))
+    config = _config(tmp_path, vhost, relay, certs, "group_wait = 0\nstorm_threshold = 0")
+    worker, _ = start_worker(processes, config)
+
+    def write(pattern: str) -> None:
+        subprocess.run(
+            ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", pattern, ".*"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+    write("^(?!amq\\.default$).*")
+    [event_id] = _publish(vhost, [_event()])
+    wait_until(lambda: worker.output().count("could not publish") >= 2, 15, "two refusals")
+    assert relay.received == []
+    write(".*")
+    assert relay.wait_for(lambda got: [m.event_id for m in got] == [event_id], timeout=40)
+    refusals = worker.output().count("could not publish")
+    assert refusals < 10, refusals  # paused between tries, far from the delivery limit
+    assert queue_depth(vhost, "clusteralert.dead") == 0

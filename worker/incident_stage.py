@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Final
 
+from shared.backoff import Backoff
 from shared.catalog import Catalog
 from shared.config import FilterConfig, IncidentConfig
 from shared.errors import InvalidEvent
@@ -44,6 +45,12 @@ log = logging.getLogger(__name__)
 PREFETCH_MARGIN: Final = 100
 MAX_PREFETCH: Final = 65535  # basic.qos prefetch-count is a 16-bit field
 _FOLDS: Final = ("duplicate", "repeat")
+# After a notification the broker refused (the mail queue full, say), the stage waits
+# this long, doubling, before it offers events again. The refused events come straight
+# back to it; offered at once, each would be refused again and again until the delivery
+# limit sent it to the DLQ within a second.
+_MIN_PAUSE: Final = 0.5
+_MAX_PAUSE: Final = 30.0
 
 
 def stage_prefetch(max_held: int) -> int:
@@ -80,6 +87,8 @@ class IncidentStage:
         # The decision of the event being offered, so that the engine need not decide
         # it a second time.
         self._offered: tuple[Event, Decision] | None = None
+        self._pause = Backoff(_MIN_PAUSE, _MAX_PAUSE)
+        self._paused_until = 0.0
 
     def start(self) -> None:
         """Subscribe (on a connected broker) with a fresh engine."""
@@ -112,14 +121,14 @@ class IncidentStage:
     def service(self) -> None:
         """Offer what arrived and send what is due. Called after each drain."""
         engine = self.engine
-        if engine is None:
-            return
-        while self._arrived:
+        if engine is None or time.monotonic() < self._paused_until:
+            return  # what arrives meanwhile waits here, unacked, charged no delivery
+        while self._arrived and time.monotonic() >= self._paused_until:
             self._offer(engine, self._arrived.popleft())
         deadline = engine.next_deadline()
         if deadline is not None:
             now = time.monotonic()
-            if deadline <= now:
+            if deadline <= now and now >= self._paused_until:
                 self._carry_out(engine.tick(now))
                 deadline = engine.next_deadline()
         self.metrics.held.set(engine.held)
@@ -211,7 +220,11 @@ class IncidentStage:
             )
             for handle in action.handles:
                 handle.requeue()
+            pause = self._pause.delay()
+            self._paused_until = time.monotonic() + pause
+            log.warning("incident stage pausing %.1fs before it offers events again", pause)
             return
+        self._pause.reset()
         for handle in action.handles:
             handle.ack()
         count(self.metrics, action)
