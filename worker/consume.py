@@ -27,7 +27,7 @@ from worker.incident_stage import IncidentStage
 from worker.metrics import Metrics
 from worker.outcome import Outcome
 from worker.pipeline import Pipeline
-from worker.settle import settle
+from worker.settle import describe_delivery, settle
 
 __all__ = ["Consumer"]
 
@@ -166,7 +166,7 @@ class Consumer:
                 # publish): give back only it, and keep the channel for the others.
                 log.error(
                     "could not settle %s (%s): %s; returning it to the queue",
-                    _describe_delivery(delivery),
+                    describe_delivery(delivery),
                     outcome.action,
                     exc,
                 )
@@ -195,12 +195,3 @@ class Consumer:
 
 def _unreachable(url: BrokerUrl, why: str) -> None:
     log.warning("broker %s unreachable: %s", url, why)
-
-
-def _describe_delivery(delivery: Delivery) -> str:
-    # The producer sets message_id to the event id; it is the only name a message has
-    # before (or without) decoding. repr() keeps a hostile one on one line.
-    message_id = delivery.properties.get("message_id")
-    if isinstance(message_id, str) and message_id:
-        return f"message {message_id[:64]!r}"
-    return "a message without message_id"

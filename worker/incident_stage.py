@@ -34,7 +34,7 @@ from worker.broker import Broker, Delivery, PublishNotConfirmed
 from worker.incident import Ack, Action, IncidentEngine, Publish, count
 from worker.metrics import Metrics
 from worker.pipeline import Pipeline, refuse_compressed
-from worker.settle import settle
+from worker.settle import describe_delivery, settle
 
 __all__ = ["IncidentStage", "stage_prefetch"]
 
@@ -175,7 +175,14 @@ class IncidentStage:
         try:
             settle(self.broker, delivery, outcome)
         except PublishNotConfirmed as failed:
-            log.error("could not dead-letter an undecodable event: %s; returning it", failed)
+            # As the delivery stage says it. No pause: the queue's delivery limit ends
+            # this sooner, and the broker's own dead-lettering keeps it.
+            log.error(
+                "could not settle %s (%s): %s; returning it to the queue",
+                describe_delivery(delivery),
+                outcome.action,
+                failed,
+            )
             delivery.requeue()
             return
         self.metrics.dead_lettered.labels(outcome.reason or "invalid_event").inc()
@@ -188,8 +195,7 @@ class IncidentStage:
                 # Its last stop (see Pipeline: the delivery stage counts the others).
                 self.metrics.consumed.inc()
                 if action.reason in _FOLDS:
-                    message_id = str(action.handle.properties.get("message_id", ""))
-                    log.info("folded event %r (%s)", message_id[:64], action.reason)
+                    log.info("folded %s (%s)", describe_delivery(action.handle), action.reason)
             else:
                 self._publish(action)
 
@@ -228,8 +234,5 @@ class IncidentStage:
         for handle in action.handles:
             handle.ack()
         count(self.metrics, action)
-        log.info(
-            "published %s, first event %s, for delivery",
-            notification.summary(),
-            notification.first.id,
-        )
+        # Debug: the delivery stage's "sent event" line is the one line per outcome.
+        log.debug("published %s, first event %s", notification.summary(), notification.first.id)

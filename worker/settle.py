@@ -13,7 +13,7 @@ from shared.topology import DLX_EXCHANGE, RETRY_EXCHANGE
 from worker.broker import Broker, Delivery, copy_properties
 from worker.outcome import Outcome
 
-__all__ = ["settle"]
+__all__ = ["describe_delivery", "settle"]
 
 
 def settle(broker: Broker, delivery: Delivery, outcome: Outcome) -> None:
@@ -28,3 +28,13 @@ def settle(broker: Broker, delivery: Delivery, outcome: Outcome) -> None:
     else:
         broker.publish_confirmed(delivery.body, properties, DLX_EXCHANGE, "")
     delivery.ack()
+
+
+def describe_delivery(delivery: Delivery) -> str:
+    """How logs name a message before (or without) decoding it."""
+    # The producer sets message_id to the event id; it is the only name a message has
+    # before (or without) decoding. repr() keeps a hostile one on one line.
+    message_id = delivery.properties.get("message_id")
+    if isinstance(message_id, str) and message_id:
+        return f"message {message_id[:64]!r}"
+    return "a message without message_id"
