@@ -413,7 +413,7 @@ def _dashboard_exprs() -> dict[str, str]:
     return {
         t["legendFormat"] + "|" + p["title"]: t["expr"]
         for p in dashboard["panels"]
-        for t in p["targets"]
+        for t in p.get("targets", ())  # a row has none
     }
 
 
@@ -495,6 +495,12 @@ def test_prometheus_scrapes_two_workers_and_the_dashboard_queries_answer(
     ratio = exprs["Failure ratio"].replace("$instance", ".*")
     [value] = query(ratio)
     assert float(value["value"][1]) == 0.0  # type: ignore[index]
+    # The Incidents row: every worker says whether its stage is active, and one is.
+    keyed = _dashboard_exprs()
+    active = keyed["active {{instance}}|Held events and active stage per worker"]
+    active = active.replace("$instance", ".*")
+    assert both(active)
+    assert sorted(float(r["value"][1]) for r in query(active)) == [0.0, 1.0]  # type: ignore[index]
 
 
 # The users the images run as: ours from deploy/Dockerfile; Grafana's image runs as 472;
