@@ -15,7 +15,7 @@ from pathlib import Path
 import pika
 
 from tests.conftest import Certs, Process, amqp_url, scrape, wait_metric
-from tests.pipeline import SMTP_PASSWORD, queue_depth, start_worker, write_config
+from tests.pipeline import SMTP_PASSWORD, dlq, dlq_list, queue_depth, start_worker, write_config
 from tests.smtpserver import Received, SmtpServer
 from tests.waiting import wait_until
 
@@ -260,4 +260,50 @@ def test_a_notification_the_broker_refuses_returns_its_events_and_the_stage_back
     assert relay.wait_for(lambda got: [m.event_id for m in got] == [event_id], timeout=40)
     refusals = worker.output().count("could not publish")
     assert refusals < 10, refusals  # paused between tries, far from the delivery limit
+    assert queue_depth(vhost, "clusteralert.dead") == 0
+
+
+def test_a_dead_notification_shows_its_events_and_a_01_dead_letter_still_replays(
+    vhost: str,
+    tmp_path: Path,
+    certs: Certs,
+    smtp_server: Callable[..., SmtpServer],
+    processes: Callable[..., Process],
+) -> None:
+    relay = smtp_server("starttls", credentials=("alert", SMTP_PASSWORD))
+    relay.handler.data_replies = ["550 5.7.1 refused"]
+    config = _config(tmp_path, vhost, relay, certs, "group_wait = 0.5\nstorm_threshold = 0")
+    _, port = start_worker(processes, config)
+    first, second = _publish(vhost, [_event(reporter="n1"), _event(reporter="n2")])
+    wait_metric(
+        port, 'clusteralert_dead_lettered_total{reason="rejected_5xx"}', lambda v: v == 1, 15
+    )
+    # A 0.1 dead letter: a bare event, as 0.1 workers dead-lettered them.
+    old = _event(params={"server": "old"})
+    with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(
+            "clusteralert.dlx",
+            "",
+            json.dumps(old).encode(),
+            pika.BasicProperties(delivery_mode=2, message_id=str(old["id"])),
+            mandatory=True,
+        )
+
+    rows = {str(r["id"]): r for r in dlq_list(config)}
+    assert set(rows) == {first, str(old["id"])}
+    assert rows[first]["notification"] == "incident of 2 event(s): node:1 x2"
+    assert rows[first]["event"] == "node:1"
+    assert "notification" not in rows[str(old["id"])]
+    shown = dlq(config, "show", second)  # found by any event id it covers
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["event_ids"] == [first, second]
+
+    replay = dlq(config, "replay")
+    assert replay.returncode == 0, replay.stderr
+    assert relay.wait_for(lambda got: len(got) == 2, timeout=20)
+    by_id = {m.event_id: m for m in relay.received}
+    assert set(by_id) == {first, str(old["id"])}
+    assert "n1" in _body(by_id[first]) and "n2" in _body(by_id[first])
     assert queue_depth(vhost, "clusteralert.dead") == 0
