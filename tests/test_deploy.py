@@ -472,6 +472,15 @@ def test_prometheus_scrapes_two_workers_and_the_dashboard_queries_answer(
     ratio = exprs["Failure ratio"].replace("$instance", ".*")
     [value] = query(ratio)
     assert float(value["value"][1]) == 0.0  # type: ignore[index]
+    # Days left on the relay's certificate (trustme's default notAfter), one series per
+    # relay however many workers report it.
+    days = exprs["Relay certificate: days left"].replace("$instance", ".*")
+    days = days.replace("$relay", ".*")
+    wait_until(lambda: query(days), 30, "the certificate panel's query answering")
+    [left] = query(days)
+    expected = (datetime(3000, 1, 1, tzinfo=UTC) - datetime.now(UTC)) / timedelta(days=1)
+    assert left["metric"] == {"relay": f"127.0.0.1:{relay.port}"}
+    assert float(left["value"][1]) == pytest.approx(expected, abs=0.01)  # type: ignore[index]
 
 
 # The users the images run as: ours from deploy/Dockerfile; Grafana's image runs as 472;
