@@ -90,6 +90,17 @@ def test_alertmanager_mails_by_its_own_smtp_settings_not_through_the_pipeline() 
     assert email["to"] and email["tls_config"]["ca_file"].startswith("/secrets/")
 
 
+def test_every_rule_has_a_runbook_line_in_the_deploy_readme() -> None:
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    runbook = readme.split("## Alerts on the pipeline", 1)[1].split("\n## ", 1)[0]
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    for rule in (r for g in groups for r in g["rules"] if "alert" in r):
+        rows = [line for line in runbook.splitlines() if line.startswith(f"| `{rule['alert']}` |")]
+        assert len(rows) == 1, rule["alert"]
+        assert rows[0].split(" | ")[1] == rule.get("for", "none (each one is news)"), rows[0]
+        assert rule["annotations"]["summary"] and rule["annotations"]["runbook"], rule["alert"]
+
+
 def _test_rules(path: Path, alert: str) -> None:
     """The shipped ``alert`` rule alone, with a ``for:`` of one second."""
     groups = yaml.safe_load(RULES.read_text())["groups"]
