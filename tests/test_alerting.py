@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import Certs, Process, free_port
+from tests.conftest import Certs, Process, free_port, scrape
 from tests.pipeline import publish_events, start_worker, write_config
 from tests.prometheus import installed, start_prometheus
 from tests.smtpserver import SmtpServer
@@ -170,3 +170,4 @@ def test_a_relay_refusing_auth_is_mailed_out_of_band_by_alertmanager(
     assert html is not None
     assert "No relay accepted a mail in 10 minutes" in html.get_content()  # the summary
     assert broken.received == []  # clusteralert itself got nothing through
+    assert scrape(worker_port)['clusteralert_mails_failed_total{reason="auth"}'] >= 1
