@@ -61,7 +61,9 @@ class Sender:
         retry_budget: float = 5.0,
         max_attempts: int = 4,
     ):
-        self.relays = [Relay(r) for r in relays]
+        self.relays = [
+            Relay(r, on_certificate=metrics.cert_expiry.labels(r.label).set) for r in relays
+        ]
         self.metrics = metrics
         self.retry_budget = retry_budget
         self.max_attempts = max_attempts
