@@ -35,22 +35,33 @@ def amqp_url(name: str) -> str:
 
 
 def report(suite: str, rows: list[tuple[str, str]], figures: dict[str, object]) -> None:
+    """Print the figures, and keep them as JSON: bench/results/ is committed with the
+    README's figures (machine, date, commit) so they can be checked from the repository;
+    smoke runs go to bench/results/smoke/, which is not."""
     width = max(len(label) for label, _ in rows)
     print(f"\n{suite}")
     for label, value in rows:
         print(f"  {label.ljust(width)}  {value}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"{suite}.json"
+    folder = RESULTS / "smoke" if figures.get("smoke") else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{suite}.json"
     out.write_text(
         json.dumps(
             {
                 "suite": suite,
                 "when": datetime.now(UTC).isoformat(timespec="seconds"),
-                "machine": {"python": platform.python_version(), "cpus": _cpus()},
+                "commit": _commit(),
+                "machine": {
+                    "python": platform.python_version(),
+                    "cpus": _cpus(),
+                    "cpu": _cpu_model(),
+                    "load_average": _load(),
+                },
                 "figures": figures,
             },
             indent=2,
         )
+        + "\n"
     )
     print(f"  (written to {out})")
 
@@ -59,3 +70,37 @@ def _cpus() -> int:
     import os
 
     return len(os.sched_getaffinity(0))
+
+
+def _commit() -> str:
+    result = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).parent,
+    )
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).parent,
+    ).stdout.strip()
+    return (result.stdout.strip() or "unknown") + ("+changes" if dirty else "")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _load() -> list[float]:
+    import os
+
+    return [round(x, 2) for x in os.getloadavg()]

@@ -424,12 +424,16 @@ def main(argv: list[str] | None = None) -> None:
         if "b1" in parts:
             b1_plain, _ = workers_rate(tmp, ca, sizes.b1, workers=1, connections=4, delay=0.0)
             naive = naive_rate(tmp, ca, sizes.naive, 0.0)
-            ceiling = ceiling_rate(tmp, ca, sizes.b1)
+            # Like for like: the ceiling sends the worker's own rendered mail over as many
+            # connections as the worker uses (4); the 8-connection figure stays beside it.
+            ceiling = ceiling_rate(tmp, ca, sizes.b1, connections=4)
+            ceiling_8 = ceiling_rate(tmp, ca, sizes.b1, connections=8)
             figures["b1"] = {
                 "worker_per_s": b1,
                 "worker_no_pipelining_per_s": b1_plain,
                 "naive_per_s": naive,
                 "ceiling_per_s": ceiling,
+                "ceiling_8_connections_per_s": ceiling_8,
                 "worker_over_naive": b1 / naive,
                 "worker_over_ceiling": b1 / ceiling,
             }
@@ -437,7 +441,8 @@ def main(argv: list[str] | None = None) -> None:
                 ("B1 worker, fast relay with PIPELINING", f"{b1:.0f} mails/s"),
                 ("B1 worker, fast relay without PIPELINING", f"{b1_plain:.0f} mails/s"),
                 ("B1 naive (connect+STARTTLS per mail)", f"{naive:.0f} mails/s"),
-                ("B1 ceiling (aiosmtplib pool, no broker)", f"{ceiling:.0f} mails/s"),
+                ("B1 ceiling (aiosmtplib, 4 connections, no broker)", f"{ceiling:.0f} mails/s"),
+                ("B1 ceiling with 8 connections", f"{ceiling_8:.0f} mails/s"),
                 ("B1 worker/naive (target >= 6x)", f"{b1 / naive:.1f}x"),
                 ("B1 worker/ceiling (stretch 0.7x)", f"{b1 / ceiling:.2f}x"),
             ]

@@ -232,18 +232,21 @@ def _run(args: argparse.Namespace) -> int:
             LogFollower(f, spool, catalog, cluster=config.producer.cluster, node=_node(config))
             for f in config.producer.follow
         ]
-    forwarder = Forwarder(
-        spool,
-        config.broker,
-        followers=followers,
-        confirm_timeout=config.producer.confirm_timeout,
-    )
+    forwarder = Forwarder(spool, config.broker, confirm_timeout=config.producer.confirm_timeout)
     if config.producer.metrics_port:
         from producer.metrics import serve_metrics
 
         serve_metrics(config.producer.metrics_port, forwarder)
     on_stop_signal(lambda name: forwarder.stop())
-    forwarder.run()
+    # Followers are sources beside the forwarder: they spool, it forwards.
+    from producer.followers import Followers
+
+    running = Followers(followers, forwarder.report_error)
+    running.start()
+    try:
+        forwarder.run()
+    finally:
+        running.stop()
     return 0
 
 

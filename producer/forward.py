@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -31,11 +31,10 @@ import pika
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop, PollEvents
 
-from producer.follow import LogFollower
 from producer.spool import Claim, Spool
 from producer.watch import SpoolWatcher
 from shared.config import BrokerConfig
-from shared.errors import ClusteralertError, SpoolError, describe
+from shared.errors import SpoolError, describe
 from shared.event import peek_event
 from shared.tls import client_context
 from shared.topology import EVENTS_EXCHANGE
@@ -48,7 +47,6 @@ _MIN_BACKOFF: Final = 0.5
 _MAX_BACKOFF: Final = 30.0
 _STOP_GRACE: Final = 5.0  # seconds to wait for outstanding confirms when stopping
 DEFAULT_CONFIRM_TIMEOUT: Final = 30.0
-FOLLOW_INTERVAL: Final = 0.25  # how often log followers look for new lines
 
 
 def printable(text: str) -> str:
@@ -94,7 +92,6 @@ class Forwarder:
         window: int = 256,
         max_backoff: float = _MAX_BACKOFF,
         tick: float = 2.0,
-        followers: Sequence[LogFollower] = (),
         confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT,
     ):
         self.spool = spool
@@ -106,7 +103,6 @@ class Forwarder:
         self.confirm_timeout = confirm_timeout
         self.max_backoff = max_backoff
         self.tick = tick
-        self.followers = list(followers)
         # Observable state, for status, metrics and tests.
         self.published = 0
         self.held_back = 0  # times publishing had to pause (unroutable, nack, no exchange)
@@ -162,16 +158,12 @@ class Forwarder:
             self._loop.add_handler(self._watcher.fileno(), self._on_spool_change, PollEvents.READ)
         self._loop.add_handler(self._watcher.wake_fileno(), self._on_wake, PollEvents.READ)
         self._loop.call_later(0, self._on_tick)
-        if self.followers:
-            self._loop.call_later(0, self._poll_logs)
         if self._stopping:
             self._watcher.wake()
         self._connect()
         try:
             self._loop.start()
         finally:
-            for follower in self.followers:
-                follower.close()
             # Confirmed files must be gone before the claim gives the rest back.
             self._remover.close()
             self._claim.close()
@@ -492,6 +484,18 @@ class Forwarder:
         self._backoff = min(self._backoff * 2, self.max_backoff)
         return delay
 
+    def report_error(self, why: str) -> None:
+        """Note a failure from another thread (a log follower): the status file and the
+        last error belong to the I/O loop, so it is handed over there."""
+        loop = self._loop
+        if loop is None:
+            log.warning("%s", why)
+            return
+        try:
+            loop.add_callback_threadsafe(lambda: self._note_error(why))
+        except Exception:  # the loop has just closed (shutdown): the log line still shows it
+            log.warning("%s", why)
+
     def _note_error(self, why: str) -> None:
         self.last_error = why
         self.last_error_time = time.time()
@@ -503,15 +507,6 @@ class Forwarder:
         self._watcher.consume_changes()
         self._dirty = True
         self._pump()
-
-    def _poll_logs(self) -> None:
-        for follower in self.followers:
-            try:
-                follower.poll()
-            except (ClusteralertError, OSError) as exc:
-                # e.g. a full spool: the line is read again next time, nothing skipped.
-                self._note_error(f"log follower {follower.config.path}: {exc}")
-        self._loop.call_later(FOLLOW_INTERVAL, self._poll_logs)
 
     def _on_tick(self) -> None:
         """Periodic housekeeping; also covers a missed or unavailable spool watch."""

@@ -8,13 +8,14 @@ into :class:`Secret`, so no repr of a config shows them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 from urllib.parse import quote, unquote, urlsplit
 
 from shared.errors import ClusteralertError, ConfigError, Problem
@@ -356,15 +357,25 @@ def parse_config(
         parts["catalog"] = reader.catalog(root.table("catalog"))
     if "metrics" in sections:
         metrics = root.table("metrics")
-        parts["metrics"] = MetricsConfig(port=metrics.integer("port", 9464, low=0, high=65535))
+        parts["metrics"] = MetricsConfig(
+            port=metrics.integer("port", _default(MetricsConfig, "port"), low=0, high=65535)
+        )
         metrics.finish()
     if "worker" in sections:
         worker = root.table("worker")
         parts["worker"] = WorkerConfig(
-            prefetch=worker.integer("prefetch", 32, low=1, high=10000),
-            shutdown_grace=worker.number("shutdown_grace", 30.0, low=0, high=3600),
-            retry_window=worker.number("retry_window", 3600.0, low=0, high=7 * 86400),
-            max_hold=worker.number("max_hold", 600.0, low=1, high=86400),
+            prefetch=worker.integer(
+                "prefetch", _default(WorkerConfig, "prefetch"), low=1, high=10000
+            ),
+            shutdown_grace=worker.number(
+                "shutdown_grace", _default(WorkerConfig, "shutdown_grace"), low=0, high=3600
+            ),
+            retry_window=worker.number(
+                "retry_window", _default(WorkerConfig, "retry_window"), low=0, high=7 * 86400
+            ),
+            max_hold=worker.number(
+                "max_hold", _default(WorkerConfig, "max_hold"), low=1, high=86400
+            ),
         )
         worker.finish()
     if "incident" in sections:
@@ -420,8 +431,10 @@ class _Reader:
             ca_file=self._path(t, "ca_file"),
             cert_file=self._path(t, "cert_file"),
             key_file=self._path(t, "key_file"),
-            heartbeat=t.integer("heartbeat", 30, low=0, high=3600),
-            connect_timeout=t.number("connect_timeout", 10.0, low=0.1, high=300),
+            heartbeat=t.integer("heartbeat", _default(BrokerConfig, "heartbeat"), low=0, high=3600),
+            connect_timeout=t.number(
+                "connect_timeout", _default(BrokerConfig, "connect_timeout"), low=0.1, high=300
+            ),
         )
         if (config.cert_file is None) != (config.key_file is None):
             t.error("cert_file", "cert_file and key_file must be given together")
@@ -432,12 +445,16 @@ class _Reader:
         spool = self._path(t, "spool_dir") or DEFAULT_SPOOL_DIR
         config = ProducerConfig(
             spool_dir=spool,
-            cluster=t.text("cluster", "cluster"),
-            node=t.text("node", ""),
-            max_events=t.integer("max_events", 10_000, low=0),
-            max_bytes=t.integer("max_bytes", 100 * 1024 * 1024, low=0),
-            metrics_port=t.integer("metrics_port", 0, low=0, high=65535),
-            confirm_timeout=t.number("confirm_timeout", 30.0, low=0.1, high=3600),
+            cluster=t.text("cluster", _default(ProducerConfig, "cluster")),
+            node=t.text("node", _default(ProducerConfig, "node")),
+            max_events=t.integer("max_events", _default(ProducerConfig, "max_events"), low=0),
+            max_bytes=t.integer("max_bytes", _default(ProducerConfig, "max_bytes"), low=0),
+            metrics_port=t.integer(
+                "metrics_port", _default(ProducerConfig, "metrics_port"), low=0, high=65535
+            ),
+            confirm_timeout=t.number(
+                "confirm_timeout", _default(ProducerConfig, "confirm_timeout"), low=0.1, high=3600
+            ),
             follow=tuple(
                 f for f in (self.follow(ft) for ft in t.tables("follow")) if f is not None
             ),
@@ -486,7 +503,7 @@ class _Reader:
     def mail(self, t: Table) -> MailConfig:
         sender = _sender(t, "from", DEFAULT_SENDER)
         assert sender is not None
-        from_name = t.text("from_name", "")
+        from_name = t.text("from_name", _default(MailConfig, "from_name"))
         if _CONTROL_RE.search(from_name) or len(from_name) > 200:
             t.error("from_name", "must be one line of at most 200 characters")
         to = _recipients(t)
@@ -497,16 +514,16 @@ class _Reader:
             sender=sender,
             to=to,
             subject=subject,
-            charset=t.choice("charset", CHARSETS, "utf-8"),
-            subject_encode=t.flag("subject_encode", True),
-            html=t.flag("html", False),
+            charset=t.choice("charset", CHARSETS, _default(MailConfig, "charset")),
+            subject_encode=t.flag("subject_encode", _default(MailConfig, "subject_encode")),
+            html=t.flag("html", _default(MailConfig, "html")),
             from_name=from_name,
         )
         t.finish()
         return config
 
     def smtp(self, t: Table) -> SmtpRelay:
-        security = t.choice("security", SECURITIES, "starttls")
+        security = t.choice("security", SECURITIES, _default(SmtpRelay, "security"))
         default_port = 465 if security == "smtps" else 587 if security == "starttls" else 25
         username = t.text("username", None)
         password = self._secret(t, "password_file")
@@ -524,10 +541,14 @@ class _Reader:
             username=username,
             password=password,
             ca_file=self._path(t, "ca_file"),
-            timeout=t.number("timeout", 30.0, low=0.1, high=600),
-            max_connections=t.integer("max_connections", 4, low=1, high=100),
-            cooldown=t.number("cooldown", 30.0, low=0, high=3600),
-            rate_limit=t.number("rate_limit", 0.0, low=0, high=100_000),
+            timeout=t.number("timeout", _default(SmtpRelay, "timeout"), low=0.1, high=600),
+            max_connections=t.integer(
+                "max_connections", _default(SmtpRelay, "max_connections"), low=1, high=100
+            ),
+            cooldown=t.number("cooldown", _default(SmtpRelay, "cooldown"), low=0, high=3600),
+            rate_limit=t.number(
+                "rate_limit", _default(SmtpRelay, "rate_limit"), low=0, high=100_000
+            ),
             sender=_sender(t, "from", None),
             helo=t.text("helo", None),
         )
@@ -539,7 +560,11 @@ class _Reader:
     def route(self, t: Table) -> Route:
         to = _recipients(t)
         match = _key_patterns(t, "match", allow_single=True)
-        route = Route(to=to, match=match, min_level=t.choice("min_level", LEVELS, "info"))
+        route = Route(
+            to=to,
+            match=match,
+            min_level=t.choice("min_level", LEVELS, _default(Route, "min_level")),
+        )
         t.finish()
         return route
 
@@ -549,16 +574,16 @@ class _Reader:
         for both in sorted(set(enable) & set(disable)):
             t.error("enable", f"{both!r} is in both enable and disable")
         config = FilterConfig(
-            min_level=t.choice("min_level", LEVELS, "info"),
+            min_level=t.choice("min_level", LEVELS, _default(FilterConfig, "min_level")),
             enable=enable,
             disable=disable,
-            unknown=t.choice("unknown", (*LEVELS, "never"), "error"),
+            unknown=t.choice("unknown", (*LEVELS, "never"), _default(FilterConfig, "unknown")),
         )
         t.finish()
         return config
 
     def incident(self, t: Table) -> IncidentConfig:
-        storm_by = t.str_list("storm_by", ("cluster",))
+        storm_by = t.str_list("storm_by", _default(IncidentConfig, "storm_by"))
         for i, name in enumerate(storm_by):
             if name not in STORM_BY:
                 t.error(
@@ -570,12 +595,28 @@ class _Reader:
         # window, which must stay well under RabbitMQ's consumer ack timeout (30 minutes
         # by default), or the broker closes the channel and takes back everything held.
         config = IncidentConfig(
-            group_wait=t.number("group_wait", 2.0, low=0, high=300),
-            repeat_interval=t.number("repeat_interval", 3600.0, low=0, high=7 * 86400),
-            storm_threshold=t.integer("storm_threshold", 10, low=0, high=1_000_000),
-            storm_window=t.number("storm_window", 60.0, low=1, high=1200),
+            group_wait=t.number(
+                "group_wait", _default(IncidentConfig, "group_wait"), low=0, high=300
+            ),
+            repeat_interval=t.number(
+                "repeat_interval",
+                _default(IncidentConfig, "repeat_interval"),
+                low=0,
+                high=7 * 86400,
+            ),
+            storm_threshold=t.integer(
+                "storm_threshold",
+                _default(IncidentConfig, "storm_threshold"),
+                low=0,
+                high=1_000_000,
+            ),
+            storm_window=t.number(
+                "storm_window", _default(IncidentConfig, "storm_window"), low=1, high=1200
+            ),
             storm_by=tuple(dict.fromkeys(storm_by)),
-            max_held=t.integer("max_held", 50_000, low=1, high=10_000_000),
+            max_held=t.integer(
+                "max_held", _default(IncidentConfig, "max_held"), low=1, high=10_000_000
+            ),
         )
         t.finish()
         return config
@@ -585,6 +626,16 @@ class _Reader:
         paths = tuple(p if p.is_absolute() else self.base / p for p in (Path(r) for r in raw if r))
         t.finish()
         return CatalogConfig(paths=paths)
+
+
+def _default(settings: type, name: str) -> Any:
+    """The default of setting ``name``, as its settings type states it: each default is
+    written once, there, and the reader takes it from the type."""
+    for f in dataclasses.fields(settings):
+        if f.name == name:
+            assert f.default is not dataclasses.MISSING, f"{settings.__name__}.{name}"
+            return f.default
+    raise AssertionError(f"{settings.__name__} has no setting {name}")
 
 
 def _sender(t: Table, key: str, default: str | None) -> str | None:

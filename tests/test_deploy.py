@@ -49,6 +49,7 @@ from shared.topology import (
 )
 from tests.conftest import BIN, Certs, Process, amqp_url, free_port, scrape, wait_metric
 from tests.pipeline import dlq, publish_events, start_worker, write_config
+from tests.prometheus import start_prometheus
 from tests.smtpserver import SmtpServer
 from tests.waiting import wait_until
 
@@ -427,40 +428,19 @@ def test_prometheus_scrapes_two_workers_and_the_dashboard_queries_answer(
     relay = smtp_server("starttls")
     config = write_config(tmp_path, vhost, [relay], certs, auth=False)
     ports = [start_worker(processes, config)[1] for _ in range(2)]
-    web = free_port()
-    prom_config = tmp_path / "prometheus.yml"
-    prom_config.write_text(
-        yaml.safe_dump(
-            {
-                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                "scrape_configs": [
-                    {
-                        "job_name": "clusteralert-worker",
-                        "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in ports]}],
-                    }
-                ],
-            }
-        )
+    query = start_prometheus(
+        processes,
+        tmp_path,
+        {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [
+                {
+                    "job_name": "clusteralert-worker",
+                    "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in ports]}],
+                }
+            ],
+        },
     )
-    prometheus = shutil.which("prometheus")
-    if prometheus is None:
-        pytest.fail("prometheus is missing: install Debian's prometheus package")
-    processes(
-        Path(prometheus).name,
-        f"--config.file={prom_config}",
-        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-        f"--web.listen-address=127.0.0.1:{web}",
-        bin_dir=Path(prometheus).parent,
-    )
-
-    def query(expr: str) -> list[dict[str, object]]:
-        url = f"http://127.0.0.1:{web}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                result: list[dict[str, object]] = json.load(response)["data"]["result"]
-                return result
-        except OSError:
-            return []
 
     def instances(expr: str) -> set[str]:
         return {
@@ -495,6 +475,15 @@ def test_prometheus_scrapes_two_workers_and_the_dashboard_queries_answer(
     ratio = exprs["Failure ratio"].replace("$instance", ".*")
     [value] = query(ratio)
     assert float(value["value"][1]) == 0.0  # type: ignore[index]
+    # Days left on the relay's certificate (trustme's default notAfter), one series per
+    # relay however many workers report it.
+    days = exprs["Relay certificate: days left"].replace("$instance", ".*")
+    days = days.replace("$relay", ".*")
+    wait_until(lambda: query(days), 30, "the certificate panel's query answering")
+    [left] = query(days)
+    expected = (datetime(3000, 1, 1, tzinfo=UTC) - datetime.now(UTC)) / timedelta(days=1)
+    assert left["metric"] == {"relay": f"127.0.0.1:{relay.port}"}
+    assert float(left["value"][1]) == pytest.approx(expected, abs=0.01)  # type: ignore[index]
     # The Incidents row: every worker says whether its stage is active, and one is.
     keyed = _dashboard_exprs()
     active = keyed["active {{instance}}|Held events and active stage per worker"]
@@ -512,6 +501,7 @@ IMAGE_USERS = {
     "grafana/grafana": 472,
     "rabbitmq": 999,
     "axllent/mailpit": 0,
+    "prom/alertmanager": 65534,  # nobody, its Dockerfile's USER
 }
 
 
@@ -541,6 +531,7 @@ def test_each_service_mounts_only_its_own_secrets_volume() -> None:
         "worker": {"secrets-worker"},
         "producer": {"secrets-producer"},
         "grafana": {"secrets-grafana"},
+        "alertmanager": {"secrets-alertmanager"},
     }
     for name, service in _compose_services().items():
         mounts = [m for m in _mounts(service) if m[0] in secret_volumes]
@@ -558,6 +549,9 @@ def _referenced_secrets(service: dict[str, object]) -> set[str]:
         if source.startswith("./") and source.endswith(".toml"):
             text = (ROOT / source).read_text()
             paths |= set(re.findall(r'"(/secrets/[^"]+)"', text))
+        if source.startswith("./") and source.endswith(".yml"):
+            text = (ROOT / source).read_text()
+            paths |= set(re.findall(r"(/secrets/[\w.-]+)", text))
     return paths
 
 
@@ -679,6 +673,9 @@ def test_init_makes_one_secret_set_per_service_readable_only_by_its_user(tmp_pat
         uid = IMAGE_USERS.get(str(services[name]["image"]).split(":")[0])
         for path, (owner, mode, kind) in visible.items():
             assert (owner, mode) == (uid, 0o700 if kind == "d" else 0o400), (name, path, oct(mode))
+    # Alertmanager verifies Mailpit with the CA that signed Mailpit's certificate.
+    ca = (secrets / "worker" / "smtp-ca.pem").read_bytes()
+    assert (secrets / "alertmanager" / "smtp-ca.pem").read_bytes() == ca
     # RabbitMQ gets salted hashes of the very passwords the services read (and the
     # operator's admin password); the restart kept every password.
     users = json.loads((tree / "rabbitmq-definitions" / "00-users.json").read_text())["users"]

@@ -9,6 +9,7 @@ import ssl
 import time
 import warnings
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -628,3 +629,20 @@ def test_every_recipient_refused_is_classified_by_the_codes(
     for address, reply in replies.items():
         assert f"{address}: {reply}" in str(result)
     assert server.received == []
+
+
+@pytest.mark.parametrize("security", ["starttls", "smtps"])
+def test_the_relay_certificates_expiry_is_exported_at_the_handshake(
+    smtp_server: ServerFactory, certs: Certs, security: str
+) -> None:
+    """The gauge holds the notAfter of the certificate the relay really showed."""
+    not_after = datetime(2031, 3, 14, 15, 9, 26, tzinfo=UTC)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    certs.ca.issue_cert("127.0.0.1", not_after=not_after).configure_cert(context)
+    server = smtp_server(security, context=context)
+    config = relay(server, certs, security=security)
+    expiry = "clusteralert_relay_cert_expiry_timestamp_seconds"
+    assert Metrics([config.label]).registry.get_sample_value(expiry, {"relay": config.label}) == 0
+    metrics, result = send(config)
+    assert result == config.label
+    assert value(metrics, expiry, relay=config.label) == not_after.timestamp()

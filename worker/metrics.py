@@ -77,6 +77,14 @@ class Metrics:
             buckets=_EVENT_TO_MAIL_BUCKETS,
             registry=r,
         )
+        # 0 until the relay's first TLS handshake (and for plaintext relays); the alert
+        # rule and the dashboard skip 0.
+        self.cert_expiry = Gauge(
+            "clusteralert_relay_cert_expiry_timestamp_seconds",
+            "notAfter of the certificate the relay showed at the last TLS handshake",
+            ["relay"],
+            registry=r,
+        )
         # The incident stage (README, "Incidents").
         self.incidents_opened = Counter(
             "clusteralert_incidents_opened", "New incidents mailed or digested", registry=r
@@ -118,3 +126,4 @@ class Metrics:
         for relay in relays:
             self.sent.labels(relay)
             self.send_duration.labels(relay)
+            self.cert_expiry.labels(relay)

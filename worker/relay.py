@@ -65,8 +65,11 @@ class Refusal:
 
 
 class Relay:
-    def __init__(self, config: SmtpRelay):
+    def __init__(self, config: SmtpRelay, *, on_certificate: Callable[[float], None] | None = None):
+        """``on_certificate`` is told the relay certificate's notAfter (Unix time) at
+        every TLS handshake, so an expiry is seen weeks before it stops the mail."""
         self.config = config
+        self._on_certificate = on_certificate
         self.label = config.label
         self.scrub = Scrubber([config.password])
         self._tls: ssl.SSLContext | None = (
@@ -187,8 +190,10 @@ class Relay:
                 step("connect", client)
             if cfg.security == "starttls":
                 await self._starttls(client)
-            if step and cfg.security != "none":
-                step("tls", client)
+            if cfg.security != "none":
+                self._saw_certificate(client)
+                if step:
+                    step("tls", client)
             if cfg.username is not None and cfg.password is not None:
                 try:
                     await client.login(cfg.username, cfg.password.reveal())
@@ -200,6 +205,13 @@ class Relay:
             client.close()
             raise
         return client
+
+    def _saw_certificate(self, client: aiosmtplib.SMTP) -> None:
+        # The context verifies the chain, so the peer certificate is always there once
+        # the handshake succeeded; getpeercert() decodes it only when verified.
+        peer = client.get_transport_info("peercert")
+        if self._on_certificate is not None and isinstance(peer, dict) and "notAfter" in peer:
+            self._on_certificate(float(ssl.cert_time_to_seconds(peer["notAfter"])))
 
     async def _starttls(self, client: aiosmtplib.SMTP) -> None:
         assert self._tls is not None

@@ -15,6 +15,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
 from shared.config import SmtpRelay
 from shared.errors import DeliveryError, TlsRefusedError, TransientError
 from worker.classify import combine_attempts
@@ -30,12 +39,6 @@ COOLDOWN_AFTER = 3  # consecutive failures before a relay sits out its cool-down
 _FIRST_WAIT = 0.2
 _MAX_WAIT = 2.0
 _JITTER = 0.3
-
-
-def _wait(failed: int) -> float:
-    """The pause after the ``failed``-th failed attempt."""
-    jitter = random.uniform(0, _JITTER)  # noqa: S311 - jitter, not secrets
-    return min(_FIRST_WAIT * 2.0 ** (failed - 1) + jitter, _MAX_WAIT)
 
 
 log = logging.getLogger(__name__)
@@ -58,7 +61,9 @@ class Sender:
         retry_budget: float = 5.0,
         max_attempts: int = 4,
     ):
-        self.relays = [Relay(r) for r in relays]
+        self.relays = [
+            Relay(r, on_certificate=metrics.cert_expiry.labels(r.label).set) for r in relays
+        ]
         self.metrics = metrics
         self.retry_budget = retry_budget
         self.max_attempts = max_attempts
@@ -66,22 +71,33 @@ class Sender:
     async def send(self, mail: Mail) -> Sent:
         """Deliver ``mail`` and say which relay took it and which recipients it deferred,
         or raise the classified :class:`DeliveryError` once retries are used up."""
-        started = time.monotonic()
-        failed = 0
-        while True:
-            try:
-                # A plain loop, no retry library: most mails go through at once, and
-                # they should not pay for retry machinery.
+        try:
+            # Most mails go through at once: they should not pay for retry machinery.
+            return await self._attempt(mail)
+        except TransientError as first:
+            if self.max_attempts <= 1:
+                raise
+            self._count_retry(first)
+        # The rest is tenacity's: the attempts left, within the retry budget (counted from
+        # the first retry, so a first attempt slow to time out still gets another try).
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(TransientError),
+            stop=stop_after_attempt(self.max_attempts - 1) | stop_after_delay(self.retry_budget),
+            # Its own first pause comes after the second failure: twice the first one.
+            wait=wait_exponential_jitter(multiplier=2 * _FIRST_WAIT, max=_MAX_WAIT, jitter=_JITTER),
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+        await asyncio.sleep(_FIRST_WAIT + random.uniform(0, _JITTER))  # noqa: S311 - jitter
+        async for attempt in retrying:
+            with attempt:
                 return await self._attempt(mail)
-            except TransientError as exc:
-                failed += 1
-                # The budget counts from the second failure on: a first attempt that
-                # alone outlasts it (a relay slow to time out) still gets one more try.
-                out_of_time = failed > 1 and time.monotonic() - started >= self.retry_budget
-                if failed >= self.max_attempts or out_of_time:
-                    raise
-                self._count_retry(exc)
-                await asyncio.sleep(_wait(failed))
+        raise AssertionError("tenacity re-raises the last failure")  # pragma: no cover
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        assert isinstance(error, TransientError)
+        self._count_retry(error)
 
     def _count_retry(self, error: TransientError) -> None:
         self.metrics.retries.labels("inprocess").inc()

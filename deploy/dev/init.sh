@@ -13,6 +13,7 @@
 #   /secrets/producer         producer_amqp_password                     10001
 #   /secrets/mailpit          smtp-cert.pem, smtp-key.pem                0 (Mailpit runs as root)
 #   /secrets/grafana          grafana_admin_password                     472 (Grafana's image)
+#   /secrets/alertmanager     smtp-ca.pem (to verify Mailpit)            65534 (Alertmanager's image)
 #   /secrets/admin            admin_amqp_password, for the operator only root (no service mounts it)
 #   /rabbitmq-definitions     users (salted hashes only) and topology    999 (RabbitMQ's image)
 set -eu
@@ -82,11 +83,13 @@ JSON
 cp "$root/deploy/rabbitmq/definitions.json" "$definitions/10-topology.json"
 
 # The relay's certificate and key go to Mailpit only, the CA certificate to the worker
-# only; the CA's key is thrown away once it has signed, so renewing makes a new CA too.
+# (and a copy to Alertmanager, below); the CA's key is thrown away once it has signed,
+# so renewing makes a new CA too.
 # Renewed when missing, within 30 days of expiry (init runs at every `up`), or when the
 # chain fails the strict checks that Python 3.13's default verification applies
 # (VERIFY_X509_STRICT: keyUsage on the CA, key identifiers): older stacks made such a CA.
-# Mailpit and the worker read them at start: `docker compose restart mailpit worker`.
+# Mailpit, the worker and Alertmanager read them at start:
+# `docker compose restart mailpit worker alertmanager`.
 ca=$secrets/worker/smtp-ca.pem
 cert=$secrets/mailpit/smtp-cert.pem
 key=$secrets/mailpit/smtp-key.pem
@@ -140,10 +143,14 @@ own() {  # $1: uid, $2: directory (a volume's root)
   chmod 0700 "$2"
   find "$2" -mindepth 1 -type f -exec chmod 0400 {} +
 }
+# Alertmanager verifies Mailpit with the same CA, from its own volume.
+rm -f "$secrets/alertmanager/smtp-ca.pem"
+cp "$ca" "$secrets/alertmanager/smtp-ca.pem"
 own 10001 "$secrets/worker"
 own 10001 "$secrets/producer"
 own 0 "$secrets/mailpit"
 own 472 "$secrets/grafana"
+own 65534 "$secrets/alertmanager"
 own 0 "$secrets/admin"
 own 999 "$definitions"
 echo "secrets and definitions ready"
