@@ -186,3 +186,25 @@ def take_messages(
                 break
         channel.cancel()  # returns what was delivered beyond them, unacked
     return taken
+
+
+def set_queue_policy(vhost: str, name: str, pattern: str, definition: dict[str, object]) -> None:
+    """A RabbitMQ policy on ``vhost``'s queues matching ``pattern``, as an operator (or
+    RabbitMQ 4's defaults) might set: tests use them to shorten or break the topology
+    without changing what the worker declares."""
+    subprocess.run(
+        [
+            "rabbitmqctl", "-q", "set_policy", "-p", vhost, "--apply-to", "queues",
+            name, pattern, json.dumps(definition),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+
+
+def short_rungs(vhost: str, ttl_ms: int = 200) -> None:
+    """The ladder's rungs wait 30 s and more. A policy with a lower message-ttl on this
+    vhost's retry queues makes them quick: the broker uses the lower of policy and
+    queue argument, so the worker still declares its own topology unchanged."""
+    set_queue_policy(vhost, "short-rungs", r"^clusteralert\.retry\.", {"message-ttl": ttl_ms})

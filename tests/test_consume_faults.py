@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import uuid
 import zlib
 from collections import Counter
@@ -29,7 +28,14 @@ from tests.conftest import (
     scrape,
     wait_metric,
 )
-from tests.pipeline import dlq_list, publish_events, received_ids, start_worker, write_config
+from tests.pipeline import (
+    dlq_list,
+    publish_events,
+    received_ids,
+    set_queue_policy,
+    start_worker,
+    write_config,
+)
 from tests.tcpproxy import TcpProxy
 from tests.test_faults import CREDENTIALS, Processes, Servers, duplicates
 from tests.waiting import wait_until
@@ -183,21 +189,11 @@ def peek_queue(vhost: str, queue: str) -> dict[str, dict[str, object]]:
 def refuse_dead_letters(vhost: str) -> None:
     """Make the DLQ full and refusing (a policy, as an operator might set): every dead
     letter the worker publishes from now on is nacked by the broker."""
-    subprocess.run(
-        [
-            "rabbitmqctl",
-            "-q",
-            "set_policy",
-            "-p",
-            vhost,
-            "--apply-to",
-            "queues",
-            "full-dlq",
-            f"^{re.escape(DEAD_QUEUE)}$",
-            '{"max-length": 0, "overflow": "reject-publish"}',
-        ],
-        check=True,
-        timeout=60,
+    set_queue_policy(
+        vhost,
+        "full-dlq",
+        f"^{re.escape(DEAD_QUEUE)}$",
+        {"max-length": 0, "overflow": "reject-publish"},
     )
     with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
         channel = connection.channel()

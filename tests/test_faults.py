@@ -22,6 +22,7 @@ from tests.pipeline import (
     emit,
     publish_events,
     received_ids,
+    short_rungs,
     start_worker,
     write_config,
 )
@@ -240,15 +241,6 @@ def test_broker_restart_while_delivering(
         f"\nbroker restart: {len(relay.received)} mails for {len(ids)} events, "
         f"{duplicates(relay)} duplicates"
     )
-
-
-def short_rungs(vhost: str, ttl_ms: int) -> None:
-    """The ladder's rungs wait 30 s and more. A policy with a lower message-ttl on this
-    vhost's retry queues makes them quick: the broker uses the lower of policy and
-    queue argument, so the worker still declares its own topology unchanged."""
-    policy = ["short-rungs", r"^clusteralert\.retry\.", json.dumps({"message-ttl": ttl_ms})]
-    command = ["rabbitmqctl", "-q", "set_policy", "-p", vhost, "--apply-to", "queues"]
-    subprocess.run([*command, *policy], check=True, timeout=60)
 
 
 def queued(vhost: str) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,6 +25,7 @@ from tests.pipeline import (
     dlq,
     publish_events,
     queue_depth,
+    short_rungs,
     start_worker,
     take_messages,
     write_config,
@@ -46,26 +46,6 @@ DOCUMENTED_HEADERS = {
     "x-clusteralert-last-failure",
     "x-clusteralert-worker",
 }
-
-
-def short_rungs(vhost: str, ttl_ms: int = 200) -> None:
-    subprocess.run(
-        [
-            "rabbitmqctl",
-            "-q",
-            "set_policy",
-            "-p",
-            vhost,
-            "--apply-to",
-            "queues",
-            "short-rungs",
-            r"^clusteralert\.retry\.",
-            json.dumps({"message-ttl": ttl_ms}),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
 
 
 def dead_letter(config: Path, event_id: str) -> dict[str, object]:

@@ -14,7 +14,7 @@ from typing import cast
 
 from shared.catalog import load_catalog, load_catalog_checked
 from shared.cli import on_stop_signal, report_errors
-from shared.config import Config, config_secrets, load_config
+from shared.config import SECTIONS, Config, config_secrets, load_config
 from shared.errors import ConfigError, Problem
 from shared.levels import Level, level_rank
 from shared.logs import setup_logging
@@ -24,17 +24,8 @@ from worker.dlq_cli import add_dlq_parser
 __all__ = ["main"]
 
 PROG = "clusteralert-worker"
-WORKER_SECTIONS = (
-    "broker",
-    "mail",
-    "smtp",
-    "filter",
-    "catalog",
-    "metrics",
-    "worker",
-    "route",
-    "incident",
-)
+# Every section of the shared config file but the node agent's own.
+WORKER_SECTIONS = tuple(section for section in SECTIONS if section != "producer")
 
 log = logging.getLogger(PROG)
 
