@@ -106,6 +106,15 @@ def classify_starttls(exc: BaseException, scrub: Scrub = _same) -> DeliveryError
         return _tls_refusal(tls_error)
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         return TlsRefusedError("rejected", relay_text(f"{exc.code} {exc.message}", scrub))
+    if isinstance(exc, aiosmtplib.SMTPServerDisconnected) and isinstance(
+        exc.__cause__, ConnectionError
+    ):
+        # The relay said yes to STARTTLS, then dropped the connection in the middle of our
+        # handshake: what a server that cannot speak TLS 1.2 or later does instead of an
+        # alert. Retrying for an hour would not change its TLS versions.
+        return TlsRefusedError(
+            "handshake", "the relay dropped the connection during the TLS handshake"
+        )
     return _classify_network(exc, scrub)
 
 
