@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import random
 import socket
 import threading
 import time
@@ -33,6 +32,7 @@ from pika.adapters.select_connection import IOLoop, PollEvents
 
 from producer.spool import Claim, Spool
 from producer.watch import SpoolWatcher
+from shared.backoff import Backoff
 from shared.config import BrokerConfig
 from shared.errors import SpoolError, describe
 from shared.event import peek_event
@@ -124,7 +124,7 @@ class Forwarder:
         self._opening = False
         self._held = False
         self._stopping = False
-        self._backoff = _MIN_BACKOFF
+        self._backoff = Backoff(_MIN_BACKOFF, max_backoff)
         self._next_tag = 1
         # Delivery tag: the claimed file, its event id and when it was published.
         self._in_flight: dict[int, tuple[Path, str, float]] = {}
@@ -425,7 +425,7 @@ class Forwarder:
             self._hold(problem)
             return
         if tags:
-            self._backoff = _MIN_BACKOFF
+            self._backoff.reset()
         if self._stopping and not self._in_flight and self._connection is not None:
             self._connection.close()
             return
@@ -480,9 +480,7 @@ class Forwarder:
             self._pump()
 
     def _next_backoff(self) -> float:
-        delay = self._backoff * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not crypto
-        self._backoff = min(self._backoff * 2, self.max_backoff)
-        return delay
+        return self._backoff.delay()
 
     def report_error(self, why: str) -> None:
         """Note a failure from another thread (a log follower): the status file and the
