@@ -89,6 +89,9 @@ class _Handler:
     # ``{secret}`` echoes the password the client authenticated with (see ``echoed``).
     data_replies: list[str] = field(default_factory=list)
     data_delay: float = 0.0
+    # A delay before the reply to the n-th DATA command (from 1), used once: a slow mail
+    # among fast ones.
+    data_delay_at: dict[int, float] = field(default_factory=dict)
     mail_replies: list[str] = field(default_factory=list)
     rcpt_replies: dict[str, str | list[str]] = field(default_factory=dict)
     data_commands: int = 0
@@ -147,8 +150,9 @@ class _Handler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.data_commands += 1
-        if self.data_delay:
-            await asyncio.sleep(self.data_delay)
+        delay = self.data_delay_at.pop(self.data_commands, self.data_delay)
+        if delay:
+            await asyncio.sleep(delay)
         if self.data_replies:
             return _echo(self.data_replies.pop(0), session)
         auth = session.auth_data

@@ -196,6 +196,27 @@ def test_a_worker_stopped_mid_load_loses_nothing(
         assert dups == 0  # a clean stop finishes or returns its work: no duplicates
 
 
+def test_a_slow_mail_in_flight_when_the_worker_is_killed_is_mailed_by_the_next(
+    tmp_path: Path, vhost: str, certs: Certs, smtp_server: Servers, processes: Processes
+) -> None:
+    # The third mail hangs in DATA while the others go out and are acked, in batches: an
+    # ack with multiple past it would take it from the queue, and the kill would lose it.
+    relay = smtp_server("starttls", credentials=CREDENTIALS)
+    relay.handler.data_delay_at[3] = 120.0
+    config = write_config(tmp_path, vhost, [relay], certs)
+    worker, port = start_worker(processes, config)
+    ids = publish_events(vhost, 40)
+    assert relay.wait_for(lambda got: len(got) == len(ids) - 1, timeout=30)
+    wait_metric(port, "clusteralert_in_flight", lambda v: v == 1, 10)
+    [slow] = set(ids) - set(received_ids(relay))
+    worker.kill()
+    start_worker(processes, config)
+    assert relay.wait_for(lambda got: slow in received_ids(got), timeout=30)
+    assert set(received_ids(relay)) == set(ids)
+    assert received_ids(relay).count(slow) == 1
+    assert duplicates(relay) <= 32  # at most the prefetch of the killed worker
+
+
 def test_heartbeats_flow_while_a_relay_is_slow(
     tmp_path: Path, vhost: str, certs: Certs, smtp_server: Servers, processes: Processes
 ) -> None:
