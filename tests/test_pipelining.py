@@ -16,7 +16,7 @@ from shared.secret import Secret
 from tests.conftest import Certs
 from tests.smtpserver import SmtpServer
 from tests.tcpproxy import TcpProxy
-from tests.test_send_tls import make_mail, relay, send_with, value
+from tests.test_send_tls import make_mail, relay, send_with, sent_with, value
 from tests.waiting import wait_until
 from worker.metrics import Metrics
 from worker.render import Mail
@@ -153,23 +153,15 @@ def test_a_refused_mail_from_is_its_own_step(
 def test_one_recipient_refused_for_now_among_accepted_ones_is_deferred(
     smtp_server: ServerFactory, certs: Certs, pipelining: bool
 ) -> None:
-    from worker.send import Sender, Sent
+    from worker.send import Sent
 
     server = smtp_server("starttls")
     server.handler.pipelining = pipelining
     server.handler.rcpt_replies = {"busy@example.com": "450 4.2.0 greylisted, try later"}
     config = relay(server, certs)
-    metrics = Metrics([config.label])
-    sender = Sender([config], metrics)
     mail = make_mail(to=("ops@example.com", "busy@example.com", "dev@example.com"))
-
-    async def go() -> Sent:
-        try:
-            return await sender.send(mail)
-        finally:
-            await sender.close()
-
-    sent = asyncio.run(go())
+    metrics, sent = sent_with(config, mail=mail)
+    assert isinstance(sent, Sent), sent
     [received] = server.received
     assert received.rcpt_tos == ["ops@example.com", "dev@example.com"]
     assert sent.relay == config.label

@@ -25,6 +25,7 @@ from tests.smtpserver import SmtpServer, secret_forms
 from worker.classify import combine_attempts
 from worker.metrics import Metrics
 from worker.render import Mail, Renderer
+from worker.send import Sender, Sent
 
 pytestmark = pytest.mark.integration
 
@@ -51,28 +52,39 @@ def relay(server: SmtpServer | None, certs: Certs, **overrides: object) -> SmtpR
     return SmtpRelay(**fields)  # type: ignore[arg-type]
 
 
-def send_with(
+def sent_with(
     *relays: SmtpRelay,
     mail: Mail | None = None,
     retry_budget: float = 0.5,
     max_attempts: int = 2,
-) -> tuple[Metrics, str | BaseException]:
-    """Send one mail through a fresh sender; returns its metrics and the relay label or
-    the exception."""
-    from worker.send import Sender
-
+) -> tuple[Metrics, Sent | BaseException]:
+    """Send one mail through a fresh sender; returns its metrics and what the sender
+    returned (the relay and any deferred recipients), or the exception."""
     metrics = Metrics([r.label for r in relays])
     sender = Sender(relays, metrics, retry_budget=retry_budget, max_attempts=max_attempts)
 
-    async def go() -> str | BaseException:
+    async def go() -> Sent | BaseException:
         try:
-            return (await sender.send(mail or make_mail())).relay
+            return await sender.send(mail or make_mail())
         except Exception as exc:
             return exc
         finally:
             await sender.close()
 
     return metrics, asyncio.run(go())
+
+
+def send_with(
+    *relays: SmtpRelay,
+    mail: Mail | None = None,
+    retry_budget: float = 0.5,
+    max_attempts: int = 2,
+) -> tuple[Metrics, str | BaseException]:
+    """Like :func:`sent_with`, with the relay's label for a mail that went out."""
+    metrics, result = sent_with(
+        *relays, mail=mail, retry_budget=retry_budget, max_attempts=max_attempts
+    )
+    return metrics, result.relay if isinstance(result, Sent) else result
 
 
 def send(*relays: SmtpRelay, mail: Mail | None = None) -> tuple[Metrics, str | BaseException]:
@@ -113,7 +125,6 @@ def test_smtps_delivers(smtp_server: ServerFactory, certs: Certs) -> None:
 
 
 def test_connections_are_reused_across_mails(smtp_server: ServerFactory, certs: Certs) -> None:
-    from worker.send import Sender
 
     server = smtp_server("starttls")
     config = relay(server, certs, max_connections=2)
@@ -357,7 +368,6 @@ def test_some_recipients_refused_still_counts_as_sent(
 def test_recipients_refused_for_now_are_handed_back_as_deferred(
     smtp_server: ServerFactory, certs: Certs
 ) -> None:
-    from worker.send import Sender, Sent
 
     server = smtp_server("starttls")
     server.handler.rcpt_replies = {
@@ -365,17 +375,9 @@ def test_recipients_refused_for_now_are_handed_back_as_deferred(
         "busy@example.com": "450 4.2.0 greylisted, try later",
     }
     config = relay(server, certs)
-    metrics = Metrics([config.label])
-    sender = Sender([config], metrics)
     mail = make_mail(to=("ops@example.com", "gone@example.com", "busy@example.com"))
-
-    async def go() -> Sent:
-        try:
-            return await sender.send(mail)
-        finally:
-            await sender.close()
-
-    sent = asyncio.run(go())
+    metrics, sent = sent_with(config, mail=mail)
+    assert isinstance(sent, Sent), sent
     [received] = server.received
     assert received.rcpt_tos == ["ops@example.com"]
     # Only the 4xx is worth another try; the 5xx stays logged and counted.
@@ -389,7 +391,6 @@ def test_recipients_refused_for_now_are_handed_back_as_deferred(
 def test_a_dropped_idle_connection_is_reopened_without_a_failure(
     smtp_server: ServerFactory, certs: Certs
 ) -> None:
-    from worker.send import Sender
 
     server = smtp_server("starttls")
     config = relay(server, certs, max_connections=1)
@@ -416,7 +417,6 @@ def test_a_silently_dead_idle_connection_is_replaced_after_a_probe(
     smtp_server: ServerFactory, certs: Certs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from worker import relay as relay_module
-    from worker.send import Sender
 
     monkeypatch.setattr(relay_module, "PROBE_AFTER", 0.0)
     monkeypatch.setattr(relay_module, "PROBE_TIMEOUT", 0.5)
@@ -444,7 +444,6 @@ def test_a_silently_dead_idle_connection_is_replaced_after_a_probe(
 def test_a_relay_that_hangs_up_after_n_mails_loses_nothing(
     smtp_server: ServerFactory, certs: Certs
 ) -> None:
-    from worker.send import Sender
 
     server = smtp_server("starttls")
     server.handler.max_per_connection = 3
@@ -465,7 +464,6 @@ def test_a_relay_that_hangs_up_after_n_mails_loses_nothing(
 
 
 def test_rate_limit_spaces_mails(smtp_server: ServerFactory, certs: Certs) -> None:
-    from worker.send import Sender
 
     server = smtp_server("starttls")
     config = relay(server, certs, max_connections=4, rate_limit=20.0)
@@ -484,7 +482,6 @@ def test_rate_limit_spaces_mails(smtp_server: ServerFactory, certs: Certs) -> No
 
 
 def test_a_failing_relay_sits_out_its_cooldown(smtp_server: ServerFactory, certs: Certs) -> None:
-    from worker.send import Sender
 
     backup = smtp_server("starttls")
     # A relay that answers but refuses STARTTLS: every attempt is a connection it counts.
@@ -509,7 +506,6 @@ def test_a_failing_relay_sits_out_its_cooldown(smtp_server: ServerFactory, certs
 def test_when_every_relay_cools_down_all_are_tried(
     smtp_server: ServerFactory, certs: Certs
 ) -> None:
-    from worker.send import Sender
 
     failing = smtp_server("starttls")
     failing.reject_starttls = True
@@ -551,7 +547,6 @@ def test_a_connection_idle_past_the_limit_is_closed_not_reused(
     smtp_server: ServerFactory, certs: Certs
 ) -> None:
     from worker import relay as relay_module
-    from worker.send import Sender
 
     # Relays drop idle sessions after a few minutes. Rather than wait that long, the
     # pooled connection is made to look idle past the real limit.
