@@ -128,7 +128,15 @@ def test_a_silence_holds_back_node2_on_every_worker_and_its_end_mails_one_summar
 
     # The counts of both workers, from the stream.
     [listed] = _listed(config)
+    assert set(listed) == {
+        *("id", "matchers", "cluster", "node", "params", "start", "end", "active"),
+        *("expired_by", "author", "comment", "held", "summarised", "held_rows"),
+    }
     assert listed["id"] == silence_id
+    [row] = listed["held_rows"]  # type: ignore[misc]
+    first, last = (datetime.fromisoformat(row.pop(end)) for end in ("first", "last"))
+    assert row == {"cluster": "c", "key": "monitor:1", "node": "node2", "count": 2}
+    assert first < last  # the two events' times
     assert listed["held"] == 2
     assert listed["matchers"] == ["monitor:*"] and listed["node"] == "node2"
     assert listed["comment"] == "patching node2"
