@@ -160,12 +160,18 @@ def _list(args: argparse.Namespace) -> int:
     print(f"{'ID':36}  {'START':20}  {'END':20}  {'HELD':>6}  AUTHOR  MATCHERS  COMMENT")
     for entry in shown:
         silence = book.silence(str(entry["id"]))
+        start, end = (_to_second(silence.start), _to_second(book.end(silence.id)))
         print(
-            f"{entry['id']!s:36}  {entry['start']!s:20}  {entry['end']!s:20}  "
+            f"{entry['id']!s:36}  {start:20}  {end:20}  "
             f"{entry['held']!s:>6}  {visible(silence.author)}  {visible(silence.describe())}  "
             f"{visible(silence.comment)}"
         )
     return 0
+
+
+def _to_second(value: datetime) -> str:
+    """To the second, for the table (JSON keeps the full time)."""
+    return format_time(value.replace(microsecond=0))
 
 
 def run_silence(args: argparse.Namespace) -> int:
