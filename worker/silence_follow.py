@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 # Unacked records at most: a stream consumer needs a prefetch for credit, and acks.
 STREAM_PREFETCH: Final = 1000
+ACK_EVERY: Final = STREAM_PREFETCH // 4
 
 
 def publish_record(broker: Broker, record: Record) -> None:
@@ -60,6 +61,8 @@ class SilenceFollower:
         self._arrived: deque[Delivery] = deque()
         self._waiting: set[str] = set()  # our sync records not read back yet
         self._cancel: Callable[[], None] | None = None
+        self._unacked: Delivery | None = None  # the last record read and not acked
+        self._unacked_count = 0
 
     def start(self) -> None:
         """On a fresh connection: read everything again from the first record, into a
@@ -68,6 +71,7 @@ class SilenceFollower:
         self.caught_up = False
         self._arrived.clear()
         self._waiting.clear()
+        self._unacked, self._unacked_count = None, 0
         self._cancel = self.broker.consume(
             SILENCES_STREAM,
             self._arrived.append,
@@ -91,8 +95,10 @@ class SilenceFollower:
         return nonce not in self._waiting
 
     def service(self) -> None:
-        """Fold what arrived into the book, then ack it all at once (records are read
-        in order on one channel: one multiple ack instead of one per record)."""
+        """Fold what arrived into the book. Acks (which a stream consumer needs for
+        credit) go out as one multiple ack per ACK_EVERY records, or once nothing more
+        arrived: the owner loop hands over one delivery per drain, and an ack per record
+        would double the cost of reading a long stream."""
         last: Delivery | None = None
         while self._arrived:
             delivery = self._arrived.popleft()
@@ -112,7 +118,10 @@ class SilenceFollower:
                     self._counted_at = 0.0  # count again now
             last = delivery
         if last is not None:
-            last.ack(multiple=True)
+            self._unacked, self._unacked_count = last, self._unacked_count + 1
+        if self._unacked is not None and (last is None or self._unacked_count >= ACK_EVERY):
+            self._unacked.ack(multiple=True)
+            self._unacked, self._unacked_count = None, 0
         if self.metrics is not None and time.monotonic() - self._counted_at >= 1.0:
             # Also once a second: a silence ends by the clock, without a record.
             self._counted_at = time.monotonic()
@@ -123,6 +132,7 @@ class SilenceFollower:
 
     def lost(self) -> None:
         self.caught_up = False
+        self._unacked, self._unacked_count = None, 0
         self._cancel = None
         self._arrived.clear()
         self._waiting.clear()
