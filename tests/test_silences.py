@@ -4,6 +4,7 @@ processes, the ``silence`` commands as an operator runs them, and a real TLS rel
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import uuid
 from collections.abc import Callable
@@ -186,3 +187,45 @@ def test_a_silence_outlives_a_broker_restart_and_every_worker(
     assert _alerts(relay) == [mailed] and held not in _alerts(relay)
     [listed] = _listed(config)
     assert listed["id"] == added.stdout.strip() and listed["held"] == 1
+
+
+def test_counts_survive_a_killed_active_worker_and_a_silence_that_runs_out_mails_its_summary(
+    tmp_path: Path,
+    vhost: str,
+    certs: Certs,
+    smtp_server: Callable[..., SmtpServer],
+    processes: Callable[..., Process],
+) -> None:
+    """Silenced events are acked only once their count is in the stream: kill -9 of the
+    active stage loses none of them (the standby counts what it left unacked), and the
+    summary, sent when the silence's time is up without any command, covers them all."""
+    relay = smtp_server("starttls", credentials=("alert", SMTP_PASSWORD))
+    config = write_config(tmp_path, vhost, [relay], certs)
+    workers = dict(reversed(start_worker(processes, config)) for _ in range(2))
+    added = silence(config, "add", "monitor:*", "--node", "node2", "--for", "15s", "--comment", "x")
+    assert added.returncode == 0, added.stderr
+    for port in workers:
+        wait_metric(port, "clusteralert_silences_active", lambda v: v == 1, 10)
+    held = [_publish(vhost, "node2") for _ in range(20)]
+
+    def active_port() -> int | None:
+        stage = "clusteralert_incident_stage_active"
+        return next((p for p in workers if scrape(p).get(stage) == 1), None)
+
+    active = wait_until(active_port, 10, "an active stage")
+    # Most likely within the second the active stage waits before it records its counts.
+    workers.pop(active).kill()
+    [survivor] = workers
+    # The time is up; the next event makes sure the survivor is the active stage, even
+    # if the killed one had taken every silenced event.
+    wait_metric(survivor, "clusteralert_silences_active", lambda v: v == 0, 30)
+    after = _publish(vhost, "node2")
+    assert relay.wait_for(lambda got: len(_summaries(relay)) >= 1, timeout=30)
+    [summary] = _summaries(relay)
+    found = re.search(r"monitor:1 on node2 \(c\): (\d+) event", _body(summary))
+    counted = int(found.group(1)) if found else 0
+    print(f"\n20 silenced events, {counted} counted (more means counted twice, never fewer)")
+    assert counted >= len(held)
+    assert relay.wait_for(lambda got: _alerts(relay) == [after], timeout=30)
+    assert _listed(config, "--all")[0]["held"] == counted
+    assert scrape(survivor)[SILENCED] >= 1
