@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from email import message_from_bytes, policy
 
 import pytest
 
+from shared.catalog import load_catalog
+from shared.config import FilterConfig, MailConfig
 from shared.event import Event, new_event
+from shared.filter import decide
 from shared.silence import (
     HeldRow,
     InvalidSilence,
@@ -23,6 +27,7 @@ from shared.silence import (
     summarised_record,
 )
 from tests.pipeline import run_cli
+from worker.render import Renderer
 from worker.silence_summary import summary
 
 NOW = datetime(2026, 11, 27, 20, 0, tzinfo=UTC)
@@ -203,3 +208,20 @@ def test_the_command_refuses_bad_input_with_one_line_and_exit_2(args: list[str],
     result = run_cli("clusteralert-worker", "silence", "add", *args, "--config", "/nonexistent")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and why in result.stderr, result.stderr
+
+
+def test_the_summary_renders_as_a_silence_mail_without_reporters() -> None:
+    s = _silence(node="node2")
+    rows = [HeldRow("c", "monitor:1", "node2", 2, NOW, NOW + timedelta(minutes=1))]
+    notification = summary(s, rows, ended=NOW + timedelta(hours=2), expired_by="bo")
+    catalog = load_catalog([])
+    mail = Renderer(
+        MailConfig(sender="a@example.com", to=("ops@example.com",))
+    ).render_notification(notification, lambda event: decide(event, catalog, FilterConfig()))
+    parsed = message_from_bytes(mail.data, policy=policy.default)
+    assert parsed["X-Clusteralert-Kind"] == "silence"
+    assert parsed["Message-ID"] == f"<{notification.first.id}@example.com>"
+    body = parsed.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert "expired by bo" in body and "patch" in body
+    assert "monitor:1 on node2 (c): 2 event(s)" in body
+    assert "Reported by" not in body
