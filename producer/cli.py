@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shared.cli import on_stop_signal, report_errors
+from shared.cli import key_values, on_stop_signal, report_errors
 from shared.config import Config, load_config
-from shared.errors import ClusteralertError, SpoolError
+from shared.errors import SpoolError
 from shared.event import new_event
 
 if TYPE_CHECKING:
@@ -81,16 +81,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _params(pairs: Sequence[str]) -> dict[str, str]:
-    params: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ClusteralertError(f"--param {pair[:40]!r}: expected KEY=VALUE")
-        params[key] = value
-    return params
-
-
 def _spool(config: Config) -> Spool:
     from producer.spool import Spool
 
@@ -112,7 +102,7 @@ def _emit(args: argparse.Namespace) -> int:
         level=args.level,
         cluster=args.cluster if args.cluster is not None else config.producer.cluster,
         node=args.node or _node(config),
-        params=_params(args.param),
+        params=key_values(args.param),
         text=args.text,
         source=args.source,
         reporter=_node(config),

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 from shared.errors import ClusteralertError, ConfigError
 
-__all__ = ["on_stop_signal", "report_errors"]
+__all__ = ["key_values", "on_stop_signal", "report_errors"]
 
 
 def report_errors(prog: str, command: Callable[[], int]) -> int:
@@ -40,3 +40,17 @@ def on_stop_signal(callback: Callable[[str], None]) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+def key_values(
+    pairs: Sequence[str], error: type[ClusteralertError] = ClusteralertError
+) -> dict[str, str]:
+    """``--param KEY=VALUE`` options as a dict; ``error`` (one line) for a pair without
+    ``=``, so that each command refuses it with its own exit status."""
+    params: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise error(f"--param {pair[:40]!r}: expected KEY=VALUE")
+        params[key] = value
+    return params

@@ -41,6 +41,7 @@ __all__ = [
     "SmtpRelay",
     "WorkerConfig",
     "config_secrets",
+    "is_key_pattern",
     "load_config",
     "resolve_config_path",
 ]
@@ -80,6 +81,13 @@ DEFAULT_SUBJECT: Final = "[{level}] {cluster} {node}: {message}"
 # Printable ASCII only: the mail head is ASCII, and SMTPUTF8 is not supported.
 _ADDRESS_RE: Final = re.compile(r"[!#-'*+\-/-9=?A-Z^-~]+@[A-Za-z0-9.-]+")
 _KEY_PATTERN_RE: Final = re.compile(r"[a-z0-9_*?-]+:[0-9*?]+")
+
+
+def is_key_pattern(pattern: str) -> bool:
+    """A ``module:event_id`` pattern as ``[filter]`` and silences take them."""
+    return _KEY_PATTERN_RE.fullmatch(pattern) is not None
+
+
 _HOSTNAME_RE: Final = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,253}[A-Za-z0-9])?")
 _CONTROL_RE: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
@@ -661,7 +669,7 @@ def _key_patterns(t: Table, key: str, *, allow_single: bool = False) -> tuple[st
     """A list of ``module:event_id`` patterns (wildcards allowed)."""
     patterns: tuple[str, ...] = t.str_list(key, (), allow_single=allow_single)
     for i, pattern in enumerate(patterns):
-        if not _KEY_PATTERN_RE.fullmatch(pattern):
+        if not is_key_pattern(pattern):
             t.error(
                 f"{key}[{i}]", f"expected module:event_id (wildcards allowed), got {pattern!r:.60}"
             )

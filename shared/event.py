@@ -27,6 +27,7 @@ from shared.levels import LEVELS, Level
 __all__ = [
     "MAX_EVENT_BYTES",
     "MAX_PARAMS",
+    "PARAM_KEY_RE",
     "SCHEMA_VERSION",
     "Event",
     "clean_text",

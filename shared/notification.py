@@ -9,7 +9,9 @@ A notification is one of four kinds:
   often it was seen since the last mail; a reply in the incident's thread;
 * ``recovery``: the report that ended a mailed incident, how long it lasted, a reply in the
   incident's thread;
-* ``digest``: a storm's incidents, one item each.
+* ``digest``: a storm's incidents, one item each;
+* ``silence``: what a silence held back, summarised when it ended (one item: an event
+  of module ``clusteralert`` made by the stage, see :mod:`worker.silence_summary`).
 
 The wire form is versioned and strict: anything malformed raises :class:`InvalidEvent`
 with a one-line reason (the worker dead-letters it as ``invalid_event``). Events inside
@@ -51,7 +53,7 @@ MAX_ITEMS: Final = 10_000
 # ``reports`` and lists the first ones.
 MAX_IDS: Final = 1000
 MAX_REPORTERS: Final = 1000
-Kind = Literal["incident", "repeat", "recovery", "digest"]
+Kind = Literal["incident", "repeat", "recovery", "digest", "silence"]
 KINDS: Final[tuple[Kind, ...]] = get_args(Kind)
 DIGEST_PREFIX: Final = "digest-"  # a digest's Message-ID: <digest-FIRST_EVENT_ID@DOMAIN>
 

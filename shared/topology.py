@@ -19,6 +19,7 @@ __all__ = [
     "QUEUES",
     "RETRY_DELAYS",
     "RETRY_EXCHANGE",
+    "SILENCES_STREAM",
     "UNBINDINGS",
     "WORK_QUEUE",
     "Binding",
@@ -36,6 +37,9 @@ INCOMING_QUEUE: Final = "clusteralert.incoming"
 # The delivery stage's input: notifications from the incident stage.
 WORK_QUEUE: Final = "clusteralert.mail"
 DEAD_QUEUE: Final = "clusteralert.dead"
+# Silences and what they held back (shared.silence): a stream, so that every worker reads
+# every record from the first one, and nothing about silences lives outside RabbitMQ.
+SILENCES_STREAM: Final = "clusteralert.silences"
 
 # How often a message may be delivered from the work queue before the broker dead-letters
 # it. It backs up the worker's own classification: a message that kills the worker
@@ -129,6 +133,19 @@ QUEUES: Final[tuple[Queue, ...]] = (
     # No delivery limit of its own. Browsing never hands messages back (worker.dlq), so it
     # does not count toward a limit a policy or RabbitMQ 4's default sets.
     Queue(DEAD_QUEUE, {"x-queue-type": "quorum"}),
+    Queue(
+        SILENCES_STREAM,
+        {
+            "x-queue-type": "stream",
+            # Bounded, and in small segments because retention drops whole segments
+            # only. The age outlasts the longest silence allowed (30 days) and its
+            # summary; the size holds years of silences, and about a month of an
+            # active silence that holds back a storm (one record of counts per second).
+            "x-max-age": "60D",
+            "x-max-length-bytes": 512 * 1024 * 1024,
+            "x-stream-max-segment-size-bytes": 8 * 1024 * 1024,
+        },
+    ),
 )
 
 BINDINGS: Final[tuple[Binding, ...]] = (

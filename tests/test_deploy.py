@@ -43,6 +43,7 @@ from shared.topology import (
     QUEUES,
     RETRY_DELAYS,
     RETRY_EXCHANGE,
+    SILENCES_STREAM,
     UNBINDINGS,
     WORK_QUEUE,
     retry_queue_name,
@@ -272,7 +273,9 @@ def test_worker_permissions_are_the_minimum_its_operations_need() -> None:
     need: dict[str, set[str]] = {
         "configure": {e.name for e in EXCHANGES} | {q.name for q in QUEUES},
         "write": {RETRY_EXCHANGE, DLX_EXCHANGE, "amq.default"},
-        "read": {INCOMING_QUEUE, WORK_QUEUE, DEAD_QUEUE},
+        # The silences stream is read by every worker and by the silence commands; they
+        # write it through the default exchange.
+        "read": {INCOMING_QUEUE, WORK_QUEUE, DEAD_QUEUE, SILENCES_STREAM},
     }
     for queue in QUEUES:
         if "x-dead-letter-exchange" in queue.arguments:
@@ -282,7 +285,13 @@ def test_worker_permissions_are_the_minimum_its_operations_need() -> None:
         need["write"].add(binding.queue)
         need["read"].add(binding.exchange)
     assert EVENTS_EXCHANGE not in need["write"]
-    others = {"amq.default", "amq.topic", "clusteralert.incomings", "clusteralert.sneaky"}
+    others = {
+        "amq.default",
+        "amq.topic",
+        "clusteralert.incomings",
+        "clusteralert.sneaky",
+        "clusteralert.silences2",
+    }
     candidates = need["configure"] | others
     for kind, needed in need.items():
         # RabbitMQ searches (re:run) rather than matching the whole name.

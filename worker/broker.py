@@ -210,9 +210,10 @@ class Delivery:
         self.headers: dict[str, Any] = dict(self.properties.get("application_headers") or {})
         self.received = received
 
-    def ack(self) -> None:
+    def ack(self, *, multiple: bool = False) -> None:
+        """Ack this message (with ``multiple``, also every earlier one of its channel)."""
         with talking():
-            self._channel.basic_ack(self.delivery_tag)
+            self._channel.basic_ack(self.delivery_tag, multiple=multiple)
 
     def requeue(self) -> None:
         """Give this one message back; the broker charges it, and only it, a delivery."""
@@ -294,7 +295,8 @@ class Broker:
         self.config = config
         self.index = 0  # of the URL connected to, or to try first
         self._connection: Connection | None = None
-        self._publish_channel: Any = None
+        # Confirm-mode channels by lane (see publish_confirmed).
+        self._publish_channels: dict[str, Any] = {}
 
     @property
     def url(self) -> BrokerUrl:
@@ -314,10 +316,17 @@ class Broker:
         self.index = (self.index + 1) % len(self.config.urls)
 
     def consume(
-        self, queue: str, callback: Callable[[Delivery], None], *, prefetch: int
+        self,
+        queue: str,
+        callback: Callable[[Delivery], None],
+        *,
+        prefetch: int,
+        arguments: dict[str, Any] | None = None,
     ) -> Callable[[], None]:
         """Deliveries of ``queue`` to ``callback``, on a channel of their own with
-        ``prefetch`` unacked at most. Returns the function that cancels the consumer."""
+        ``prefetch`` unacked at most (a stream needs both the prefetch and acks, and
+        ``arguments`` such as ``x-stream-offset``). Returns the function that cancels
+        the consumer."""
         assert self._connection is not None
         with talking():
             channel = self._connection.channel()
@@ -327,7 +336,10 @@ class Broker:
             channel.basic_qos(prefetch_size=0, prefetch_count=prefetch, a_global=False)
             # py-amqp's consumer, not kombu's: see Delivery.
             tag = channel.basic_consume(
-                queue, callback=lambda raw: callback(Delivery(raw, monotonic())), no_ack=False
+                queue,
+                callback=lambda raw: callback(Delivery(raw, monotonic())),
+                no_ack=False,
+                arguments=arguments,
             )
 
         def cancel() -> None:
@@ -345,18 +357,28 @@ class Broker:
             self._connection.heartbeat_check()
 
     def publish_confirmed(
-        self, body: bytes, properties: dict[str, Any], exchange: str, routing_key: str
+        self,
+        body: bytes,
+        properties: dict[str, Any],
+        exchange: str,
+        routing_key: str,
+        *,
+        lane: str = "mail",
     ) -> None:
         """Publish with ``mandatory`` and wait for the broker's confirm; raise
-        :class:`PublishNotConfirmed` on a nack, a return or no answer."""
+        :class:`PublishNotConfirmed` on a nack, a return or no answer. Each ``lane`` has
+        a channel of its own: the silences stream's records do not share the channel of
+        notifications and settles, so that one lane's failure (which closes its channel)
+        and RabbitMQ's per-channel caching of permission checks stay that lane's."""
         assert self._connection is not None
         # A channel of its own in confirm mode: consuming channels stay unconfirmed, and
         # a publish failure closes only this one.
         with talking():
-            if self._publish_channel is None or not self._publish_channel.is_open:
-                self._publish_channel = self._connection.channel()
-                self._publish_channel.confirm_select()
-        channel = self._publish_channel
+            channel = self._publish_channels.get(lane)
+            if channel is None or not channel.is_open:
+                channel = self._connection.channel()
+                channel.confirm_select()
+                self._publish_channels[lane] = channel
         message = amqp.Message(body, **properties)
         try:
             channel.basic_publish_confirm(
@@ -371,7 +393,7 @@ class Broker:
             # taken for the next one's. A nack or a return leaves this one open: close
             # it rather than leak a channel per failed publish. (Not after a timeout or a
             # socket error: the close would wait on a broker that does not answer.)
-            self._publish_channel = None
+            self._publish_channels.pop(lane, None)
             if not isinstance(exc, OSError) and channel.is_open:
                 with contextlib.suppress(Exception):
                     channel.close()
@@ -381,7 +403,7 @@ class Broker:
 
     def close(self) -> None:
         connection, self._connection = self._connection, None
-        self._publish_channel = None
+        self._publish_channels = {}
         if connection is not None:
             _close_quietly(connection)
 

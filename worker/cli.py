@@ -20,6 +20,7 @@ from shared.levels import Level, level_rank
 from shared.logs import setup_logging
 from worker.catalog_cli import add_catalog_parser, run_catalog
 from worker.dlq_cli import add_dlq_parser
+from worker.silence_cli import add_silence_parser, run_silence
 
 __all__ = ["main"]
 
@@ -59,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_dlq_parser(sub)
     add_catalog_parser(sub)
+    add_silence_parser(sub)
     return parser
 
 
@@ -228,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "test-mail": _test_mail,
         "dlq": _dlq,
         "catalog": run_catalog,
+        "silence": run_silence,
     }
     return report_errors(PROG, lambda: commands[args.command](args))
 

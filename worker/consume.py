@@ -28,6 +28,7 @@ from worker.metrics import Metrics
 from worker.outcome import Outcome
 from worker.pipeline import Pipeline
 from worker.settle import describe_delivery, settle
+from worker.silence_follow import SilenceFollower
 
 __all__ = ["Consumer"]
 
@@ -53,14 +54,23 @@ class Consumer:
         incident: IncidentConfig | None = None,
     ):
         self.broker = Broker(broker)
+        self.silences = SilenceFollower(self.broker, metrics)
         # The incident stage shares the connection and this thread (None: delivery only).
         self.stage = (
             None
             if incident is None
             else IncidentStage(
-                self.broker, incident, pipeline.catalog, pipeline.filters, pipeline, metrics
+                self.broker,
+                incident,
+                pipeline.catalog,
+                pipeline.filters,
+                pipeline,
+                metrics,
+                self.silences,
             )
         )
+        # Whether the stage should be subscribed: it waits until the silences are read.
+        self._stage_wanted = False
         self.pipeline = pipeline
         self.metrics = metrics
         self.loop = loop
@@ -90,6 +100,7 @@ class Consumer:
                 self._abandon_in_flight()
                 if self.stage is not None:
                     self.stage.lost()
+                    self.silences.lost()
                 self.broker.fail_over()
                 stop.wait(delay)
             finally:
@@ -99,7 +110,9 @@ class Consumer:
     def _consume(self, stop: threading.Event) -> None:
         cancel = self.broker.consume(WORK_QUEUE, self._on_message, prefetch=self.prefetch)
         if self.stage is not None:
-            self.stage.start()
+            # The stage subscribes once every silence is known (see _drain).
+            self.silences.start()
+            self._stage_wanted = True
         # Only now is the worker useful: topology declared and deliveries flowing.
         self.metrics.broker_connected.set(1)
         log.info("consuming %s with prefetch %d", WORK_QUEUE, self.prefetch)
@@ -110,6 +123,7 @@ class Consumer:
             self._settle_before_leaving()
             raise
         if self.stage is not None:
+            self._stage_wanted = False
             self.stage.stop()
         cancel()
         deadline = time.monotonic() + self.shutdown_grace
@@ -134,6 +148,9 @@ class Consumer:
         self.broker.drain(_DRAIN_TIMEOUT)
         self._settle_finished()
         if self.stage is not None:
+            self.silences.service()
+            if self._stage_wanted and self.stage.engine is None and self.silences.caught_up:
+                self.stage.start()
             self.stage.service()
 
     def _on_message(self, delivery: Delivery) -> None:

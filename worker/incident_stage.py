@@ -35,6 +35,8 @@ from worker.incident import Ack, Action, IncidentEngine, Publish, count
 from worker.metrics import Metrics
 from worker.pipeline import Pipeline, refuse_compressed
 from worker.settle import describe_delivery, settle
+from worker.silence_follow import SilenceFollower
+from worker.silence_stage import SILENCE_BATCH, SilenceStep
 
 __all__ = ["IncidentStage", "stage_prefetch"]
 
@@ -54,7 +56,8 @@ _MAX_PAUSE: Final = 30.0
 
 
 def stage_prefetch(max_held: int) -> int:
-    return min(MAX_PREFETCH, max_held + PREFETCH_MARGIN)
+    # Silenced events wait unacked too, until their counts are recorded.
+    return min(MAX_PREFETCH, max_held + PREFETCH_MARGIN + SILENCE_BATCH)
 
 
 def _message_id(notification: Notification) -> str:
@@ -73,8 +76,10 @@ class IncidentStage:
         filters: FilterConfig,
         pipeline: Pipeline,
         metrics: Metrics,
+        silences: SilenceFollower,
     ):
         self.broker = broker
+        self.silences = SilenceStep(broker, silences, metrics)
         self.config = config
         self.catalog = catalog
         self.filters = filters
@@ -114,6 +119,7 @@ class IncidentStage:
         self.active = False
         self._cancel = None
         self._arrived.clear()
+        self.silences.lost()
         self.metrics.stage_active.set(0)
         self.metrics.held.set(0)
         self.metrics.next_due.set(0)
@@ -131,6 +137,8 @@ class IncidentStage:
             if deadline <= now and now >= self._paused_until:
                 self._carry_out(engine.tick(now))
                 deadline = engine.next_deadline()
+        if self.active:
+            self.silences.service(active=True)
         self.metrics.held.set(engine.held)
         # As wall-clock time, so that an alert sees a deadline long past even when this
         # thread stopped updating it.
@@ -156,6 +164,8 @@ class IncidentStage:
             return
         decision = decide(event, self.catalog, self.filters)
         self.pipeline.note_decision(event, decision)
+        if self.silences.take(event, decision, delivery):
+            return
         self._offered = (event, decision)
         try:
             actions = engine.offer(event, delivery, now=time.monotonic())

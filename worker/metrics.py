@@ -95,6 +95,16 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.silenced = Counter(
+            "clusteralert_events_silenced",
+            "Events a silence held back (acked once their count is recorded)",
+            registry=r,
+        )
+        self.silences_active = Gauge(
+            "clusteralert_silences_active",
+            "Silences in force that this worker has read from the stream",
+            registry=r,
+        )
         self.digests = Counter("clusteralert_digests_sent", "Storm digests published", registry=r)
         self.recoveries = Counter(
             "clusteralert_recoveries", "Incidents ended by a resolving event", registry=r

@@ -199,8 +199,10 @@ class Renderer:
         decision = decider(event)
         content = _content_of(event, decision)
         intro = _intro(notification.kind, item, decider)
-        body = _body(content, intro=intro, outro=_reported(item))
-        html_body = _html(content, intro=intro + _reported(item)) if self.config.html else ""
+        # A silence's summary is the stage's own: no node reported it.
+        outro = [] if notification.kind == "silence" else _reported(item)
+        body = _body(content, intro=intro, outro=outro)
+        html_body = _html(content, intro=intro + outro) if self.config.html else ""
         threading: list[tuple[str, str]] = []
         if item.replies_to is not None:
             answered = f"<{item.replies_to}@{self.config.domain}>"
