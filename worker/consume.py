@@ -51,6 +51,7 @@ class Consumer:
         prefetch: int,
         shutdown_grace: float,
         incident: IncidentConfig | None = None,
+        canary_interval: float = 0.0,
     ):
         self.broker = Broker(broker)
         # The incident stage shares the connection and this thread (None: delivery only).
@@ -58,7 +59,13 @@ class Consumer:
             None
             if incident is None
             else IncidentStage(
-                self.broker, incident, pipeline.catalog, pipeline.filters, pipeline, metrics
+                self.broker,
+                incident,
+                pipeline.catalog,
+                pipeline.filters,
+                pipeline,
+                metrics,
+                canary_interval=canary_interval,
             )
         )
         self.pipeline = pipeline
