@@ -40,14 +40,22 @@ class Canary:
         self.metrics = metrics
         self.interval = interval
         self._next = 0.0
+        self._was_active = False
+        # For the stale-canary alert, which waits for a few missed intervals.
+        metrics.canary_interval.set(interval)
 
     def restart(self) -> None:
         """A new subscription: send (a probe, as nothing has arrived yet) at once."""
         self._next = time.monotonic()
+        self._was_active = False
 
     def service(self, active: bool) -> None:
         """Publish the canary (active) or a probe (not known to be active) when due."""
         now = time.monotonic()
+        if active and not self._was_active:
+            # Just became active: the first canary now, not an interval after the probe.
+            self._next = now
+        self._was_active = active
         if not self.interval or now < self._next:
             return
         self._next = now + self.interval

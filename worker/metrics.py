@@ -119,6 +119,11 @@ class Metrics:
             "When a relay last accepted a canary mail from this worker (Unix time)",
             registry=r,
         )
+        self.canary_interval = Gauge(
+            "clusteralert_canary_interval_seconds",
+            "[canary] interval of this worker (0: no canary)",
+            registry=r,
+        )
         self.canaries_published = Counter(
             "clusteralert_canaries_published",
             "Canary events the active incident stage published",
