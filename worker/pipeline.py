@@ -31,7 +31,7 @@ from shared.errors import (
 from shared.event import Event, decode_event
 from shared.filter import Decision, decide
 from shared.notification import Notification, decode_notification, is_notification
-from shared.own_events import own_kind
+from shared.own_events import OwnKind, own_kind
 from worker.metrics import Metrics
 from worker.outcome import Outcome
 from worker.render import Mail, Renderer
@@ -175,8 +175,7 @@ class Pipeline:
         if own is not None:
             # The pipeline's own: never counted as events, never filtered or routed.
             assert isinstance(decoded, Event)
-            canary = own == "canary"
-            return await self._own(decoded, canary, state, headers, received, started)
+            return await self._own(decoded, own, state, headers, received, started)
         # Counted where an event is taken for the last time: here for the events a
         # notification covers (the incident stage counts those it settles itself).
         self.metrics.consumed.inc(decoded.events if isinstance(decoded, Notification) else 1)
@@ -209,7 +208,7 @@ class Pipeline:
     async def _own(  # noqa: PLR0917 (one message's state, passed on from _handle)
         self,
         event: Event,
-        canary: bool,
+        kind: OwnKind,
         state: RetryState,
         headers: Mapping[str, object],
         received: float,
@@ -217,8 +216,8 @@ class Pipeline:
     ) -> Outcome:
         """A canary is mailed to ``[canary] to`` and nobody else; a heartbeat or probe
         here (a replayed dead letter, say) is acked: neither is ever mailed."""
-        if not canary:
-            log.info("event %s %s is not mailed (a %s); acked", event.id, event.key, event.source)
+        if kind != "canary":
+            log.info("event %s %s is not mailed (a %s); acked", event.id, event.key, kind)
             return Outcome("ack")
         if not self.canary_to:
             log.warning("canary %s acked unmailed: [canary] to is not set here", event.id)
