@@ -73,3 +73,36 @@ def test_canary_success_advances_and_stops_when_the_relay_refuses_auth(
     wait_until(lambda: len(dlq_list(config)) >= len(dead) + 2, 30, "two more refused canaries")
     assert scrape(port)[CANARY] == stuck
     assert all(row.get("event") == "clusteralert:2" for row in dlq_list(config)), dlq_list(config)
+
+
+def test_only_the_active_stage_sends_canaries_and_a_standby_takes_over(
+    tmp_path: Path,
+    vhost: str,
+    certs: Certs,
+    smtp_server: Callable[..., SmtpServer],
+    processes: Callable[..., Process],
+) -> None:
+    """Two workers, an idle deployment (no cluster sends anything): the standby's probes
+    make the active stage known, only it publishes canaries; when it is killed, the
+    standby's next probe reaches it as the new active stage, and the canary goes on."""
+    relay = smtp_server("starttls", credentials=("alert", SMTP_PASSWORD))
+    extra = f'[canary]\ninterval = 1\nto = ["{CANARY_TO}"]'
+    config = write_config(tmp_path, vhost, [relay], certs, extra=extra)
+    workers = [start_worker(processes, config) for _ in range(2)]
+    published = "clusteralert_canaries_published_total"
+
+    def counts() -> list[float]:
+        return [scrape(port).get(published, 0) for _, port in workers]
+
+    wait_until(lambda: sum(counts()) >= 4, 30, "four canaries")
+    assert sorted(counts())[0] == 0, counts()  # the standby sent none
+    active, standby = sorted(workers, key=lambda w: -scrape(w[1]).get(published, 0))
+    assert scrape(active[1])["clusteralert_incident_stage_active"] == 1
+    assert scrape(standby[1])["clusteralert_incident_stage_active"] == 0
+    assert relay.wait_for(lambda got: len(got) >= 4, 30)
+
+    active[0].kill()
+    mailed = len(relay.received)
+    wait_until(lambda: scrape(standby[1]).get(published, 0) >= 2, 30, "the standby's canaries")
+    assert relay.wait_for(lambda got: len(got) >= mailed + 2, 30)
+    assert scrape(standby[1])["clusteralert_incident_stage_active"] == 1
