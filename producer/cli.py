@@ -222,7 +222,20 @@ def _run(args: argparse.Namespace) -> int:
             LogFollower(f, spool, catalog, cluster=config.producer.cluster, node=_node(config))
             for f in config.producer.follow
         ]
-    forwarder = Forwarder(spool, config.broker, confirm_timeout=config.producer.confirm_timeout)
+    from shared.own_events import heartbeat_event
+
+    cluster, node, interval = (
+        config.producer.cluster,
+        _node(config),
+        config.producer.heartbeat_interval,
+    )
+    forwarder = Forwarder(
+        spool,
+        config.broker,
+        confirm_timeout=config.producer.confirm_timeout,
+        heartbeat=lambda: heartbeat_event(cluster, node, interval),
+        heartbeat_interval=interval,
+    )
     if config.producer.metrics_port:
         from producer.metrics import serve_metrics
 

@@ -12,6 +12,11 @@ For an unroutable mandatory message the broker sends ``basic.return`` before its
 returns are paired with acks by the event id (the AMQP ``message_id``), and such an event
 goes back to the spool. On a fresh install the exchange or the work queue may not exist
 yet, and events wait in the spool with backoff, as they do when the broker is down.
+
+Heartbeats take the same channel, with confirms, but never the spool: one is worth
+something only while it is fresh. When one falls due while the broker is away, it is sent
+(stamped anew) once the channel is back, and a refused one is not retried; the next one
+follows an interval later.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from producer.watch import SpoolWatcher
 from shared.backoff import Backoff
 from shared.config import BrokerConfig
 from shared.errors import SpoolError, describe
-from shared.event import peek_event
+from shared.event import Event, encode_event, peek_event, routing_key
 from shared.tls import client_context
 from shared.topology import EVENTS_EXCHANGE
 
@@ -93,6 +98,8 @@ class Forwarder:
         max_backoff: float = _MAX_BACKOFF,
         tick: float = 2.0,
         confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT,
+        heartbeat: Callable[[], Event] | None = None,
+        heartbeat_interval: float = 0.0,
     ):
         self.spool = spool
         self.broker = broker
@@ -112,6 +119,11 @@ class Forwarder:
         self.last_error = ""
         self.last_error_time = 0.0
         self.last_publish_time = 0.0
+        # A fresh heartbeat event each time (None or an interval of 0: none).
+        self.heartbeat = heartbeat
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeats_sent = 0
+        self._heartbeat_due = False
 
         self._params = connection_parameters(broker)
         self._url_index = 0
@@ -126,8 +138,9 @@ class Forwarder:
         self._stopping = False
         self._backoff = Backoff(_MIN_BACKOFF, max_backoff)
         self._next_tag = 1
-        # Delivery tag: the claimed file, its event id and when it was published.
-        self._in_flight: dict[int, tuple[Path, str, float]] = {}
+        # Delivery tag: the claimed file (None for a heartbeat), its event id and when it
+        # was published.
+        self._in_flight: dict[int, tuple[Path | None, str, float]] = {}
         self._confirm_timer: Any = None
         self._channel_attempt = 0  # which channel opening a deadline belongs to
         self._failing_over = False
@@ -158,6 +171,8 @@ class Forwarder:
             self._loop.add_handler(self._watcher.fileno(), self._on_spool_change, PollEvents.READ)
         self._loop.add_handler(self._watcher.wake_fileno(), self._on_wake, PollEvents.READ)
         self._loop.call_later(0, self._on_tick)
+        if self.heartbeat is not None and self.heartbeat_interval:
+            self._loop.call_later(0, self._on_heartbeat_timer)
         if self._stopping:
             self._watcher.wake()
         self._connect()
@@ -313,6 +328,7 @@ class Forwarder:
         self._opening = False  # the channel is usable only once confirm mode is on
         self._next_tag = 1  # delivery tags count from 1 on every channel
         self._pump()
+        self._send_heartbeat()
 
     def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
         if self._channel is not None and channel is not self._channel:
@@ -381,6 +397,33 @@ class Forwarder:
                     self.confirm_timeout, self._check_confirms
                 )
 
+    def _on_heartbeat_timer(self) -> None:
+        self._heartbeat_due = True
+        self._send_heartbeat()
+        self._loop.call_later(self.heartbeat_interval, self._on_heartbeat_timer)
+
+    def _send_heartbeat(self) -> None:
+        """Publish the heartbeat that is due, if the channel is up; else it waits for
+        the channel (one at most: a later one replaces it)."""
+        if not self._heartbeat_due or not self._ready or self._stopping:
+            return
+        assert self.heartbeat is not None
+        self._heartbeat_due = False
+        event = self.heartbeat()
+        properties = pika.BasicProperties(
+            content_type="application/json",
+            delivery_mode=pika.DeliveryMode.Transient,
+            message_id=event.id,
+            timestamp=int(time.time()),
+        )
+        self._channel.basic_publish(
+            EVENTS_EXCHANGE, routing_key(event), encode_event(event), properties, mandatory=True
+        )
+        self._in_flight[self._next_tag] = (None, event.id, time.monotonic())
+        self._next_tag += 1
+        if self._confirm_timer is None:
+            self._confirm_timer = self._loop.call_later(self.confirm_timeout, self._check_confirms)
+
     def _next_pending(self) -> Path | None:
         if not self._queue and self._dirty:
             self._dirty = False
@@ -406,6 +449,9 @@ class Forwarder:
             if entry is None:
                 continue
             claimed, event_id, _ = entry
+            if claimed is None:
+                self._heartbeat_settled(event_id, acked)
+                continue
             if acked and not self._returned[event_id]:
                 self.published += 1
                 self._remover.remove(claimed)
@@ -431,11 +477,27 @@ class Forwarder:
             return
         self._pump()
 
+    def _heartbeat_settled(self, event_id: str, acked: bool) -> None:
+        if acked and not self._returned[event_id]:
+            self.heartbeats_sent += 1
+            log.debug("heartbeat %s confirmed", event_id)
+            return
+        if self._returned[event_id]:
+            self._returned[event_id] -= 1
+        # Not retried: the next interval brings a fresh one.
+        log.warning(
+            "heartbeat %s %s; the next one follows in %gs",
+            event_id,
+            "reached no queue" if acked else "was refused by the broker",
+            self.heartbeat_interval,
+        )
+
     def _give_back_in_flight(self) -> None:
         """Unconfirmed events return to the spool; they may be published twice, never lost."""
         if self._claim is not None:
             for claimed, _, _ in self._in_flight.values():
-                self._claim.give_back(claimed)
+                if claimed is not None:  # a heartbeat is not given back, only forgotten
+                    self._claim.give_back(claimed)
         self._in_flight.clear()
         self._returned.clear()
         self._queue.clear()

@@ -29,6 +29,7 @@ __all__ = [
     "SECTIONS",
     "BrokerConfig",
     "BrokerUrl",
+    "CanaryConfig",
     "CatalogConfig",
     "Config",
     "FilterConfig",
@@ -59,6 +60,7 @@ SECTIONS: Final = (
     "worker",
     "route",
     "incident",
+    "canary",
 )
 CHARSETS: Final = (
     "utf-8",
@@ -174,6 +176,9 @@ class ProducerConfig:
     # Seconds a publish may wait for its confirm before the agent tries the next broker.
     confirm_timeout: float = 30.0
     follow: tuple[FollowConfig, ...] = ()
+    # Seconds between the agent's heartbeats (0: none); the node-silent alert waits for
+    # a few missed ones.
+    heartbeat_interval: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +283,19 @@ class IncidentConfig:
     max_held: int = 50_000  # events held unacked at most; past it, oldest flushed early
 
 
+# The canary's interval once [canary] to names a recipient and interval is not given:
+# a mail every 5 minutes, so that a broken path is noticed within the alert's 3 intervals.
+CANARY_INTERVAL: Final = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryConfig:
+    """The canary mailed through the whole path (off unless ``to`` is set)."""
+
+    interval: float = 0.0  # seconds; 0: no canary
+    to: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     path: Path | None = None
@@ -291,6 +309,7 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     worker: WorkerConfig = WorkerConfig()
     incident: IncidentConfig = IncidentConfig()
+    canary: CanaryConfig = CanaryConfig()
     warnings: tuple[Problem, ...] = ()
 
 
@@ -388,6 +407,8 @@ def parse_config(
         worker.finish()
     if "incident" in sections:
         parts["incident"] = reader.incident(root.table("incident"))
+    if "canary" in sections:
+        parts["canary"] = _canary(root.table("canary"))
     root.skip(*SECTIONS)
     root.finish()
     errors = [p for p in problems if p.severity == "error"]
@@ -465,6 +486,12 @@ class _Reader:
             ),
             follow=tuple(
                 f for f in (self.follow(ft) for ft in t.tables("follow")) if f is not None
+            ),
+            heartbeat_interval=t.number(
+                "heartbeat_interval",
+                _default(ProducerConfig, "heartbeat_interval"),
+                low=0,
+                high=86400,
             ),
         )
         t.finish()
@@ -636,6 +663,17 @@ class _Reader:
         return CatalogConfig(paths=paths)
 
 
+def _canary(t: Table) -> CanaryConfig:
+    to = _recipients(t, required=False)
+    interval = t.number("interval", CANARY_INTERVAL if to else 0.0, low=0, high=86400)
+    if 0 < interval < 1:
+        t.error("interval", "must be 0 (no canary) or at least 1 second")
+    if interval and not to:
+        t.error("to", "a recipient is required when interval is above 0 (or set interval = 0)")
+    t.finish()
+    return CanaryConfig(interval=interval, to=to)
+
+
 def _default(settings: type, name: str) -> Any:
     """The default of setting ``name``, as its settings type states it: each default is
     written once, there, and the reader takes it from the type."""
@@ -654,10 +692,10 @@ def _sender(t: Table, key: str, default: str | None) -> str | None:
     return sender
 
 
-def _recipients(t: Table) -> tuple[str, ...]:
-    """``to``: one or more plain addresses (shared by [mail] and [[route]])."""
+def _recipients(t: Table, *, required: bool = True) -> tuple[str, ...]:
+    """``to``: one or more plain addresses (shared by [mail], [[route]] and [canary])."""
     to: tuple[str, ...] = t.str_list("to", (), allow_single=True)
-    if not to:
+    if not to and required:
         t.error("to", "at least one recipient is required")
     for i, address in enumerate(to):
         if not _ADDRESS_RE.fullmatch(address):

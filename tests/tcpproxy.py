@@ -13,9 +13,10 @@ import threading
 
 
 class TcpProxy:
-    def __init__(self, upstream: tuple[str, int]):
+    def __init__(self, upstream: tuple[str, int], port: int = 0):
+        """``port``: a fixed one, such as that of a proxy closed earlier (back again)."""
         self.upstream = upstream
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server(("127.0.0.1", port))
         self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
         self._open: list[socket.socket] = []
@@ -74,5 +75,9 @@ class TcpProxy:
 
     def close(self) -> None:
         self._closed.set()
+        # A close alone leaves a listener that a thread is blocked accepting on in
+        # LISTEN: connections would queue and hang instead of being refused.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         self.cut()

@@ -6,6 +6,7 @@ broken relay to a mailbox."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -14,8 +15,8 @@ import pytest
 import yaml
 
 from tests.conftest import Certs, Process, free_port, scrape
-from tests.pipeline import publish_events, start_worker, write_config
-from tests.prometheus import installed, start_prometheus
+from tests.pipeline import SMTP_PASSWORD, publish_events, start_worker, write_config
+from tests.prometheus import Query, installed, start_prometheus
 from tests.smtpserver import SmtpServer
 from tests.waiting import wait_until
 
@@ -26,6 +27,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 ALERTMANAGER_CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "clusteralert.json"
 # Our own services: the path the pipeline's mail takes (the broker, the worker).
 PIPELINE_IMAGES = ("clusteralert", "rabbitmq")
 
@@ -109,22 +111,19 @@ def _test_rules(path: Path, alert: str) -> None:
     path.write_text(yaml.safe_dump({"groups": [{"name": "test", "rules": [rule]}]}))
 
 
-def test_a_relay_refusing_auth_is_mailed_out_of_band_by_alertmanager(
-    vhost: str,
+def _out_of_band(
     tmp_path: Path,
     certs: Certs,
     smtp_server: Callable[..., SmtpServer],
     processes: Callable[..., Process],
-) -> None:
-    """The relay's password was revoked: the worker's AUTH is refused, so clusteralert
-    cannot mail anything. Prometheus sees the failures, ClusteralertRelayFailing fires,
-    and Alertmanager mails it over STARTTLS to a relay of its own."""
+    worker_port: int,
+    alert: str,
+) -> tuple[SmtpServer, Query]:
+    """A real Alertmanager (the shipped config, its relay moved to a test relay of its own,
+    waits shortened) and a real Prometheus (the shipped alerting section pointed at it)
+    scraping the worker on ``worker_port`` with the shipped rule ``alert`` alone. Returns
+    Alertmanager's relay and Prometheus's query."""
     alertmanager = installed("prometheus-alertmanager", "prometheus-alertmanager")
-    broken = smtp_server("starttls", credentials=("alert", "a-new-password"))
-    worker_config = write_config(tmp_path, vhost, [broken], certs)
-    _, worker_port = start_worker(processes, worker_config)
-
-    # Alertmanager: the shipped config, its relay moved to the test's, waits shortened.
     oob_relay = smtp_server("starttls")
     am_config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
     am_config["global"]["smtp_smarthost"] = f"127.0.0.1:{oob_relay.port}"
@@ -142,8 +141,7 @@ def test_a_relay_refusing_auth_is_mailed_out_of_band_by_alertmanager(
         bin_dir=Path(alertmanager).parent,
     )
 
-    # Prometheus: the shipped alerting section pointed at that Alertmanager.
-    _test_rules(tmp_path / "rules.yml", "ClusteralertRelayFailing")
+    _test_rules(tmp_path / "rules.yml", alert)
     prom_config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     prom_config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     prom_config["rule_files"] = [str(tmp_path / "rules.yml")]
@@ -157,17 +155,105 @@ def test_a_relay_refusing_auth_is_mailed_out_of_band_by_alertmanager(
         }
     ]
     query = start_prometheus(processes, tmp_path, prom_config)
-
-    # The counters must be seen at zero first, for increase() to see them rise.
     wait_until(lambda: query("up == 1"), 30, "Prometheus scraping the worker")
-    publish_events(vhost, 1)
+    return oob_relay, query
+
+
+def _the_alert_mail(oob_relay: SmtpServer, alert: str) -> str:
+    """The one out-of-band mail, over TLS to the on-call address: its HTML body."""
     assert oob_relay.wait_for(lambda got: len(got) == 1, timeout=45), "no out-of-band mail"
     [mail] = oob_relay.received
     assert mail.tls and mail.rcpt_tos == ["oncall@example.com"]
     message = mail.parsed()
-    assert "ClusteralertRelayFailing" in str(message["Subject"]), message["Subject"]
+    assert alert in str(message["Subject"]), message["Subject"]
     html = message.get_body(("html",))
     assert html is not None
-    assert "No relay accepted a mail in 10 minutes" in html.get_content()  # the summary
+    text: str = html.get_content()
+    return text
+
+
+def test_a_relay_refusing_auth_is_mailed_out_of_band_by_alertmanager(
+    vhost: str,
+    tmp_path: Path,
+    certs: Certs,
+    smtp_server: Callable[..., SmtpServer],
+    processes: Callable[..., Process],
+) -> None:
+    """The relay's password was revoked: the worker's AUTH is refused, so clusteralert
+    cannot mail anything. Prometheus sees the failures, ClusteralertRelayFailing fires,
+    and Alertmanager mails it over STARTTLS to a relay of its own."""
+    broken = smtp_server("starttls", credentials=("alert", "a-new-password"))
+    worker_config = write_config(tmp_path, vhost, [broken], certs)
+    _, worker_port = start_worker(processes, worker_config)
+    # The counters must be seen at zero first, for increase() to see them rise.
+    oob_relay, _ = _out_of_band(
+        tmp_path, certs, smtp_server, processes, worker_port, "ClusteralertRelayFailing"
+    )
+    publish_events(vhost, 1)
+    html = _the_alert_mail(oob_relay, "ClusteralertRelayFailing")
+    assert "No relay accepted a mail in 10 minutes" in html  # the summary
     assert broken.received == []  # clusteralert itself got nothing through
+    assert scrape(worker_port)['clusteralert_mails_failed_total{reason="auth"}'] >= 1
+
+
+def test_a_stale_canary_is_mailed_out_of_band_by_alertmanager(
+    vhost: str,
+    tmp_path: Path,
+    certs: Certs,
+    smtp_server: Callable[..., SmtpServer],
+    processes: Callable[..., Process],
+) -> None:
+    """The canary gets through every 2 s, then the relay's password is revoked: no canary
+    gets through, ClusteralertCanaryStale fires (3 intervals, 6 s) and Alertmanager
+    mails it over a relay of its own. Not before: while canaries flow it stays quiet, and
+    the dashboard shows the canary's age and a node agent's last heartbeat."""
+    relay = smtp_server("starttls", credentials=("alert", SMTP_PASSWORD))
+    extra = '[canary]\ninterval = 2\nto = ["canary@example.com"]'
+    worker_config = write_config(tmp_path, vhost, [relay], certs, extra=extra)
+    _, worker_port = start_worker(processes, worker_config)
+    agent_config = tmp_path / "node-a.toml"
+    agent_config.write_text(
+        worker_config.read_text().replace(
+            "[producer]", '[producer]\nnode = "node-a"\nheartbeat_interval = 1'
+        )
+    )
+    processes("clusteralert-producer", "run", "--config", str(agent_config))
+    oob_relay, query = _out_of_band(
+        tmp_path, certs, smtp_server, processes, worker_port, "ClusteralertCanaryStale"
+    )
+    # Several canaries seen by Prometheus, and the rule quiet meanwhile.
+    first = wait_until(
+        lambda: query("clusteralert_canary_last_success_timestamp_seconds > 0"),
+        30,
+        "Prometheus seeing a canary get through",
+    )
+    success = float(first[0]["value"][1])  # type: ignore[index]
+    wait_until(
+        lambda: query(f"clusteralert_canary_last_success_timestamp_seconds > {success + 6}"),
+        30,
+        "Prometheus seeing canaries 6 s later",
+    )
+    assert query('ALERTS{alertname="ClusteralertCanaryStale"}') == []
+    assert oob_relay.received == []
+    # The dashboard's canary and node panels answer from these workers' metrics.
+    panels = {
+        p["title"]: p["targets"][0]["expr"].replace("$instance", ".*")
+        for p in json.loads(DASHBOARD.read_text())["panels"]
+        if "targets" in p
+    }
+    [age] = query(panels["Canary age"])
+    assert 0 <= float(age["value"][1]) < 10  # type: ignore[index]
+    [silence] = wait_until(
+        lambda: query(panels["Node agents: seconds since last heartbeat"]),
+        30,
+        "the node panel answering",
+    )
+    assert silence["metric"] == {"cluster": "prod-cluster", "node": "node-a"}
+    assert 0 <= float(silence["value"][1]) < 10  # type: ignore[index]
+
+    relay.credentials = ("alert", "a-new-password")
+    relay.go_down()
+    relay.come_back()
+    html = _the_alert_mail(oob_relay, "ClusteralertCanaryStale")
+    assert "No canary mail got through for" in html  # the summary
     assert scrape(worker_port)['clusteralert_mails_failed_total{reason="auth"}'] >= 1

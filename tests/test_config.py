@@ -184,6 +184,7 @@ TABLES = {
     "catalog": ("[catalog]\n", "catalog."),
     "metrics": ("[metrics]\n", "metrics."),
     "worker": ("[worker]\n", "worker."),
+    "canary": ("[canary]\n", "canary."),
 }
 
 
@@ -343,6 +344,7 @@ BOUNDS: list[tuple[str, str, float, float, float | None, Any]] = [
     ("producer", "max_events", 10_000, 0, None, lambda c: c.producer.max_events),
     ("producer", "max_bytes", 100 * 1024 * 1024, 0, None, lambda c: c.producer.max_bytes),
     ("producer", "metrics_port", 0, 0, 65535, lambda c: c.producer.metrics_port),
+    ("producer", "heartbeat_interval", 60.0, 0, 86400, lambda c: c.producer.heartbeat_interval),
     ("metrics", "port", 9464, 0, 65535, lambda c: c.metrics.port),
     ("worker", "prefetch", 32, 1, 10_000, lambda c: c.worker.prefetch),
     ("worker", "shutdown_grace", 30.0, 0, 3600, lambda c: c.worker.shutdown_grace),
@@ -501,3 +503,30 @@ def test_mail_and_broker_mistakes_are_reported_where_they_are(tmp_path: Path) ->
     assert any(p.startswith("mail.charset: expected one of utf-8, ") for p in found), found
     assert "broker.urls: at least one broker URL is required" in found
     assert "broker.cert_file: cert_file and key_file must be given together" in found
+
+
+def test_the_canary_is_off_until_it_has_a_recipient(tmp_path: Path) -> None:
+    off = parse_config(tomllib.loads(MINIMAL), base=tmp_path).canary
+    assert (off.interval, off.to) == (0, ())
+    on = parse_config(
+        tomllib.loads(MINIMAL + '[canary]\nto = "canary@example.com"\n'), base=tmp_path
+    )
+    assert (on.canary.interval, on.canary.to) == (300, ("canary@example.com",))
+    quiet = MINIMAL + '[canary]\nto = "canary@example.com"\ninterval = 0\n'
+    assert parse_config(tomllib.loads(quiet), base=tmp_path).canary.interval == 0
+
+
+@pytest.mark.parametrize(
+    ("table", "problem"),
+    [
+        ("interval = 60", "canary.to: a recipient is required when interval is above 0"),
+        ('interval = 0.5\nto = "c@example.com"', "canary.interval: must be 0 (no canary) or"),
+        ('interval = 90000\nto = "c@example.com"', "canary.interval: "),
+        ('to = ["c@example.com", "x\\r\\nBcc: y@example.com"]', "canary.to[1]: not a plain"),
+        ("to = 3", "canary.to: "),
+    ],
+)
+def test_a_bad_canary_is_one_line_each(table: str, problem: str, tmp_path: Path) -> None:
+    [found] = problems(MINIMAL + "[canary]\n" + table + "\n", tmp_path)
+    assert found.startswith(problem), found
+    assert "\n" not in found

@@ -395,9 +395,15 @@ def test_every_metric_in_dashboard_and_rules_is_exported(
     relay = smtp_server("starttls")
     config = write_config(tmp_path, vhost, [relay], certs, auth=False)
     _, port = start_worker(processes, config)
-    exported = {re.sub(r"\{.*", "", k) for k in scrape(port)}
-    # The node agent's own endpoint (the spool rules use it).
+    # The node agent's own endpoint (the spool rules use it); its first heartbeat gives
+    # the worker its per-node series.
     agent_port = _start_node_agent(processes, config)
+    wait_until(
+        lambda: any(k.startswith("clusteralert_node_last_seen") for k in scrape(port)),
+        30,
+        "the node agent's first heartbeat on the worker",
+    )
+    exported = {re.sub(r"\{.*", "", k) for k in scrape(port)}
     exported |= {re.sub(r"\{.*", "", k) for k in scrape(agent_port)}
     exported |= {re.sub(r"_(bucket|count|sum|total|created)$", "", k) for k in exported}
     used = _used_metric_names("clusteralert")

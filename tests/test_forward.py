@@ -22,6 +22,7 @@ from producer.watch import SpoolWatcher
 from shared.config import BrokerConfig, parse_config
 from shared.errors import ConfigError
 from shared.event import Event, decode_event, encode_event, new_event
+from shared.own_events import heartbeat_event
 from shared.topology import EVENTS_EXCHANGE, INCOMING_QUEUE
 from tests.conftest import RABBIT_HOST, RABBIT_PORT, amqp_url
 from tests.pipeline import take_messages
@@ -343,3 +344,44 @@ def test_a_file_that_cannot_be_moved_aside_is_passed_over(
     assert "left in the spool and passed over" in forwarder.forwarder.last_error
     assert [p.name for p in spool.pending()] == [bad.name]
     assert list(elsewhere.iterdir()) == []
+
+
+def test_heartbeats_missed_while_the_broker_was_away_are_not_sent_in_a_burst(
+    vhost: str, tmp_path: Path
+) -> None:
+    """A heartbeat every 0.2 s; the broker is unreachable for about ten of them. None is
+    spooled, and once it is back one heartbeat goes out, not the missed ten, then one per
+    interval again."""
+    _declare(vhost)
+    proxy = TcpProxy((RABBIT_HOST, RABBIT_PORT))
+    proxied = f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}"
+    broker = parse_config({"broker": {"urls": [proxied]}}, sections=("broker",)).broker
+    spool = Spool(tmp_path / "spool")
+    forwarder = Forwarder(
+        spool,
+        broker,
+        max_backoff=0.3,
+        heartbeat=lambda: heartbeat_event("c", "n1", 0.2),
+        heartbeat_interval=0.2,
+    )
+    running = Running(forwarder)
+    try:
+        wait_until(lambda: forwarder.heartbeats_sent >= 3, 10, "three heartbeats confirmed")
+        proxy.close()
+        failures: set[float] = set()
+        wait_until(
+            lambda: failures.add(forwarder.last_error_time) or len(failures) >= 7,
+            20,
+            "six failed reconnects (about ten missed heartbeats)",
+        )
+        assert not forwarder.connected
+        before = forwarder.heartbeats_sent
+        assert not list(spool.pending())
+        proxy = TcpProxy((RABBIT_HOST, RABBIT_PORT), port=proxy.port)
+        wait_until(lambda: forwarder.heartbeats_sent > before, 10, "a heartbeat after the outage")
+        assert forwarder.heartbeats_sent - before <= 2, forwarder.heartbeats_sent - before
+        wait_until(lambda: forwarder.heartbeats_sent >= before + 3, 10, "heartbeats going on")
+    finally:
+        running.close()
+        proxy.close()
+    assert not list(spool.pending())

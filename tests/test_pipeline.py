@@ -12,6 +12,7 @@ from shared.catalog import load_catalog
 from shared.config import FilterConfig, MailConfig
 from shared.errors import TransientError
 from shared.event import encode_event, new_event
+from shared.own_events import canary_event, heartbeat_event, probe_event
 from worker.metrics import Metrics
 from worker.pipeline import Outcome, Pipeline
 from worker.relay import Refusal
@@ -232,3 +233,33 @@ def test_a_mail_not_sent_within_max_hold_goes_to_the_ladder() -> None:
     assert sender.sent == []
     get = metrics.registry.get_sample_value
     assert get("clusteralert_mails_failed_total", {"reason": "timeout"}) == 1
+
+
+def test_the_pipelines_own_events_on_the_mail_queue() -> None:
+    """A canary goes to [canary] to alone and marks its success; with no [canary] to on
+    this worker it is acked unmailed; a heartbeat or probe (a replayed dead letter) is
+    acked unmailed. None of them counts as an event."""
+    sender = FakeSender()
+    pipeline, metrics = make(sender)
+    pipeline.canary_to = ("canary@example.com",)
+    success = "clusteralert_canary_last_success_timestamp_seconds"
+    assert run(pipeline, encode_event(canary_event())).action == "ack"
+    [mail] = sender.sent
+    assert mail.recipients == ("canary@example.com",)
+    assert b"To: canary@example.com\r\n" in mail.data
+    assert (metrics.registry.get_sample_value(success) or 0) > 0
+    for own in (heartbeat_event("c", "n", 60), probe_event()):
+        assert run(pipeline, encode_event(own)).action == "ack"
+    pipeline.canary_to = ()
+    assert run(pipeline, encode_event(canary_event())).action == "ack"
+    assert len(sender.sent) == 1
+    assert metrics.registry.get_sample_value("clusteralert_events_consumed_total") == 0
+
+
+def test_a_refused_canary_fails_like_any_mail_and_marks_no_success() -> None:
+    pipeline, metrics = make(FakeSender(error=TransientError("connect", "refused")))
+    pipeline.canary_to = ("canary@example.com",)
+    outcome = run(pipeline, encode_event(canary_event()))
+    assert (outcome.action, outcome.reason) == ("retry", "connect")
+    success = "clusteralert_canary_last_success_timestamp_seconds"
+    assert metrics.registry.get_sample_value(success) == 0

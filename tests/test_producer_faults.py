@@ -36,7 +36,8 @@ Processes = Callable[..., Process]
 
 @pytest.fixture
 def node(tmp_path: Path, vhost: str) -> Iterator[tuple[Path, int]]:
-    """A config for a node agent on ``vhost`` with a declared topology and no worker."""
+    """A config for a node agent on ``vhost`` with a declared topology and no worker.
+    No heartbeats: these tests count the messages on the queue."""
     broker = parse_config({"broker": {"urls": [amqp_url(vhost)]}}, sections=("broker",)).broker
     with connect_any(broker)[0] as connection:
         declare_topology(connection.default_channel)
@@ -45,6 +46,7 @@ def node(tmp_path: Path, vhost: str) -> Iterator[tuple[Path, int]]:
     config.write_text(
         f'[broker]\nurls = ["{amqp_url(vhost)}"]\n'
         f'[producer]\nspool_dir = "{tmp_path / "spool"}"\nmetrics_port = {port}\n'
+        "heartbeat_interval = 0\n"
     )
     yield config, port
 

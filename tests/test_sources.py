@@ -389,6 +389,7 @@ def test_the_pacemaker_agent_spools_once_per_alert_and_reaches_the_broker(
     config.write_text(
         f'[broker]\nurls = ["{amqp_url(vhost)}"]\n'
         f'[producer]\nspool_dir = "{tmp_path / "spool"}"\ncluster = "prod"\n'
+        "heartbeat_interval = 0\n"  # the queue must hold the fencing event alone
     )
     env = {**os.environ, "CLUSTERALERT_CONFIG": str(config)}
     fencing = CASES[3][1]

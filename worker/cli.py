@@ -187,6 +187,7 @@ def _run(args: argparse.Namespace) -> int:
         max_hold=config.worker.max_hold,
         worker_name=socket.gethostname(),
         scrub=scrub,
+        canary_to=config.canary.to,
     )
     consumer = Consumer(
         config.broker,
@@ -196,6 +197,7 @@ def _run(args: argparse.Namespace) -> int:
         prefetch=config.worker.prefetch,
         shutdown_grace=config.worker.shutdown_grace,
         incident=config.incident,
+        canary_interval=config.canary.interval,
     )
     stop = threading.Event()
 

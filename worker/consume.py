@@ -52,6 +52,7 @@ class Consumer:
         prefetch: int,
         shutdown_grace: float,
         incident: IncidentConfig | None = None,
+        canary_interval: float = 0.0,
     ):
         self.broker = Broker(broker)
         self.silences = SilenceFollower(self.broker, metrics)
@@ -67,6 +68,7 @@ class Consumer:
                 pipeline,
                 metrics,
                 self.silences,
+                canary_interval=canary_interval,
             )
         )
         # Whether the stage should be subscribed: it waits until the silences are read.

@@ -29,8 +29,11 @@ from shared.errors import InvalidEvent
 from shared.event import Event, decode_event
 from shared.filter import Decision, decide
 from shared.notification import DIGEST_PREFIX, Notification, encode_notification
+from shared.own_events import own_kind
 from shared.topology import INCOMING_QUEUE, WORK_QUEUE
 from worker.broker import Broker, Delivery, PublishNotConfirmed
+from worker.canary import Canary
+from worker.heartbeat import NodeHeartbeats
 from worker.incident import Ack, Action, IncidentEngine, Publish, count
 from worker.metrics import Metrics
 from worker.pipeline import Pipeline, refuse_compressed
@@ -77,6 +80,8 @@ class IncidentStage:
         pipeline: Pipeline,
         metrics: Metrics,
         silences: SilenceFollower,
+        *,
+        canary_interval: float = 0.0,
     ):
         self.broker = broker
         self.silences = SilenceStep(broker, silences, metrics)
@@ -94,6 +99,8 @@ class IncidentStage:
         self._offered: tuple[Event, Decision] | None = None
         self._pause = Backoff(_MIN_PAUSE, _MAX_PAUSE)
         self._paused_until = 0.0
+        self.canary = Canary(broker, metrics, canary_interval)
+        self.heartbeats = NodeHeartbeats(metrics)
 
     def start(self) -> None:
         """Subscribe (on a connected broker) with a fresh engine."""
@@ -101,6 +108,7 @@ class IncidentStage:
         self._arrived.clear()
         prefetch = stage_prefetch(self.config.max_held)
         self._cancel = self.broker.consume(INCOMING_QUEUE, self._arrived.append, prefetch=prefetch)
+        self.canary.restart()
         log.info("incident stage subscribed to %s with prefetch %d", INCOMING_QUEUE, prefetch)
 
     def stop(self) -> None:
@@ -127,6 +135,8 @@ class IncidentStage:
     def service(self) -> None:
         """Offer what arrived and send what is due. Called after each drain."""
         engine = self.engine
+        if engine is not None:
+            self.canary.service(self.active)
         if engine is None or time.monotonic() < self._paused_until:
             return  # what arrives meanwhile waits here, unacked, charged no delivery
         while self._arrived and time.monotonic() >= self._paused_until:
@@ -162,6 +172,8 @@ class IncidentStage:
             self.metrics.consumed.inc()
             self._dead_letter(delivery, exc)
             return
+        if self._take_own(event, delivery):
+            return
         decision = decide(event, self.catalog, self.filters)
         self.pipeline.note_decision(event, decision)
         if self.silences.take(event, decision, delivery):
@@ -179,6 +191,19 @@ class IncidentStage:
             ):
                 self.pipeline.note_filtered(event, decision)
         self._carry_out(actions)
+
+    def _take_own(self, event: Event, delivery: Delivery) -> bool:
+        """The pipeline's own events skip the filter and the engine (README, "Watching
+        the pipeline itself"); True when ``event`` was one and is settled."""
+        kind = own_kind(event)
+        if kind == "canary":
+            self.canary.forward(event, delivery)
+        elif kind == "heartbeat":
+            self.heartbeats.seen(event)
+            delivery.ack()
+        elif kind == "probe":
+            delivery.ack()
+        return kind is not None
 
     def _dead_letter(self, delivery: Delivery, exc: InvalidEvent) -> None:
         outcome = self.pipeline.undecodable(delivery.headers, exc)

@@ -122,6 +122,35 @@ class Metrics:
             "When the stage next sends what it holds (Unix time; 0 when it holds nothing)",
             registry=r,
         )
+        # Watching the pipeline itself (README, "Watching the pipeline itself"): 0 until
+        # the first canary this worker got accepted; alert rules take the max over workers.
+        self.canary_success = Gauge(
+            "clusteralert_canary_last_success_timestamp_seconds",
+            "When a relay last accepted a canary mail from this worker (Unix time)",
+            registry=r,
+        )
+        self.canary_interval = Gauge(
+            "clusteralert_canary_interval_seconds",
+            "[canary] interval of this worker (0: no canary)",
+            registry=r,
+        )
+        self.canaries_published = Counter(
+            "clusteralert_canaries_published",
+            "Canary events the active incident stage published",
+            registry=r,
+        )
+        self.node_last_seen = Gauge(
+            "clusteralert_node_last_seen_timestamp_seconds",
+            "Time of the last heartbeat of a node agent that this worker's stage took in",
+            ["cluster", "node"],
+            registry=r,
+        )
+        self.node_heartbeat_interval = Gauge(
+            "clusteralert_node_heartbeat_interval_seconds",
+            "The heartbeat interval the node agent announced in its last heartbeat",
+            ["cluster", "node"],
+            registry=r,
+        )
         for fold in ("duplicate", "repeat"):
             self.folded.labels(fold)
         for filter_reason in FILTER_REASONS:

@@ -31,6 +31,7 @@ from shared.errors import (
 from shared.event import Event, decode_event
 from shared.filter import Decision, decide
 from shared.notification import Notification, decode_notification, is_notification
+from shared.own_events import OwnKind, own_kind
 from worker.metrics import Metrics
 from worker.outcome import Outcome
 from worker.render import Mail, Renderer
@@ -76,6 +77,7 @@ class Pipeline:
         max_hold: float = 600.0,
         worker_name: str = "",
         scrub: Callable[[str], str] = lambda text: text,
+        canary_to: tuple[str, ...] = (),
     ):
         self.catalog = catalog
         self.filters = filters
@@ -86,6 +88,7 @@ class Pipeline:
         self.max_hold = max_hold
         self.worker_name = worker_name
         self.scrub = scrub
+        self.canary_to = canary_to
         # Kinds already explained at warning level: one line per kind, not per event.
         self._unknown_explained: set[str] = set()
 
@@ -168,6 +171,11 @@ class Pipeline:
         except InvalidEvent as exc:
             self.metrics.consumed.inc()
             return self.undecodable(headers, exc, state)
+        own = None if isinstance(decoded, Notification) else own_kind(decoded)
+        if own is not None:
+            # The pipeline's own: never counted as events, never filtered or routed.
+            assert isinstance(decoded, Event)
+            return await self._own(decoded, own, state, headers, received, started)
         # Counted where an event is taken for the last time: here for the events a
         # notification covers (the incident stage counts those it settles itself).
         self.metrics.consumed.inc(decoded.events if isinstance(decoded, Notification) else 1)
@@ -195,6 +203,44 @@ class Pipeline:
             except Exception as exc:
                 return self._unrenderable(exc, event, state, headers)
 
+        return await self._send(mail, event, level, state, headers, received, started)
+
+    async def _own(  # noqa: PLR0917 (one message's state, passed on from _handle)
+        self,
+        event: Event,
+        kind: OwnKind,
+        state: RetryState,
+        headers: Mapping[str, object],
+        received: float,
+        started: float,
+    ) -> Outcome:
+        """A canary is mailed to ``[canary] to`` and nobody else; a heartbeat or probe
+        here (a replayed dead letter, say) is acked: neither is ever mailed."""
+        if kind != "canary":
+            log.info("event %s %s is not mailed (a %s); acked", event.id, event.key, kind)
+            return Outcome("ack")
+        if not self.canary_to:
+            log.warning("canary %s acked unmailed: [canary] to is not set here", event.id)
+            return Outcome("ack")
+        decision = Decision(True, "info", None, None, "the canary")
+        try:
+            mail = self.renderer.render(event, decision, to=self.canary_to)
+        except Exception as exc:
+            return self._unrenderable(exc, event, state, headers)
+        return await self._send(mail, event, "info", state, headers, received, started, canary=True)
+
+    async def _send(  # noqa: PLR0917 (one message's state, passed on from _handle)
+        self,
+        mail: Mail,
+        event: Event,
+        level: str,
+        state: RetryState,
+        headers: Mapping[str, object],
+        received: float,
+        started: float,
+        *,
+        canary: bool = False,
+    ) -> Outcome:
         if state.recipients is not None:
             narrowed = _still_to_reach(mail, state.recipients)
             if narrowed is None:
@@ -234,6 +280,9 @@ class Pipeline:
             time.monotonic() - started,
             latency,
         )
+        if canary:
+            # A relay accepted it: the whole path, exchange to relay, works.
+            self.metrics.canary_success.set(time.time())
         if sent.deferred:
             return self._defer(sent, event, state, headers)
         return Outcome("ack")

@@ -171,9 +171,12 @@ class Renderer:
         route = _route(self.routes, event.key, level)
         return route.to if route is not None else self.config.to
 
-    def render(self, event: Event, decision: Decision) -> Mail:
+    def render(
+        self, event: Event, decision: Decision, *, to: tuple[str, ...] | None = None
+    ) -> Mail:
         """The mail for one event, as mailed before incidents existed (and for a bare
-        event on the mail queue, such as a replayed 0.1 dead letter)."""
+        event on the mail queue, such as a replayed 0.1 dead letter). ``to`` replaces
+        the routed recipients (the canary goes to ``[canary] to`` only)."""
         content = _content_of(event, decision)
         body = _body(content)
         html_body = _html(content) if self.config.html else ""
@@ -181,7 +184,7 @@ class Renderer:
             self._subject(event, decision.level, content.message),
             body,
             html_body,
-            recipients=self.recipients(event, decision.level),
+            recipients=self.recipients(event, decision.level) if to is None else to,
             message_id=event.id,
             fields=_event_headers(event, decision.level),
             what=f"event {event.id}",
