@@ -7,6 +7,7 @@ import errno
 import fcntl
 import json
 import os
+import pwd
 import stat
 import subprocess
 import threading
@@ -424,3 +425,36 @@ def test_read_event_takes_a_file_up_to_the_limit_and_refuses_what_cannot_be_one(
         assert str(refused.value) == why
     with pytest.raises(FileNotFoundError):
         spool.read_event(spool.directory / "gone.json")
+
+
+def test_a_spool_made_in_process_is_setgid_shared_and_its_files_0640(tmp_path: Path) -> None:
+    """As the emit test above, in-process, so that mutation testing sees it; also the
+    mode of a spooled file and of a directory that existed already (left as it is)."""
+    spool = Spool(tmp_path / "state" / "spool")
+    old = os.umask(0o077)  # the strictest umask: the spool's modes must not depend on it
+    try:
+        path = spool.write(event())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(spool.directory.stat().st_mode) == 0o2770
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert path.stat().st_gid == spool.directory.stat().st_gid
+    existing = tmp_path / "existing"
+    existing.mkdir(mode=0o750)
+    Spool(existing).ensure()
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o750  # as the operator (or tmpfiles) made it
+
+
+def test_a_spooled_file_takes_the_spools_group_without_the_setgid_bit(tmp_path: Path) -> None:
+    """A spool directory without setgid (made by hand) in another group than the
+    writer's: each file is still given the spool's group, so the agent can read it.
+    (The tests run as root, which may give any group.)"""
+    other = pwd.getpwnam("nobody").pw_gid
+    assert other != os.getgid()
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    os.chown(directory, -1, other)
+    directory.chmod(0o770)
+    path = Spool(directory).write(event())
+    assert path.stat().st_gid == other
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
