@@ -135,6 +135,9 @@ class Forwarder:
         self._ready = False
         self._opening = False
         self._held = False
+        # A publish the broker nacked: the channel is replaced before publishing again.
+        self._refused = False
+        self._renewing = False  # closing the channel on purpose, to open a new one
         self._stopping = False
         self._backoff = Backoff(_MIN_BACKOFF, max_backoff)
         self._next_tag = 1
@@ -255,6 +258,7 @@ class Forwarder:
         self._channel = None
         self._ready = False
         self._opening = False
+        self._renewing = False
         self.connected = False
         self._give_back_in_flight()
         if self._stopping:
@@ -338,6 +342,10 @@ class Forwarder:
         self._opening = False
         self._give_back_in_flight()
         if self._stopping or self._connection is None or not self._connection.is_open:
+            return
+        if self._renewing:
+            self._renewing = False
+            self._open_channel()
             return
         # Typically 404: the exchange does not exist yet (fresh install).
         self._hold(f"broker closed the channel ({describe(reason)}); events stay in spool")
@@ -460,6 +468,8 @@ class Forwarder:
                 continue
             if self._returned[event_id]:
                 self._returned[event_id] -= 1
+            else:
+                self._refused = True
             self._claim.give_back(claimed)
             problem = (
                 f"event {event_id} reached no queue (is a worker running to declare "
@@ -527,9 +537,10 @@ class Forwarder:
     def _hold(self, why: str) -> None:
         """Stop publishing for a backoff: retrying at once would only spin."""
         self.held_back += 1
-        self._note_error(why)
         if self._held:
+            # The rest of a refused window: the pause and its log line are there already.
             return
+        self._note_error(why)
         self._held = True
         self._loop.call_later(self._next_backoff(), self._release_hold)
 
@@ -538,6 +549,14 @@ class Forwarder:
         self._dirty = True
         if self._channel is None:
             self._reopen_channel()
+        elif self._refused and not self._in_flight:
+            # A quorum queue over its length limit tells the publishing channel to stop,
+            # and goes on refusing that channel's publishes until the queue shrinks, even
+            # once the limit is raised or lifted. A new channel is asked afresh.
+            self._refused = False
+            self._renewing = True
+            self._ready = False
+            self._channel.close()
         else:
             self._pump()
 

@@ -2,14 +2,16 @@
 the network for one client without touching what everyone else uses: :meth:`TcpProxy.cut`
 drops every connection at once, as a failing network does; :meth:`TcpProxy.mute` stops
 passing the upstream's bytes but keeps every socket open, as a broker in a minority
-partition or a stuck quorum leader does. It also keeps what the client sent, one entry per
-``recv``, so a test can see which commands travelled together."""
+partition or a stuck quorum leader does; :meth:`TcpProxy.drop` also swallows what the
+client sends, as a link whose packets vanish does. It also keeps what the client sent, one
+entry per ``recv``, so a test can see which commands travelled together."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import threading
+from collections.abc import Callable
 
 
 class TcpProxy:
@@ -21,9 +23,13 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._open: list[socket.socket] = []
         self._muted = threading.Event()
+        self._dropping = threading.Event()
         self._closed = threading.Event()
         self.accepted = 0
         self.sent: list[bytes] = []  # client to upstream, chunk by chunk
+        self.dropped: list[bytes] = []  # what the client sent while dropping
+        self._trip: Callable[[bytes], bool] | None = None
+        self.tripped = threading.Event()
         threading.Thread(target=self._accept, name="tcpproxy", daemon=True).start()
 
     def _accept(self) -> None:
@@ -53,7 +59,16 @@ class TcpProxy:
                     self._closed.wait()  # silent, sockets open, until the test ends
                     return
                 if not upstream:
+                    if self._trip is not None and self._trip(data):
+                        # Before passing it on: the upstream's answer to it must not
+                        # reach the client.
+                        self._muted.set()
+                        self._trip = None
+                        self.tripped.set()
                     with self._lock:
+                        if self._dropping.is_set():
+                            self.dropped.append(data)
+                            continue
                         self.sent.append(data)
                 sink.sendall(data)
         for sock in (source, sink):
@@ -63,6 +78,23 @@ class TcpProxy:
     def mute(self) -> None:
         """Stop passing the upstream's bytes to clients, keeping the connections up."""
         self._muted.set()
+
+    def mute_when(self, trip: Callable[[bytes], bool]) -> None:
+        """:meth:`mute` just before passing on the first chunk the client sends for which
+        ``trip`` (called with each chunk in turn) is true; :attr:`tripped` is set then. The
+        client is frozen at an exact point of its conversation, whatever the timing."""
+        self._trip = trip
+
+    def drop(self) -> None:
+        """Swallow what clients send from now on (kept in :attr:`dropped`), keeping the
+        connections up: the client's writes succeed and never arrive."""
+        self._dropping.set()
+
+    def restore(self) -> None:
+        """Pass bytes both ways again, for connections made from now on (a muted
+        connection stays muted: cut it)."""
+        self._muted.clear()
+        self._dropping.clear()
 
     def cut(self) -> None:
         """Drop every connection through the proxy at once; new ones are still accepted."""

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,8 +22,17 @@ import pytest
 
 from shared.topology import DEAD_QUEUE, DLX_EXCHANGE, WORK_QUEUE
 from tests.conftest import BIN, RABBIT_HOST, RABBIT_PORT, Certs, Process
-from tests.pipeline import SMTP_PASSWORD, dlq, dlq_list, received_ids, start_worker, write_config
+from tests.pipeline import (
+    SMTP_PASSWORD,
+    dlq,
+    dlq_list,
+    received_ids,
+    start_worker,
+    take_messages,
+    write_config,
+)
 from tests.smtpserver import SmtpServer
+from tests.tcpproxy import TcpProxy
 from tests.waiting import wait_until
 from worker.broker import declare_topology
 from worker.retry_policy import HEADER_ATTEMPTS, HEADER_LAST_ERROR, HEADER_REASON
@@ -404,3 +414,81 @@ def test_a_browsed_dead_letter_is_kept_identical(tmp_path: Path, vhost: str, cer
     for _ in range(2):
         assert len(dlq_list(config)) == 1
     assert _peek(vhost) == before
+
+
+# A basic.get method frame: type 1, channel, size, then class 60 method 70.
+_BASIC_GET = re.compile(b"\x01..[\x00-\xff]{4}\x00\x3c\x00\x46", re.S)
+
+
+def _nth_get(n: int) -> Callable[[bytes], bool]:
+    """True for the chunk that carries the client's ``n``-th basic.get."""
+    seen = 0
+    tail = b""
+
+    def trip(chunk: bytes) -> bool:
+        nonlocal seen, tail
+        # A frame split across two chunks is still counted once: the tail is too short
+        # to hold a whole one.
+        window = tail + chunk
+        seen += len(_BASIC_GET.findall(window)) - len(_BASIC_GET.findall(tail))
+        tail = window[-10:]
+        return seen >= n
+
+    return trip
+
+
+def _ready_ids(vhost: str, queue: str) -> list[str]:
+    """Every id on ``queue``, once nothing on it is left unacknowledged, taken off it."""
+    wait_until(
+        lambda: re.search(
+            rf"^{re.escape(queue)}\t\d+\t0$",
+            rabbitmqctl("list_queues", "-p", vhost, "name", "messages_ready",
+                        "messages_unacknowledged"),
+            re.M,
+        ),
+        30,
+        f"what the killed command held back on {queue}",
+    )  # fmt: skip
+    return [props.message_id for _, props, _ in take_messages(vhost, queue)]
+
+
+@pytest.mark.parametrize("command", ["replay", "list"])
+def test_a_dlq_command_killed_midway_leaves_every_dead_letter_somewhere(
+    command: str,
+    tmp_path: Path,
+    vhost: str,
+    certs: Certs,
+    processes: Callable[..., Process],
+) -> None:
+    """kill -9 in the middle of a large replay or browse: each dead letter is still in the
+    DLQ, or (replay) on the work queue, or both; never neither. The command is frozen at
+    an exact point (the broker's answer to its 600th get never reaches it), so a few
+    batches are settled, some copies are unconfirmed and one message is in its hands."""
+    ids = seed(vhost, 2000)
+    proxy = TcpProxy((RABBIT_HOST, RABBIT_PORT))
+    config = write_config(tmp_path, vhost, [], certs)
+    config.write_text(
+        config.read_text().replace(f"{RABBIT_HOST}:{RABBIT_PORT}", f"127.0.0.1:{proxy.port}")
+    )
+    try:
+        proxy.mute_when(_nth_get(600))
+        dlq_command = processes("clusteralert-worker", "dlq", command, "--config", str(config))
+        assert proxy.tripped.wait(60), dlq_command.output()
+        dlq_command.kill()
+        dead = _ready_ids(vhost, DEAD_QUEUE)
+        moved = _ready_ids(vhost, WORK_QUEUE)
+    finally:
+        proxy.close()
+    found = Counter(dead + moved)
+    duplicates = found.total() - len(ids)
+    print(
+        f"\n{command} killed at its 600th get: {len(dead)} in the DLQ, {len(moved)} on the "
+        f"work queue, {duplicates} duplicates"
+    )
+    assert set(found) == set(ids)
+    assert duplicates <= 256  # at most one confirm batch
+    if command == "replay":
+        # The copies of the first 599 were all published before the 600th get was sent.
+        assert set(moved) == set(ids[:599]) and set(ids[599:]) <= set(dead)
+    else:
+        assert moved == []

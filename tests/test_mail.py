@@ -1,10 +1,13 @@
 """The mail itself: every charset round-trips, legacy subjects, the HTML alternative,
-routes, and (property-based) no event content can inject a header or break rendering."""
+routes, and (property-based) no event content or mail setting can inject a header, lose the
+event id, misroute or break rendering."""
 
 from __future__ import annotations
 
 from email import message_from_bytes, policy
+from email.header import decode_header
 from email.message import EmailMessage
+from fnmatch import fnmatchcase
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -14,6 +17,7 @@ from shared.catalog import Catalog, CatalogEntry
 from shared.config import CHARSETS, FilterConfig, MailConfig, Route
 from shared.event import Event, new_event
 from shared.filter import decide
+from shared.levels import LEVELS, Level
 from worker.render import Mail, Renderer
 
 CATALOG = Catalog(
@@ -151,3 +155,135 @@ def test_arbitrary_params_never_inject_or_crash(
     assert event.id in msg["Message-ID"]
     assert event.id in mail.data.decode("ascii")
     assert all(len(line) <= 998 for line in mail.data.split(b"\r\n"))
+
+
+ADDRESSES = ("ops@example.com", "dba@example.com", "oncall@example.com", "net@example.com")
+PATTERNS = ("rm:*", "db:1", "*:9", "zz:*", "*", "db:?", "rm:1*")
+HOSTILE = st.text(alphabet=st.characters(codec="utf-8"), max_size=300) | st.sampled_from(
+    [
+        "\r\nBcc: evil@example.com",
+        "x\nSubject: forged",
+        "\n\nbody",
+        "=?utf-8?B?QmNjOiB4?=",
+        "\x00\x1b[2J",
+        "\u2028\u0085\x7f",
+        "監視\r\nTo: evil@example.com",
+    ]
+)
+PARAM_NAMES = st.sampled_from(["monitor", "detail", "1", "node"]) | st.from_regex(
+    r"[A-Za-z0-9_]{1,12}", fullmatch=True
+)
+routes_strategy = st.lists(
+    st.builds(
+        Route,
+        to=st.lists(st.sampled_from(ADDRESSES), min_size=1, max_size=3, unique=True).map(tuple),
+        match=st.lists(st.sampled_from(PATTERNS), max_size=3).map(tuple),
+        min_level=st.sampled_from(LEVELS),
+    ),
+    max_size=4,
+)
+
+
+def expected_recipients(routes: list[Route], key: str, level: Level) -> tuple[str, ...]:
+    """The README's rule, written out again: the first route whose level and patterns
+    match, else ``[mail] to``."""
+    for route in routes:
+        at_least = LEVELS.index(level) >= LEVELS.index(route.min_level)
+        if at_least and (not route.match or any(fnmatchcase(key, p) for p in route.match)):
+            return route.to
+    return ("ops@example.com",)
+
+
+def decoded(value: str) -> str:
+    """An RFC 2047 header value as text. Not ``email.header.make_header``: it converts
+    euc-jp to iso-2022-jp, which lacks some of euc-jp's characters."""
+    return "".join(
+        part.decode(charset or "ascii") if isinstance(part, bytes) else part
+        for part, charset in decode_header(value)
+    )
+
+
+def raw_subject(mail: Mail) -> bytes:
+    """The Subject header's value as sent, its folded lines joined."""
+    head = mail.data.partition(b"\r\n\r\n")[0].replace(b"\r\n ", b" ")
+    return head.split(b"\r\nSubject: ", 1)[1].split(b"\r\n", 1)[0]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    module=st.sampled_from(["rm", "db", "zz"]),
+    event_id=st.integers(0, 12),
+    in_catalog=st.booleans(),
+    template=HOSTILE | st.sampled_from(["{monitor}: {detail}", "{1} on {node} {missing}"]),
+    catalog_level=st.sampled_from(LEVELS),
+    event_level=st.none() | st.sampled_from(LEVELS),
+    cluster=HOSTILE,
+    text=st.none() | HOSTILE,
+    params=st.dictionaries(PARAM_NAMES, HOSTILE, max_size=5),
+    routes=routes_strategy,
+    subject_encode=st.booleans(),
+    charset=st.sampled_from(CHARSETS),
+)
+def test_any_event_and_mail_config_give_a_sound_mail(
+    module: str,
+    event_id: int,
+    in_catalog: bool,
+    template: str,
+    catalog_level: Level,
+    event_level: Level | None,
+    cluster: str,
+    text: str | None,
+    params: dict[str, str],
+    routes: list[Route],
+    subject_encode: bool,
+    charset: str,
+) -> None:
+    """Whatever the catalog entry, the event's fields, the routes and the subject setting:
+    no header is added or forged, the event id is in the Message-ID and the body, the
+    recipients are the routes' choice, the subject is encoded or raw as configured (the
+    same text either way), and the mail parses in every charset."""
+    entries = [CatalogEntry(module, event_id, catalog_level, True, template)] if in_catalog else []
+    event = new_event(
+        module=module,
+        event_id=event_id,
+        cluster=cluster,
+        node="n1",
+        source="t",
+        level=event_level,
+        params=params,
+        text=text,
+    )
+    decision = decide(event, Catalog(entries), FilterConfig())
+    mails = {}
+    for encode in (subject_encode, not subject_encode):
+        config = MailConfig(
+            sender="cluster@example.com",
+            to=("ops@example.com",),
+            charset=charset,
+            subject_encode=encode,
+        )
+        mails[encode] = Renderer(config, routes=routes).render(event, decision)
+    mail = mails[subject_encode]
+    head, _, _ = mail.data.partition(b"\r\n\r\n")
+    names = [line.split(b":", 1)[0] for line in head.split(b"\r\n") if line[:1] not in b" \t"]
+    assert {n.decode("ascii") for n in names} <= HEADERS and len(names) == len(set(names))
+    assert all(len(line) <= 998 for line in mail.data.split(b"\r\n"))
+
+    msg = message_from_bytes(mail.data, policy=policy.default)
+    assert isinstance(msg, EmailMessage)
+    assert msg["Message-ID"] == f"<{event.id}@example.com>"
+    part = msg.get_body(("plain",))
+    assert part is not None and event.id in part.get_content()
+    assert part.get_content_charset() == mail.charset
+
+    recipients = expected_recipients(routes, event.key, decision.level)
+    assert mail.recipients == recipients
+    assert [a.addr_spec for a in msg["To"].addresses] == list(recipients)
+
+    # Encoded: ASCII only (RFC 2047 words where needed). Raw: the charset's own bytes.
+    # Either way the same one line of text.
+    encoded, raw = raw_subject(mails[True]), raw_subject(mails[False])
+    assert mails[True].data.isascii()
+    shown = decoded(encoded.decode("ascii"))
+    assert raw == shown.encode(mails[False].charset)
+    assert not set(shown) & {"\r", "\n"} and len(shown) <= 200

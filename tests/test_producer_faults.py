@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pwd
+import re
 import signal
 import subprocess
 import time
@@ -18,14 +19,25 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pika
+import pika.exceptions
 import pytest
 
 from producer.cli import main as producer_main
 from producer.spool import Spool
 from shared.config import parse_config
 from shared.event import encode_event, new_event
-from tests.conftest import BIN, Process, amqp_url, free_port, scrape, wait_metric
-from tests.pipeline import emit, take_messages
+from tests.conftest import (
+    BIN,
+    RABBIT_HOST,
+    RABBIT_PORT,
+    Process,
+    amqp_url,
+    free_port,
+    scrape,
+    wait_metric,
+)
+from tests.pipeline import emit, run_cli, set_queue_policy, take_messages
+from tests.tcpproxy import TcpProxy
 from tests.waiting import wait_until
 from worker.broker import connect_any, declare_topology
 
@@ -250,3 +262,154 @@ def test_an_unreadable_file_is_set_aside_and_holds_up_nothing(
     output = log.read_text()
     (line,) = [line for line in output.splitlines() if unreadable.name in line]
     assert "cannot be read (Permission denied); moved to" in line
+
+
+@pytest.fixture
+def proxied_node(node: tuple[Path, int], vhost: str) -> Iterator[tuple[Path, int, TcpProxy]]:
+    """The node agent's config with the broker reached through a proxy the test can
+    break. No heartbeat and a long confirm timeout: the agent must notice only what the
+    test does (the cut), not a silence of its own making."""
+    config, port = node
+    proxy = TcpProxy((RABBIT_HOST, RABBIT_PORT))
+    proxied = f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}"
+    config.write_text(
+        config.read_text()
+        .replace(amqp_url(vhost), proxied)
+        .replace("[broker]\n", "[broker]\nheartbeat = 0\n")
+        + "confirm_timeout = 600\n"
+    )
+    yield config, port, proxy
+    proxy.close()
+
+
+def test_broker_lost_with_confirms_outstanding_loses_nothing(
+    proxied_node: tuple[Path, int, TcpProxy], vhost: str, processes: Processes
+) -> None:
+    """The link to the broker fails with two kinds of publish unconfirmed: some the broker
+    has (their confirms lost on the way back) and some it never got (lost on the way
+    there). Both stay in the spool and are sent again once the agent reconnects: the
+    first kind arrives twice, the second once, none is lost."""
+    config, port, proxy = proxied_node
+    agent = processes("clusteralert-producer", "run", "--config", str(config))
+    wait_metric(port, "clusteralert_producer_broker_connected", lambda v: v == 1, 30)
+    # Both batches fit in the confirm window, so the agent publishes all of them at once.
+    proxy.mute()
+    reached = spool_events(config, 100)
+    wait_until(lambda: queued(vhost) == len(reached), 30, "the first batch on the queue")
+    proxy.drop()
+    lost = spool_events(config, 100)
+    wait_until(
+        lambda: all(i.encode() in b"".join(proxy.dropped) for i in lost),
+        30,
+        "the second batch published into the dropping link",
+    )
+    spool = Spool(config.parent / "spool")
+    assert spool.stats().events == 200  # all 200 unconfirmed, none deleted
+    proxy.restore()
+    proxy.cut()
+    wait_until(lambda: spool.stats().events == 0, 60, "the spool drained after the cut")
+    wait_until(lambda: queued(vhost) >= 300, 30, "every event on the queue")
+    counts = Counter(drain_ids(vhost))
+    duplicated = {i for i, n in counts.items() if n > 1}
+    print(f"\nconfirms outstanding at the cut: {sum(counts.values())} messages for 200 events")
+    assert set(counts) == set(reached) | set(lost)
+    assert duplicated == set(reached) and max(counts.values()) == 2
+    assert "broker connection lost" in agent.output()
+    assert agent.stop() == 0
+
+
+def producer_status(config: Path) -> dict[str, object]:
+    result = run_cli("clusteralert-producer", "status", "--config", str(config), "--json")
+    assert result.returncode == 0, result.stderr
+    report: dict[str, object] = json.loads(result.stdout)
+    return report
+
+
+def clear_queue_policy(vhost: str, name: str) -> None:
+    subprocess.run(
+        ["rabbitmqctl", "-q", "clear_policy", "-p", vhost, name],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def refuse_publishes(vhost: str, max_length: int) -> None:
+    """A length limit on the incoming queue (which overflows with reject-publish), in
+    force once this returns: a quorum queue takes a policy on a little after
+    ``set_policy`` answers, so probes are published until one is nacked, then purged."""
+    set_queue_policy(vhost, "limit", r"^clusteralert\.incoming$", {"max-length": max_length})
+    with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
+        channel = connection.channel()
+        channel.confirm_delivery()
+
+        def nacked() -> bool:
+            try:
+                channel.basic_publish("", "clusteralert.incoming", b"probe")
+            except pika.exceptions.NackError:
+                return True
+            return False
+
+        wait_until(nacked, 30, "the queue's length limit in force")
+        channel.queue_purge("clusteralert.incoming")
+
+
+def test_events_the_broker_nacks_stay_in_the_spool_until_it_takes_them(
+    node: tuple[Path, int], vhost: str, processes: Processes
+) -> None:
+    """The broker refuses the events (its queue's length limit with reject-publish: a
+    nack for each): they stay in the spool, the agent says so, ``status`` shows it, and
+    once the limit is lifted every one arrives, once."""
+    config, port = node
+    # A quorum queue's limit is soft: it tells a publisher to stop only after the
+    # publishes that took it past the limit, and the agent has a window of them in
+    # flight; more events than that, so that some are certainly refused.
+    refuse_publishes(vhost, 0)
+    agent = processes("clusteralert-producer", "run", "--config", str(config))
+    spooled = spool_events(config, 600)
+    wait_metric(port, "clusteralert_producer_held_back_total", lambda v: v >= 1, 30)
+    report = producer_status(config)
+    print(f"\nstatus with the broker refusing: {report}")
+    assert "broker refused event" in str(report["last_error"])
+    assert report["events"] == len(spooled) - queued(vhost) > 0
+    clear_queue_policy(vhost, "limit")
+    wait_until(lambda: Spool(config.parent / "spool").stats().events == 0, 60, "spool drained")
+    ids = drain_ids(vhost)
+    assert sorted(ids) == sorted(spooled)  # each once: a nacked publish is not enqueued
+    # Hundreds of events were refused; the agent says so once per attempt (a few, with
+    # backoff), not once per event.
+    refusals = [line for line in agent.output().splitlines() if "broker refused" in line]
+    print(f"{len(refusals)} refusal lines")
+    assert 1 <= len(refusals) <= 10
+    assert agent.stop() == 0
+
+
+def test_a_full_queue_holds_the_backlog_until_space_frees(
+    node: tuple[Path, int], vhost: str, processes: Processes
+) -> None:
+    """The incoming queue at its length limit (no worker consuming, say): the backlog
+    waits in the spool and ``status`` says why; as soon as something takes messages off
+    the queue the agent sends the rest, in as many rounds as space allows, none lost."""
+    config, port = node
+    refuse_publishes(vhost, 100)
+    agent = processes("clusteralert-producer", "run", "--config", str(config))
+    spooled = spool_events(config, 1000)
+    wait_metric(port, "clusteralert_producer_held_back_total", lambda v: v >= 1, 30)
+    result = run_cli("clusteralert-producer", "status", "--config", str(config))
+    print(f"\n{result.stdout}")
+    assert result.returncode == 0, result.stderr
+    assert "last error:     broker refused event" in result.stdout
+    waiting = int(re.findall(r"^events waiting: (\d+) ", result.stdout, re.M)[0])
+    assert waiting > 0
+    taken: Counter[str] = Counter()
+
+    def make_room() -> bool:
+        taken.update(drain_ids(vhost))
+        return set(taken) == set(spooled)
+
+    wait_until(make_room, 120, "every event taken off the queue", interval=0.2)
+    wait_until(lambda: Spool(config.parent / "spool").stats().events == 0, 30, "spool drained")
+    print(f"{waiting} events waited for room; {taken.total()} messages for {len(spooled)}")
+    assert taken.total() == len(spooled)  # a refused publish is not enqueued: no duplicates
+    assert producer_status(config)["events"] == 0
+    assert agent.stop() == 0

@@ -7,19 +7,21 @@ import errno
 import fcntl
 import json
 import os
+import pwd
 import stat
 import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from producer.spool import Spool
-from shared.errors import SpoolError
-from shared.event import Event, encode_event, new_event
+from shared.errors import InvalidEvent, SpoolError
+from shared.event import MAX_EVENT_BYTES, Event, encode_event, new_event
 from tests.conftest import BIN, Process, free_port
 from tests.waiting import wait_until
 
@@ -327,3 +329,132 @@ def test_a_spool_directory_replaced_by_a_link_is_never_used(tmp_path: Path, name
             spool.new_claim()
     assert list(elsewhere.iterdir()) == []
     assert [p.name for p in spool.pending()] == [path.name]
+
+
+def test_the_bounds_are_reached_not_passed_and_the_refusal_names_them(tmp_path: Path) -> None:
+    # Events of one size: the same digits, and a time with its microseconds.
+    when = datetime(2026, 1, 2, 3, 4, 5, 600_000, tzinfo=UTC)
+    events = [
+        new_event(module="rm", event_id=i, cluster="c", node="n", source="t", time=when)
+        for i in range(1, 4)
+    ]
+    size = len(encode_event(events[0]))
+    assert {len(encode_event(e)) for e in events} == {size}
+    for name, spool in (
+        ("max_events = 2", Spool(tmp_path / "by-count", max_events=2)),
+        (f"max_bytes = {2 * size}", Spool(tmp_path / "by-size", max_bytes=2 * size)),
+    ):
+        spool.write(events[0])
+        spool.write(events[1])  # exactly at the bound: still taken
+        with pytest.raises(SpoolError) as refused:
+            spool.write(events[2])
+        assert f"spool {spool.directory} is full" in str(refused.value)
+        assert f"({name}); is the forwarder running?" in str(refused.value)
+        assert spool.stats().events == 2
+
+
+def test_stats_count_claimed_events_and_nothing_else(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    paths = [spool.write(event(i)) for i in range(3)]
+    sizes = sum(p.stat().st_size for p in paths)
+    # Beside the events: a writer's temp file, other files and a directory, more of them
+    # than events, so that a scan that stopped at the first would miss some events.
+    (spool.directory / f".tmp-{paths[0].name}").write_bytes(b"x" * 1000)
+    for i in range(20):
+        (spool.directory / f"note{i}").write_text("x")
+    claim = spool.new_claim()
+    assert claim.take(paths[0]) is not None  # the oldest, now in a claim directory
+    stats = spool.stats()
+    assert (stats.events, stats.bytes) == (3, sizes)
+    assert stats.oldest_ns == int(paths[0].name.partition("-")[0])
+    assert spool.stats(with_bytes=False) == type(stats)(3, 0, stats.oldest_ns)
+    claim.close()
+
+
+def test_a_closed_claim_gives_back_what_it_holds_and_leaves_nothing(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    paths = [spool.write(event(i)) for i in range(2)]
+    claim = spool.new_claim()
+    for path in paths:
+        assert claim.take(path) is not None
+    assert list(spool.pending()) == []
+    claim.close()
+    assert list(spool.pending()) == paths
+    assert list(spool.claims_dir.iterdir()) == []  # no claim directory, no lock file
+
+
+def test_orphans_of_dead_forwarders_come_back_and_a_live_own_claim_stays(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    paths = [spool.write(event(i)) for i in range(5)]
+    dead = [spool.new_claim() for _ in range(2)]
+    own = spool.new_claim()
+    for claim, path in zip([*dead, dead[1], own, own], paths, strict=True):
+        assert claim.take(path) is not None
+    for claim in dead:
+        os.close(claim._lock_fd)  # died without giving anything back
+    # Its own claim is passed over even though this process could take its lock.
+    assert spool.release_orphaned_claims(own=own) == 3
+    assert list(spool.pending()) == paths[:3]
+    assert sorted(p.name for p in spool.claims_dir.iterdir()) == sorted(
+        [own.directory.name, f"{own.directory.name}.lock"]
+    )
+    own.close()
+
+
+def test_read_event_takes_a_file_up_to_the_limit_and_refuses_what_cannot_be_one(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.ensure()
+    largest = spool.directory / "largest.json"
+    largest.write_bytes(b"{" + b"x" * (MAX_EVENT_BYTES - 2) + b"}")
+    assert spool.read_event(largest) == largest.read_bytes()
+    too_large = spool.directory / "too-large.json"
+    too_large.write_bytes(b"x" * (MAX_EVENT_BYTES + 1))
+    link = spool.directory / "link.json"
+    link.symlink_to(largest)
+    directory = spool.directory / "dir.json"
+    directory.mkdir()
+    for path, why in (
+        (too_large, f"{MAX_EVENT_BYTES + 1} bytes, larger than any event ({MAX_EVENT_BYTES})"),
+        (link, "a symbolic link, not followed"),
+        (directory, "not a regular file"),
+    ):
+        with pytest.raises(InvalidEvent) as refused:
+            spool.read_event(path)
+        assert str(refused.value) == why
+    with pytest.raises(FileNotFoundError):
+        spool.read_event(spool.directory / "gone.json")
+
+
+def test_a_spool_made_in_process_is_setgid_shared_and_its_files_0640(tmp_path: Path) -> None:
+    """As the emit test above, in-process, so that mutation testing sees it; also the
+    mode of a spooled file and of a directory that existed already (left as it is)."""
+    spool = Spool(tmp_path / "state" / "spool")
+    old = os.umask(0o077)  # the strictest umask: the spool's modes must not depend on it
+    try:
+        path = spool.write(event())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(spool.directory.stat().st_mode) == 0o2770
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert path.stat().st_gid == spool.directory.stat().st_gid
+    existing = tmp_path / "existing"
+    existing.mkdir(mode=0o750)
+    Spool(existing).ensure()
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o750  # as the operator (or tmpfiles) made it
+
+
+def test_a_spooled_file_takes_the_spools_group_without_the_setgid_bit(tmp_path: Path) -> None:
+    """A spool directory without setgid (made by hand) in another group than the
+    writer's: each file is still given the spool's group, so the agent can read it.
+    (The tests run as root, which may give any group.)"""
+    other = pwd.getpwnam("nobody").pw_gid
+    assert other != os.getgid()
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    os.chown(directory, -1, other)
+    directory.chmod(0o770)
+    path = Spool(directory).write(event())
+    assert path.stat().st_gid == other
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
