@@ -36,7 +36,7 @@ import pika.exceptions
 from pika.adapters.select_connection import IOLoop, PollEvents
 
 from producer.spool import Claim, Spool
-from producer.watch import SpoolWatcher
+from producer.watch import FALLBACK_POLL, SpoolWatcher
 from shared.backoff import Backoff
 from shared.config import BrokerConfig
 from shared.errors import SpoolError, describe
@@ -602,7 +602,7 @@ class Forwarder:
         self._pump()
         self._write_status()
         assert self._watcher is not None
-        tick = self.tick if self._watcher.uses_inotify else min(self.tick, 0.2)
+        tick = self.tick if self._watcher.uses_inotify else min(self.tick, FALLBACK_POLL)
         self._loop.call_later(tick, self._on_tick)
 
     def _write_status(self) -> None:

@@ -1,12 +1,13 @@
 """Match-back: recover a catalog text's params from a message that text rendered to.
 
-``Detected an error in monitoring {1}. ({2} : {3})`` (or ``%1`` style) is split at its
-placeholders into literal pieces; a message matches when it starts with the first piece,
-ends with the last, and holds the ones between in order. The pieces are found left to
-right with ``str.find`` and each placeholder takes what lies between, so the work is
-linear in the message length: a follower's input is anyone's log line, and a regex built
-from the catalog text (lazy groups and a full match) backtracks polynomially on a line
-that nearly fits, holding the node agent's I/O loop for minutes.
+``Detected an error in monitoring {1}. ({2} : {3})`` (or ``%1`` style, both as
+:mod:`shared.placeholders` reads them) is split at its placeholders into literal pieces;
+a message matches when it starts with the first piece, ends with the last, and holds the
+ones between in order. The pieces are found left to right with ``str.find`` and each
+placeholder takes what lies between, so the work is linear in the message length: a
+follower's input is anyone's log line, and a regex built from the catalog text (lazy
+groups and a full match) backtracks polynomially on a line that nearly fits, holding the
+node agent's I/O loop for minutes.
 
 Each placeholder takes the shortest text that lets the rest fit, as a lazy regex would.
 A placeholder used twice must take the same text both times, checked after the split;
@@ -15,13 +16,11 @@ a message that only a later split would satisfy is not matched back (its text is
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Final
+
+from shared.placeholders import split_template
 
 __all__ = ["Template"]
-
-_PLACEHOLDER_RE: Final = re.compile(r"\{([A-Za-z0-9_]+)\}|%([0-9]+)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,17 +33,8 @@ class Template:
     @classmethod
     def parse(cls, text: str) -> Template | None:
         """The template of ``text``; None when it has no placeholders (nothing to recover)."""
-        literals: list[str] = []
-        names: list[str] = []
-        position = 0
-        for match in _PLACEHOLDER_RE.finditer(text):
-            literals.append(text[position : match.start()])
-            names.append(match.group(1) or match.group(2))
-            position = match.end()
-        if not names:
-            return None
-        literals.append(text[position:])
-        return cls(tuple(literals), tuple(names))
+        literals, names = split_template(text)
+        return cls(literals, names) if names else None
 
     def match(self, message: str) -> dict[str, str] | None:
         """The params that render this template to ``message``, or None."""

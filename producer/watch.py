@@ -12,11 +12,10 @@ import ctypes
 import ctypes.util
 import logging
 import os
-import select
 from pathlib import Path
 from typing import Final
 
-__all__ = ["SpoolWatcher"]
+__all__ = ["FALLBACK_POLL", "SpoolWatcher"]
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +23,7 @@ _IN_CLOSE_WRITE: Final = 0x00000008
 _IN_MOVED_TO: Final = 0x00000080
 _IN_NONBLOCK: Final = 0o4000
 _IN_CLOEXEC: Final = 0o2000000
-_FALLBACK_POLL: Final = 0.2
+FALLBACK_POLL: Final = 0.2  # seconds between spool scans without inotify
 
 
 class SpoolWatcher:
@@ -46,7 +45,7 @@ class SpoolWatcher:
             self._fd = fd
         except (OSError, AttributeError) as exc:
             log.warning(
-                "inotify unavailable (%s); polling the spool every %.1fs", exc, _FALLBACK_POLL
+                "inotify unavailable (%s); polling the spool every %.1fs", exc, FALLBACK_POLL
             )
 
     @property
@@ -62,29 +61,16 @@ class SpoolWatcher:
         return self._wake_r
 
     def consume_changes(self) -> None:
+        # The records themselves do not matter: the forwarder rescans the directory.
         if self._fd >= 0:
             _drain(self._fd)
 
     def consume_wake(self) -> None:
         _drain(self._wake_r)
 
-    def wait(self, timeout: float) -> bool:
-        """Block until the spool changes, :meth:`wake` is called, or ``timeout`` passes.
-        True if it may have changed (the poll fallback always says so)."""
-        if self._fd < 0:
-            ready, _, _ = select.select([self._wake_r], [], [], min(timeout, _FALLBACK_POLL))
-            _drain(self._wake_r)
-            return True
-        ready, _, _ = select.select([self._fd, self._wake_r], [], [], timeout)
-        _drain(self._wake_r)
-        if self._fd not in ready:
-            return False
-        # The records themselves do not matter: the forwarder rescans the directory.
-        _drain(self._fd)
-        return True
-
     def wake(self) -> None:
-        """End the current or next :meth:`wait` early. Safe in a signal handler."""
+        """Make :meth:`wake_fileno` readable, so the forwarder's loop wakes at once
+        rather than at its next tick. Safe in a signal handler."""
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"x")
 

@@ -37,7 +37,6 @@ __all__ = [
     "event_from_doc",
     "new_event",
     "peek_event",
-    "routing_key",
     "visible",
 ]
 
@@ -132,13 +131,9 @@ class Event:
         return self.reporter if self.reporter is not None else self.node
 
 
-def routing_key(event: Event) -> str:
+def _routing_key(module: str, event_id: int, node: str) -> str:
     """``{module}.{event_id}.{node}``. Dots in the node would add topic words, so they
     become underscores; AMQP caps routing keys at 255 bytes."""
-    return _routing_key(event.module, event.event_id, event.node)
-
-
-def _routing_key(module: str, event_id: int, node: str) -> str:
     key = f"{module}.{event_id}.{node.replace('.', '_')}"
     return key.encode("utf-8")[:255].decode("utf-8", errors="ignore")
 

@@ -4,7 +4,7 @@ SNMP Trap``) read as a catalog, as the vendor publishes it.
 
 - Level from Event type, the mail flag from the ``mail`` column.
 - ``%1``, ``%2``... become positional placeholders ``{1}``, ``{2}``...; printf tokens
-  such as ``0x%08x`` stay literal text.
+  such as ``0x%08x`` stay literal text (:mod:`shared.placeholders`).
 - Description and Solution (the suggested action) become plain text: HTML stripped,
   entities decoded.
 - Rows repeating a key are merged: the highest level wins, mail is on if any row says so,
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Final
@@ -26,8 +25,9 @@ from shared.catalog_entry import Catalog, CatalogEntry
 from shared.errors import Problem
 from shared.event import MODULE_RE
 from shared.levels import Level, level_rank
+from shared.placeholders import from_vendor
 
-__all__ = ["html_to_text", "is_vendor_csv", "parse_vendor_csv", "positional_placeholders"]
+__all__ = ["html_to_text", "is_vendor_csv", "parse_vendor_csv"]
 
 COLUMNS: Final = (
     "Module type",
@@ -46,8 +46,6 @@ _LEVELS: Final[dict[str, Level]] = {
     "error": "error",
 }
 _MAIL_ON: Final = {"1", "yes", "y", "true", "on", "x", "o", "\u25cb"}
-# %N with N from 1, not followed by more of a printf conversion: "%08x", "%s" stay literal.
-_POSITIONAL_RE: Final = re.compile(r"%([1-9][0-9]*)(?![0-9A-Za-z])")
 _HEADER_START: Final = b"module type,"
 
 
@@ -56,10 +54,6 @@ def is_vendor_csv(path: Path, head: bytes) -> bool:
     return path.suffix.lower() == ".csv" or head.lstrip(b"\xef\xbb\xbf").lower().startswith(
         _HEADER_START
     )
-
-
-def positional_placeholders(text: str) -> str:
-    return _POSITIONAL_RE.sub(r"{\1}", text)
 
 
 class _TextExtractor(HTMLParser):
@@ -176,9 +170,9 @@ def _row(
         level=level,
         mail=row[index["mail"]].strip().lower() in _MAIL_ON,
         # Some Message cells hold HTML too (line blocks, entities): one line of text.
-        text=positional_placeholders(" ".join(_plain(row[index["Message"]]).split("\n"))),
-        action=positional_placeholders(_plain(row[index["Solution"]])),
-        description=positional_placeholders(_plain(row[index["Description"]])),
+        text=from_vendor(" ".join(_plain(row[index["Message"]]).split("\n"))),
+        action=from_vendor(_plain(row[index["Solution"]])),
+        description=from_vendor(_plain(row[index["Description"]])),
     )
 
 

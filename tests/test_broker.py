@@ -35,7 +35,7 @@ from worker.broker import (
     talking,
 )
 from worker.classify import classify_connect, classify_transaction
-from worker.retry_policy import DeadLetter, RetryState, decide_failure
+from worker.retry_policy import GiveUp, RetryState, decide_failure
 
 
 def broker_config(*urls: str) -> BrokerConfig:
@@ -129,7 +129,7 @@ def test_failures_that_are_not_delivery_failures_have_their_own_classes() -> Non
     for failure in (UnusableEvent("invalid_event", "x"), WorkerCrash("KeyError: 'a'")):
         assert not isinstance(failure, DeliveryError)
         step = decide_failure(failure, now_state, datetime.now(UTC), timedelta(hours=1))
-        assert step == DeadLetter(failure.reason)
+        assert step == GiveUp(failure.reason)
     assert WorkerCrash("x").reason == "crash"
 
 

@@ -11,6 +11,7 @@ from shared.catalog import load_catalog
 from shared.config import FilterConfig, MailConfig
 from shared.event import encode_event, new_event
 from worker.metrics import Metrics
+from worker.outcome import DeadLetter
 from worker.pipeline import Pipeline
 from worker.render import Mail, Renderer
 from worker.retry_policy import (
@@ -59,9 +60,8 @@ def test_crash_is_a_reason_at_zero_from_the_start() -> None:
 def test_a_worker_bug_is_dead_lettered_with_full_headers_as_crash() -> None:
     pipeline, metrics = make()
     outcome = asyncio.run(pipeline.handle(BODY, {"custom": "kept"}))
-    assert (outcome.action, outcome.reason) == ("dead_letter", "crash")
+    assert isinstance(outcome, DeadLetter) and outcome.reason == "crash"
     headers = outcome.headers
-    assert headers is not None
     assert headers[HEADER_REASON] == "crash"
     assert headers[HEADER_ATTEMPTS] == 1
     assert headers[HEADER_WORKER] == "w1"

@@ -225,6 +225,15 @@ def test_truncation_while_the_agent_was_down_keeps_new_lines(node: Node) -> None
     assert [e["event_id"] for e in node.events()] == [1, 2]
 
 
+def test_match_back_reads_printf_tokens_as_text_like_the_csv_reader() -> None:
+    # The vendor list's "0x%08x" stays literal in the catalog; were it param "08" here,
+    # the wording could never match the line the vendor logged.
+    assert Template.parse("Cluster stop request failed(0x%08x).") is None
+    template = Template.parse("Server %1 stopped (%s, %0).")
+    assert template is not None and template.names == ("1",)
+    assert template.match("Server n1 stopped (%s, %0).") == {"1": "n1"}
+
+
 def test_match_back_handles_positional_and_named_placeholders() -> None:
     template = Template.parse("Monitor {monitor} failed on %1 (%1)")
     assert template is not None

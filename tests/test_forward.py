@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import threading
 import time
 import tracemalloc
@@ -126,20 +127,31 @@ def test_new_files_wake_the_forwarder_without_polling(vhost: str, tmp_path: Path
         running.close()
 
 
+def readable(fd: int, timeout: float) -> bool:
+    """Waits on ``fd`` as the forwarder's I/O loop does."""
+    return bool(select.select([fd], [], [], timeout)[0])
+
+
 def test_spool_watch_reports_a_renamed_file(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     spool.ensure()
     watcher = SpoolWatcher(spool.directory)
     try:
         assert watcher.uses_inotify
-        assert not watcher.wait(0)
+        assert not readable(watcher.fileno(), 0)
         writer = threading.Thread(
             target=spool.write,
             args=(new_event(module="rm", event_id=1, cluster="c", node="n", source="t"),),
         )
         writer.start()
-        assert watcher.wait(10)
+        assert readable(watcher.fileno(), 10)
         writer.join()
+        watcher.consume_changes()
+        assert not readable(watcher.fileno(), 0)
+        watcher.wake()
+        assert readable(watcher.wake_fileno(), 0)
+        watcher.consume_wake()
+        assert not readable(watcher.wake_fileno(), 0)
     finally:
         watcher.close()
 

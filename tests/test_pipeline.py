@@ -14,7 +14,8 @@ from shared.errors import TransientError
 from shared.event import encode_event, new_event
 from shared.own_events import canary_event, heartbeat_event, probe_event
 from worker.metrics import Metrics
-from worker.pipeline import Outcome, Pipeline
+from worker.outcome import Acked, DeadLetter, Outcome, Retry
+from worker.pipeline import Pipeline
 from worker.relay import Refusal
 from worker.render import Mail, Renderer
 from worker.retry_policy import (
@@ -81,7 +82,7 @@ BODY = encode_event(
 def test_sent_is_acked() -> None:
     sender = FakeSender()
     pipeline, metrics = make(sender)
-    assert run(pipeline, BODY) == Outcome("ack")
+    assert run(pipeline, BODY) == Acked()
     assert len(sender.sent) == 1
     assert metrics.registry.get_sample_value("clusteralert_in_flight") == 0
 
@@ -90,8 +91,8 @@ def test_a_valid_event_that_crashes_rendering_is_dead_lettered() -> None:
     mail = MailConfig(sender="c@example.com", to=("o@example.com",))
     pipeline, metrics = make(FakeSender(), ExplodingRenderer(mail))
     outcome = run(pipeline, BODY)
-    assert (outcome.action, outcome.reason) == ("dead_letter", "render")
-    assert outcome.headers is not None and outcome.headers[HEADER_REASON] == "render"
+    assert isinstance(outcome, DeadLetter) and outcome.reason == "render"
+    assert outcome.headers[HEADER_REASON] == "render"
     assert (
         metrics.registry.get_sample_value("clusteralert_mails_failed_total", {"reason": "render"})
         == 1
@@ -101,8 +102,7 @@ def test_a_valid_event_that_crashes_rendering_is_dead_lettered() -> None:
 def test_transient_failure_goes_to_the_ladder_with_scrubbed_headers() -> None:
     pipeline, _ = make(FakeSender(TransientError("connect", "refused, pw=pw")))
     outcome = run(pipeline, BODY, {"x-death": [{}], "custom": "kept"})
-    assert (outcome.action, outcome.rung) == ("retry", "30s")
-    assert outcome.headers is not None
+    assert isinstance(outcome, Retry) and outcome.rung == "30s"
     assert outcome.headers[HEADER_ATTEMPTS] == 1
     assert outcome.headers["x-clusteralert-last-error"] == "refused, **=**"
     assert outcome.headers["custom"] == "kept" and "x-death" not in outcome.headers
@@ -118,7 +118,7 @@ def test_replayed_messages_are_counted_once() -> None:
 def test_invalid_json_is_dead_lettered_as_invalid_event() -> None:
     pipeline, metrics = make(FakeSender())
     outcome = run(pipeline, b"\xff{")
-    assert (outcome.action, outcome.reason) == ("dead_letter", "invalid_event")
+    assert isinstance(outcome, DeadLetter) and outcome.reason == "invalid_event"
 
 
 def test_an_unknown_kind_that_is_filtered_is_explained_once(
@@ -134,7 +134,7 @@ def test_an_unknown_kind_that_is_filtered_is_explained_once(
 
     with caplog.at_level(logging.WARNING, logger="worker.pipeline"):
         for body in (unknown(1), unknown(1), unknown(2), unknown(1)):
-            assert run(pipeline, body).action == "ack"
+            assert run(pipeline, body) == Acked()
     explained = [r.getMessage() for r in caplog.records if "counted but not mailed" in r.message]
     assert len(explained) == 2
     assert explained[0].startswith("zz:1 is not in the catalog; level info is below")
@@ -164,8 +164,8 @@ def make_routed(sender: FakeSender) -> Pipeline:
 def test_recipients_refused_for_now_get_a_retry_copy_of_their_own() -> None:
     sender = DeferringSender(later=("b@example.com",))
     outcome = run(make_routed(sender), BODY, {"custom": "kept"})
-    assert (outcome.action, outcome.reason, outcome.rung) == ("retry", "rejected_4xx", "30s")
-    assert outcome.headers is not None
+    assert isinstance(outcome, Retry)
+    assert (outcome.reason, outcome.rung) == ("rejected_4xx", "30s")
     assert outcome.headers[HEADER_RECIPIENTS] == "b@example.com"
     assert outcome.headers[HEADER_ATTEMPTS] == 1 and outcome.headers["custom"] == "kept"
     assert "greylisted" in str(outcome.headers[HEADER_LAST_ERROR])
@@ -175,7 +175,7 @@ def test_recipients_refused_for_now_get_a_retry_copy_of_their_own() -> None:
 def test_a_retry_copy_goes_to_its_recipients_only() -> None:
     sender = FakeSender()
     outcome = run(make_routed(sender), BODY, {HEADER_RECIPIENTS: b"b@example.com"})
-    assert outcome == Outcome("ack")
+    assert outcome == Acked()
     [mail] = sender.sent
     assert mail.recipients == ("b@example.com",)
     assert b"To: a@example.com,\r\n b@example.com\r\n" in mail.data  # the same mail as before
@@ -184,12 +184,12 @@ def test_a_retry_copy_goes_to_its_recipients_only() -> None:
 def test_the_recipients_header_cannot_add_a_recipient() -> None:
     sender = FakeSender()
     headers = {HEADER_RECIPIENTS: "evil@attacker.example, b@example.com"}
-    assert run(make_routed(sender), BODY, headers) == Outcome("ack")
+    assert run(make_routed(sender), BODY, headers) == Acked()
     assert [m.recipients for m in sender.sent] == [("b@example.com",)]
     # None of them configured any more: nothing is sent, and the copy is done.
     sender.sent.clear()
     headers = {HEADER_RECIPIENTS: "evil@attacker.example"}
-    assert run(make_routed(sender), BODY, headers) == Outcome("ack")
+    assert run(make_routed(sender), BODY, headers) == Acked()
     assert sender.sent == []
 
 
@@ -208,8 +208,7 @@ def test_recipients_still_refused_when_the_window_is_over_are_dead_lettered() ->
         HEADER_FIRST_FAILURE: "2000-01-01T00:00:00+00:00",
     }
     outcome = run(make_routed(sender), BODY, headers)
-    assert (outcome.action, outcome.reason) == ("dead_letter", "rejected_4xx")
-    assert outcome.headers is not None
+    assert isinstance(outcome, DeadLetter) and outcome.reason == "rejected_4xx"
     assert outcome.headers[HEADER_RECIPIENTS] == "b@example.com"
     assert outcome.headers[HEADER_ATTEMPTS] == 4
     assert [m.recipients for m in sender.sent] == [("b@example.com",)]
@@ -218,8 +217,7 @@ def test_recipients_still_refused_when_the_window_is_over_are_dead_lettered() ->
 def test_a_compressed_body_is_refused_unread() -> None:
     pipeline, _ = make(FakeSender())
     outcome = run(pipeline, b"x\x9c...", {"compression": "application/x-gzip"})
-    assert (outcome.action, outcome.reason) == ("dead_letter", "invalid_event")
-    assert outcome.headers is not None
+    assert isinstance(outcome, DeadLetter) and outcome.reason == "invalid_event"
     assert "compressed bodies are not accepted" in str(outcome.headers[HEADER_LAST_ERROR])
 
 
@@ -227,8 +225,8 @@ def test_a_mail_not_sent_within_max_hold_goes_to_the_ladder() -> None:
     sender = FakeSender(delay=30)
     pipeline, metrics = make(sender, max_hold=0.05)
     outcome = run(pipeline, BODY)
-    assert (outcome.action, outcome.reason, outcome.rung) == ("retry", "timeout", "30s")
-    assert outcome.headers is not None
+    assert isinstance(outcome, Retry)
+    assert (outcome.reason, outcome.rung) == ("timeout", "30s")
     assert "not delivered within 0.05s" in str(outcome.headers[HEADER_LAST_ERROR])
     assert sender.sent == []
     get = metrics.registry.get_sample_value

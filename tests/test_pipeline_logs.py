@@ -11,6 +11,7 @@ import pytest
 from shared.errors import PermanentError, TransientError
 from shared.event import encode_event, new_event
 from tests.test_pipeline import BODY, FakeSender, make, run
+from worker.outcome import DeadLetter
 from worker.retry_policy import HEADER_ATTEMPTS, HEADER_REPLAYED
 
 
@@ -90,7 +91,7 @@ def test_an_undecodable_event_is_one_error_line(caplog: pytest.LogCaptureFixture
     caplog.set_level(logging.INFO)
     pipeline, metrics = make(FakeSender())
     outcome = run(pipeline, b"{nope")
-    assert outcome.headers is not None
+    assert isinstance(outcome, DeadLetter)
     assert str(outcome.headers["x-clusteralert-last-error"]).startswith("not JSON: ")
     assert (
         metrics.registry.get_sample_value(

@@ -8,6 +8,7 @@ import pytest
 
 from shared.errors import ClusteralertError, PermanentError, TlsRefusedError, TransientError
 from shared.secret import Secret
+from shared.topology import RETRY_DELAYS
 from worker.dlq import DeadMessage, DlqFilter, parse_since
 from worker.retry_policy import (
     HEADER_ATTEMPTS,
@@ -15,8 +16,8 @@ from worker.retry_policy import (
     HEADER_FIRST_FAILURE,
     HEADER_LAST_ERROR,
     HEADER_REASON,
-    DeadLetter,
-    Retry,
+    GiveUp,
+    NextRung,
     RetryState,
     decide_failure,
     failure_headers,
@@ -33,17 +34,18 @@ def test_transient_failures_climb_the_ladder() -> None:
         decide_failure(error, RetryState(attempts, NOW - timedelta(minutes=1)), NOW, HOUR)
         for attempts in range(5)
     ]
-    assert [r.rung for r in rungs if isinstance(r, Retry)] == ["30s", "5m", "30m", "30m", "30m"]
+    assert [r.rung for r in rungs if isinstance(r, NextRung)] == ["30s", "5m", "30m", "30m", "30m"]
 
 
 def test_first_failure_starts_the_window() -> None:
     step = decide_failure(TransientError("timeout", "x"), RetryState(), NOW, HOUR)
-    assert step == Retry("30s", timedelta(seconds=30))
+    assert step == NextRung("30s")
+    assert dict(RETRY_DELAYS)[step.rung] == 30_000  # the rung waits 30 s
 
 
 def test_past_the_window_is_dead_lettered_with_the_last_reason() -> None:
     state = RetryState(4, NOW - HOUR)
-    assert decide_failure(TransientError("rejected_4xx", "x"), state, NOW, HOUR) == DeadLetter(
+    assert decide_failure(TransientError("rejected_4xx", "x"), state, NOW, HOUR) == GiveUp(
         "rejected_4xx"
     )
 
@@ -58,7 +60,7 @@ def test_past_the_window_is_dead_lettered_with_the_last_reason() -> None:
 )
 def test_permanent_and_tls_failures_are_dead_lettered_at_once(error: object) -> None:
     step = decide_failure(error, RetryState(), NOW, HOUR)  # type: ignore[arg-type]
-    assert isinstance(step, DeadLetter)
+    assert isinstance(step, GiveUp)
     assert step.reason == error.reason  # type: ignore[attr-defined]
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from shared.topology import DLX_EXCHANGE, RETRY_EXCHANGE
 from worker.broker import PublishNotConfirmed, copy_properties
-from worker.outcome import Outcome
+from worker.outcome import Acked, DeadLetter, Outcome, Retry
 from worker.settle import settle
 
 
@@ -55,15 +55,15 @@ def run(recorder: Recorder, outcome: Outcome) -> None:
 
 def test_an_ack_outcome_only_acks() -> None:
     recorder = Recorder()
-    run(recorder, Outcome("ack"))
+    run(recorder, Acked())
     assert recorder.calls == [("ack",)]
 
 
 @pytest.mark.parametrize(
     ("outcome", "exchange", "routing_key"),
     [
-        (Outcome("retry", "timeout", "5m", {"h": 1}), RETRY_EXCHANGE, "5m"),
-        (Outcome("dead_letter", "auth", None, {"h": 1}), DLX_EXCHANGE, ""),
+        (Retry("5m", "timeout", {"h": 1}), RETRY_EXCHANGE, "5m"),
+        (DeadLetter("auth", {"h": 1}), DLX_EXCHANGE, ""),
     ],
 )
 def test_retry_and_dead_letter_are_confirmed_before_the_ack(
@@ -84,7 +84,7 @@ def test_retry_and_dead_letter_are_confirmed_before_the_ack(
 def test_a_failed_publish_raises_and_leaves_the_original_unacked() -> None:
     recorder = Recorder(fail=True)
     with pytest.raises(PublishNotConfirmed) as info:
-        run(recorder, Outcome("dead_letter", "auth", None, {"h": 1}))
+        run(recorder, DeadLetter("auth", {"h": 1}))
     assert "clusteralert.dlx" in str(info.value)
     assert ("ack",) not in recorder.calls
 

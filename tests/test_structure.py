@@ -13,6 +13,17 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("shared", "producer", "worker")
 
 
+def imported(path: Path) -> set[str]:
+    """The modules a file imports anywhere in its body (absolute imports)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module or "")
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
 def import_graph() -> dict[str, set[str]]:
     """Module -> our modules it imports anywhere in its body."""
     graph: dict[str, set[str]] = {}
@@ -20,16 +31,7 @@ def import_graph() -> dict[str, set[str]]:
         for path in (ROOT / package).rglob("*.py"):
             parts = path.relative_to(ROOT).with_suffix("").parts
             module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-            deps: set[str] = set()
-            for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                names = (
-                    [node.module or ""]
-                    if isinstance(node, ast.ImportFrom) and node.level == 0
-                    else [alias.name for alias in node.names]
-                    if isinstance(node, ast.Import)
-                    else []
-                )
-                deps.update(n for n in names if n.split(".")[0] in PACKAGES)
+            deps = {n for n in imported(path) if n.split(".")[0] in PACKAGES}
             graph[module] = deps - {module}
     return graph
 
@@ -81,3 +83,13 @@ def test_the_dlq_commands_do_not_load_the_smtp_side() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_one_placeholder_grammar_on_the_standard_library_alone() -> None:
+    # The renderer, the vendor CSV reader and the match-back read catalog texts alike;
+    # the node agent loads the grammar, so it may pull in nothing else.
+    graph = import_graph()
+    for user in ("worker.render", "shared.vendor_csv", "producer.matchback"):
+        assert "shared.placeholders" in graph[user], user
+    top_level = {name.split(".")[0] for name in imported(ROOT / "shared" / "placeholders.py")}
+    assert top_level <= set(sys.stdlib_module_names) | {"__future__"}, top_level

@@ -191,10 +191,7 @@ class Consumer:
                 )
                 delivery.requeue()
                 continue
-            if outcome.action == "retry":
-                self.metrics.retries.labels("delayed").inc()
-            elif outcome.action == "dead_letter":
-                self.metrics.dead_lettered.labels(outcome.reason or "crash").inc()
+            self.metrics.settled(outcome)
 
     def _abandon_in_flight(self) -> None:
         """Cancel the sends of messages this worker can no longer settle. A mail already

@@ -220,7 +220,7 @@ class IncidentStage:
             )
             delivery.requeue()
             return
-        self.metrics.dead_lettered.labels(outcome.reason or "invalid_event").inc()
+        self.metrics.settled(outcome)
 
     def _carry_out(self, actions: list[Action[Delivery]]) -> None:
         for action in actions:

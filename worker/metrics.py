@@ -7,11 +7,13 @@ is created at zero up front, so dashboards and alert rules see 0 rather than no 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import assert_never
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from shared.errors import FAILURE_REASONS, TLS_CAUSES
 from shared.filter import FILTER_REASONS
+from worker.outcome import Acked, DeadLetter, Outcome, Retry
 
 __all__ = ["Metrics"]
 
@@ -166,3 +168,15 @@ class Metrics:
             self.sent.labels(relay)
             self.send_duration.labels(relay)
             self.cert_expiry.labels(relay)
+
+    def settled(self, outcome: Outcome) -> None:
+        """Count an outcome the broker has taken (confirmed, then acked)."""
+        match outcome:
+            case Acked():
+                pass
+            case Retry():
+                self.retries.labels("delayed").inc()
+            case DeadLetter(reason=reason):
+                self.dead_lettered.labels(reason).inc()
+            case _:
+                assert_never(outcome)

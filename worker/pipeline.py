@@ -33,22 +33,18 @@ from shared.filter import Decision, decide
 from shared.notification import Notification, decode_notification, is_notification
 from shared.own_events import OwnKind, own_kind
 from worker.metrics import Metrics
-from worker.outcome import Outcome
+from worker.outcome import Acked, DeadLetter, Outcome, Retry
 from worker.render import Mail, Renderer
 from worker.retry_policy import (
     HEADER_REPLAYED,
-    DeadLetter,
+    GiveUp,
     RetryState,
     decide_failure,
     failure_headers,
 )
 from worker.send import Sender, Sent
 
-__all__ = [
-    "Outcome",
-    "Pipeline",
-    "refuse_compressed",
-]  # Outcome re-exported: callers name it here too
+__all__ = ["Pipeline", "refuse_compressed"]
 
 MAX_EXPLAINED = 1000  # bounded: a flood of made-up kinds must not grow memory
 
@@ -196,7 +192,7 @@ class Pipeline:
                 assert decision.reason is not None
                 self.metrics.filtered.labels(decision.reason).inc()
                 self.note_filtered(event, decision)
-                return Outcome("ack")
+                return Acked()
             level = decision.level
             try:
                 mail = self.renderer.render(event, decision)
@@ -244,7 +240,7 @@ class Pipeline:
         if state.recipients is not None:
             narrowed = _still_to_reach(mail, state.recipients)
             if narrowed is None:
-                return Outcome("ack")
+                return Acked()
             mail = narrowed
 
         budget = asyncio.timeout(received + self.max_hold - time.monotonic())
@@ -285,7 +281,7 @@ class Pipeline:
             self.metrics.canary_success.set(time.time())
         if sent.deferred:
             return self._defer(sent, event, state, headers)
-        return Outcome("ack")
+        return Acked()
 
     def decider(self, event: Event) -> Decision:
         return decide(event, self.catalog, self.filters)
@@ -331,7 +327,7 @@ class Pipeline:
             what = f"event {event.id} {event.key}"
         else:
             what = "a message" if isinstance(error, WorkerCrash) else "undecodable event"
-        if isinstance(step, DeadLetter):
+        if isinstance(step, GiveUp):
             log.error(
                 "dead-lettering %s after %d attempt(s): %s: %s",
                 what,
@@ -339,7 +335,7 @@ class Pipeline:
                 error.reason,
                 detail,
             )
-            return Outcome("dead_letter", step.reason, headers=updated)
+            return DeadLetter(step.reason, updated)
         log.warning(
             "retry scheduled for %s in %s (attempt %d failed: %s: %s)",
             what,
@@ -348,7 +344,7 @@ class Pipeline:
             error.reason,
             detail,
         )
-        return Outcome("retry", error.reason, step.rung, updated)
+        return Retry(step.rung, error.reason, updated)
 
 
 def _still_to_reach(mail: Mail, remaining: tuple[str, ...]) -> Mail | None:

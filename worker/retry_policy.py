@@ -30,8 +30,8 @@ __all__ = [
     "HEADER_RECIPIENTS",
     "HEADER_REPLAYED",
     "HEADER_WORKER",
-    "DeadLetter",
-    "Retry",
+    "GiveUp",
+    "NextRung",
     "RetryState",
     "decide_failure",
     "failure_headers",
@@ -93,30 +93,33 @@ def _recipients(value: object) -> tuple[str, ...] | None:
     return addresses or None
 
 
-@dataclass(frozen=True, slots=True)
-class Retry:
-    rung: str  # routing key on clusteralert.retry, e.g. "30s"
-    delay: timedelta
+# The policy's verdict, before the pipeline turns it into an outcome (worker.outcome)
+# with the message's headers.
 
 
 @dataclass(frozen=True, slots=True)
-class DeadLetter:
+class NextRung:
+    rung: str  # routing key on clusteralert.retry, e.g. "30s"; its TTL is in RETRY_DELAYS
+
+
+@dataclass(frozen=True, slots=True)
+class GiveUp:
     reason: str
 
 
 def decide_failure(
     error: MessageFailure, state: RetryState, now: datetime, window: timedelta
-) -> Retry | DeadLetter:
+) -> NextRung | GiveUp:
     """Retry a transient failure on the next rung while the window since the first
     failure lasts; dead-letter anything else, and anything past the window."""
     if not isinstance(error, TransientError):
-        return DeadLetter(error.reason)
+        return GiveUp(error.reason)
     first = state.first_failure or now
     if now - first >= window:
-        return DeadLetter(error.reason)
+        return GiveUp(error.reason)
     # attempts counts earlier failed rounds; this failure is round attempts + 1.
-    suffix, ttl_ms = RETRY_DELAYS[min(state.attempts, len(RETRY_DELAYS) - 1)]
-    return Retry(suffix, timedelta(milliseconds=ttl_ms))
+    rung, _ttl_ms = RETRY_DELAYS[min(state.attempts, len(RETRY_DELAYS) - 1)]
+    return NextRung(rung)
 
 
 def failure_headers(

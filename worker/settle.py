@@ -9,24 +9,28 @@ original stays unacked for the caller to give back.
 
 from __future__ import annotations
 
+from typing import assert_never
+
 from shared.topology import DLX_EXCHANGE, RETRY_EXCHANGE
 from worker.broker import Broker, Delivery, copy_properties
-from worker.outcome import Outcome
+from worker.outcome import Acked, DeadLetter, Outcome, Retry
 
 __all__ = ["describe_delivery", "settle"]
 
 
 def settle(broker: Broker, delivery: Delivery, outcome: Outcome) -> None:
-    if outcome.action == "ack":
-        delivery.ack()
-        return
-    headers = dict(outcome.headers or {})
-    properties = copy_properties(dict(delivery.properties), headers)
-    if outcome.action == "retry":
-        assert outcome.rung is not None
-        broker.publish_confirmed(delivery.body, properties, RETRY_EXCHANGE, outcome.rung)
-    else:
-        broker.publish_confirmed(delivery.body, properties, DLX_EXCHANGE, "")
+    match outcome:
+        case Acked():
+            delivery.ack()
+            return
+        case Retry(rung=rung):
+            exchange, routing_key = RETRY_EXCHANGE, rung
+        case DeadLetter():
+            exchange, routing_key = DLX_EXCHANGE, ""
+        case _:
+            assert_never(outcome)
+    properties = copy_properties(dict(delivery.properties), dict(outcome.headers))
+    broker.publish_confirmed(delivery.body, properties, exchange, routing_key)
     delivery.ack()
 
 
