@@ -37,6 +37,7 @@ __all__ = [
     "event_from_doc",
     "new_event",
     "peek_event",
+    "routing_key",
     "visible",
 ]
 
@@ -136,6 +137,12 @@ def _routing_key(module: str, event_id: int, node: str) -> str:
     become underscores; AMQP caps routing keys at 255 bytes."""
     key = f"{module}.{event_id}.{node.replace('.', '_')}"
     return key.encode("utf-8")[:255].decode("utf-8", errors="ignore")
+
+
+def routing_key(event: Event) -> str:
+    """The routing key an event is published with (the heartbeats and the canary are
+    published from ``Event`` objects, not from spooled bytes)."""
+    return _routing_key(event.module, event.event_id, event.node)
 
 
 def peek_event(raw: bytes) -> tuple[str, str]:

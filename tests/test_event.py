@@ -15,6 +15,7 @@ from shared.event import (
     encode_event,
     new_event,
     peek_event,
+    routing_key,
 )
 
 
@@ -156,6 +157,9 @@ def test_routing_key_replaces_dots_in_the_node() -> None:
     assert peek_event(encode_event(event))[1] == "rm.9.node1_example_com"
     long = new_event(module="rm", event_id=1, cluster="c", node="\u00e9" * 255, source="cli")
     assert len(peek_event(encode_event(long))[1].encode()) <= 255
+    # Events published from objects (heartbeats, the canary) get the same key as spooled ones.
+    assert routing_key(event) == "rm.9.node1_example_com"
+    assert routing_key(long) == peek_event(encode_event(long))[1]
 
 
 def test_peek_event_reads_what_publishing_needs_and_refuses_the_rest() -> None:

@@ -214,10 +214,10 @@ class Pipeline:
         here (a replayed dead letter, say) is acked: neither is ever mailed."""
         if kind != "canary":
             log.info("event %s %s is not mailed (a %s); acked", event.id, event.key, kind)
-            return Outcome("ack")
+            return Acked()
         if not self.canary_to:
             log.warning("canary %s acked unmailed: [canary] to is not set here", event.id)
-            return Outcome("ack")
+            return Acked()
         decision = Decision(True, "info", None, None, "the canary")
         try:
             mail = self.renderer.render(event, decision, to=self.canary_to)
