@@ -293,4 +293,6 @@ def main(argv: list[str] | None = None) -> None:
                     f"p99 {b3['p99_ms']:.0f} ms (target <= 100 ms), max {b3['max_ms']:.0f} ms",
                 )
             )
-    report("stage-smoke" if smoke else "stage", rows, figures)
+    # A run of some parts keeps its own file, so that it never replaces a full run's.
+    suite = "stage" if parts == set(PARTS) else "-".join(["stage", *sorted(parts)])
+    report(f"{suite}-smoke" if smoke else suite, rows, figures)
