@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import subprocess
@@ -28,6 +29,20 @@ def vhost() -> Iterator[str]:
         yield name
     finally:
         subprocess.run([*run, "delete_vhost", name], check=False, capture_output=True)
+
+
+def suite_args(prog: str, parts: tuple[str, ...], argv: list[str] | None) -> tuple[bool, set[str]]:
+    """A suite's command line: ``--smoke`` and ``--parts``; returns both."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: harness check only")
+    parser.add_argument(
+        "--parts", default=",".join(parts), help=f"comma-separated, of {', '.join(parts)}"
+    )
+    args = parser.parse_args(argv)
+    chosen = set(args.parts.split(","))
+    if chosen - set(parts):
+        parser.error(f"unknown parts: {', '.join(sorted(chosen - set(parts)))}")
+    return args.smoke, chosen
 
 
 def amqp_url(name: str) -> str:

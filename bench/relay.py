@@ -1,6 +1,7 @@
 """The benchmarks' relay: aiosmtpd with STARTTLS (trustme certificate), in a process of its
 own so that it never shares a GIL with what it measures. It records when each mail
-arrived and its event id (from the Message-ID), with an optional delay before each DATA
+arrived, its event id (from the Message-ID) and how many events it covers (a digest's
+subject says), with an optional delay before each DATA
 reply to play a slow cloud relay, and optionally offering PIPELINING (aiosmtpd does not by
 itself; it answers commands in the order it reads them, which is all RFC 2920 asks)."""
 
@@ -20,12 +21,15 @@ from pathlib import Path
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 _MESSAGE_ID = re.compile(rb"^Message-ID: <([^@>]+)@", re.MULTILINE | re.IGNORECASE)
+# A digest's subject says how many events it covers: "[storm] CLUSTER: N events in W s".
+_DIGEST_EVENTS = re.compile(rb"^Subject: \[storm\] [^\r\n]*?: (\d+) events in ", re.MULTILINE)
 
 
 @dataclass
 class Arrival:
     event_id: str
     at: float  # time.time() when DATA completed
+    events: int = 1  # events the mail covers: more than one for a digest
 
 
 class _Handler:
@@ -50,8 +54,16 @@ class _Handler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.delay:
             await asyncio.sleep(self.delay)
-        match = _MESSAGE_ID.search(envelope.original_content or b"")
-        self.out.send((match.group(1).decode() if match else "", time.time()))
+        content = envelope.original_content or b""
+        match = _MESSAGE_ID.search(content)
+        digest = _DIGEST_EVENTS.search(content)
+        self.out.send(
+            (
+                match.group(1).decode() if match else "",
+                time.time(),
+                int(digest.group(1)) if digest else 1,
+            )
+        )
         return "250 OK"
 
 
@@ -126,11 +138,11 @@ class BenchRelay:
     def _read(self) -> None:
         while True:
             try:
-                event_id, at = self._recv.recv()
+                event_id, at, events = self._recv.recv()
             except (EOFError, OSError):
                 return
             with self._more:
-                self._arrivals.append(Arrival(event_id, at))
+                self._arrivals.append(Arrival(event_id, at, events))
                 self._more.notify_all()
 
     def __enter__(self) -> BenchRelay:
@@ -145,6 +157,16 @@ class BenchRelay:
 
     def arrivals(self) -> list[Arrival]:
         with self._lock:
+            return list(self._arrivals)
+
+    def wait_for_events(self, count: int, timeout: float) -> list[Arrival]:
+        """Wait until the mails so far cover ``count`` events (a digest covers many)."""
+        with self._more:
+            if not self._more.wait_for(
+                lambda: sum(a.events for a in self._arrivals) >= count, timeout
+            ):
+                covered = sum(a.events for a in self._arrivals)
+                raise RuntimeError(f"only {covered} of {count} events were mailed")
             return list(self._arrivals)
 
     def wait_for(self, count: int, timeout: float) -> list[Arrival]:

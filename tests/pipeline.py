@@ -4,6 +4,7 @@ the worker and CLI commands started as users start them, and events published fa
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import uuid
 from collections.abc import Callable, Sequence
@@ -162,6 +163,22 @@ def queue_depth(vhost: str, queue: str = "clusteralert.mail") -> int:
     with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
         method = connection.channel().queue_declare(queue, passive=True).method
         return int(method.message_count)
+
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def plain_body(mail: Received) -> str:
+    """The text part of a mail, decoded."""
+    part = mail.parsed().get_body(("plain",))
+    assert part is not None
+    return str(part.get_content())
+
+
+def body_ids(mail: Received) -> set[str]:
+    """Every event id a mail's text names: one for a single event, each incident's for a
+    digest."""
+    return set(_UUID.findall(plain_body(mail)))
 
 
 def received_ids(received: SmtpServer | Sequence[Received]) -> list[str]:

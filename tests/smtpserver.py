@@ -230,6 +230,9 @@ class SmtpServer:
         self._server: asyncio.AbstractServer | None = None
         self._protocols: list[SMTP] = []
         self.reject_starttls = False
+        # The largest mail it takes (advertised as SIZE, refused with 552 beyond it):
+        # aiosmtpd's 32 MiB by default; Postfix ships with 10,240,000 bytes.
+        self.data_size_limit = 32 * 1024 * 1024
         # A failed AUTH gets this reply (``{secret}`` echoes what the client sent), and
         # only these mechanisms are offered (None: aiosmtpd's LOGIN and PLAIN).
         self.auth_failure_reply: str | None = None
@@ -278,6 +281,7 @@ class SmtpServer:
         protocol = (_RejectingStartTls if self.reject_starttls else _Smtp)(
             self.handler,
             hostname="relay.test",
+            data_size_limit=self.data_size_limit,
             # aiosmtpd offers STARTTLS exactly when it has a context for it.
             tls_context=self.tls_context if starttls else None,
             # Mail is taken without TLS too: the client must insist on it.

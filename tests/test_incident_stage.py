@@ -15,11 +15,18 @@ from pathlib import Path
 import pika
 
 from tests.conftest import Certs, Process, amqp_url, scrape, wait_metric
-from tests.pipeline import SMTP_PASSWORD, dlq, dlq_list, queue_depth, start_worker, write_config
-from tests.smtpserver import Received, SmtpServer
+from tests.pipeline import (
+    SMTP_PASSWORD,
+    body_ids,
+    dlq,
+    dlq_list,
+    plain_body,
+    queue_depth,
+    start_worker,
+    write_config,
+)
+from tests.smtpserver import SmtpServer
 from tests.waiting import wait_until
-
-UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def _event(
@@ -64,16 +71,6 @@ def _config(tmp_path: Path, vhost: str, relay: SmtpServer, certs: Certs, inciden
     return write_config(tmp_path, vhost, [relay], certs, incident=incident)
 
 
-def _body(mail: Received) -> str:
-    part = mail.parsed().get_body(("plain",))
-    assert part is not None
-    return str(part.get_content())
-
-
-def _ids(mail: Received) -> set[str]:
-    return {m.decode() for m in UUID.findall(_body(mail).encode())}
-
-
 def _settled(port: int, sent: int) -> Callable[[], bool]:
     """The stage holds nothing and the relay took ``sent`` mails: nothing more is due."""
 
@@ -105,7 +102,7 @@ def test_three_reporters_of_one_node_loss_make_one_mail(
     wait_until(_settled(port, 1), 10, "nothing more held or sent")
     [mail] = relay.received
     assert mail.event_id == ids[0]
-    body = _body(mail)
+    body = plain_body(mail)
     assert "Reported by:" in body
     assert all(reporter in body for reporter in ("n1", "n2", "n4")), body
     metrics = scrape(port)
@@ -134,7 +131,7 @@ def test_recovery_answers_its_failure_and_within_group_wait_is_one_mail(
     reply = second.parsed()
     assert reply["In-Reply-To"] == first.parsed()["Message-ID"] == f"<{failure}@example.com>"
     assert reply["References"] == first.parsed()["Message-ID"]
-    assert re.search(r"Resolved: .* after \d", _body(second)), _body(second)
+    assert re.search(r"Resolved: .* after \d", plain_body(second)), plain_body(second)
     wait_metric(port, "clusteralert_recoveries_total", lambda v: v == 1, 10)
 
     # Failure and recovery both within group_wait: one mail says both.
@@ -145,7 +142,7 @@ def test_recovery_answers_its_failure_and_within_group_wait_is_one_mail(
     wait_metric(port, "clusteralert_recoveries_total", lambda v: v == 2, 10)
     wait_until(_settled(port, 3), 10, "one mail for failure and recovery")
     both = relay.received[2]
-    assert "Already resolved" in _body(both), _body(both)
+    assert "Already resolved" in plain_body(both), plain_body(both)
 
 
 def test_fifty_identical_reports_are_one_mail_and_forty_nine_folded(
@@ -187,7 +184,7 @@ def test_a_storm_of_500_is_ten_singles_then_digests_and_every_id_is_mailed_once(
     ids = _publish(vhost, [_event("rm", 9, params={"monitor": f"m{i}"}) for i in range(500)])
 
     def mailed() -> set[str]:
-        return set().union(*(_ids(m) for m in relay.received))
+        return set().union(*(body_ids(m) for m in relay.received))
 
     wait_until(lambda: mailed() >= set(ids), 30, "every event id in a mail")
     wait_until(_settled(port, len(relay.received)), 10, "nothing held")
@@ -196,7 +193,7 @@ def test_a_storm_of_500_is_ten_singles_then_digests_and_every_id_is_mailed_once(
     assert len(singles) <= 10, len(singles)
     assert digests
     for event_id in ids:
-        holders = [m for m in relay.received if event_id in _ids(m)]
+        holders = [m for m in relay.received if event_id in body_ids(m)]
         assert len(holders) == 1, event_id
     assert scrape(port)["clusteralert_digests_sent_total"] == len(digests)
 
@@ -221,11 +218,11 @@ def test_kill_9_of_the_active_stage_holding_a_storm_loses_nothing(
     active.kill()
 
     def mailed() -> set[str]:
-        return set().union(*(_ids(m) for m in relay.received))
+        return set().union(*(body_ids(m) for m in relay.received))
 
     wait_until(lambda: mailed() >= set(ids), 30, "every event id in a mail after failover")
     assert scrape(standby_port)["clusteralert_incident_stage_active"] == 1
-    duplicates = sum(len(_ids(m)) for m in relay.received) - len(mailed())
+    duplicates = sum(len(body_ids(m)) for m in relay.received) - len(mailed())
     print(f"{len(relay.received)} mails, {duplicates} event id(s) mailed twice after failover")
 
 
@@ -305,5 +302,5 @@ def test_a_dead_notification_shows_its_events_and_a_01_dead_letter_still_replays
     assert relay.wait_for(lambda got: len(got) == 2, timeout=20)
     by_id = {m.event_id: m for m in relay.received}
     assert set(by_id) == {first, str(old["id"])}
-    assert "n1" in _body(by_id[first]) and "n2" in _body(by_id[first])
+    assert "n1" in plain_body(by_id[first]) and "n2" in plain_body(by_id[first])
     assert queue_depth(vhost, "clusteralert.dead") == 0
