@@ -21,12 +21,14 @@ from shared.errors import (
 )
 from shared.topology import DEAD_QUEUE, DLX_EXCHANGE, WORK_QUEUE
 from tests.conftest import amqp_url, free_port
+from tests.test_consume_faults import refuse_dead_letters
 from tests.waiting import wait_until
 from worker.broker import (
     Broker,
     BrokerUnavailable,
     ConfirmedPublisher,
     Delivery,
+    Outgoing,
     PublishNotConfirmed,
     TopologyMismatch,
     connect_any,
@@ -122,6 +124,45 @@ def test_many_publishes_in_flight_run_their_confirm_callbacks_and_a_return_stops
         assert confirmed == [0, 1, 2]
     finally:
         connection.collect()
+
+
+@pytest.mark.integration
+def test_a_batch_of_publishes_is_confirmed_each_on_its_own(vhost: str) -> None:
+    broker = Broker(broker_config(amqp_url(vhost)))
+    broker.connect()
+    try:
+        refuse_dead_letters(vhost)  # the DLQ's broker nacks every publish from now on
+
+        def outgoing(body: bytes, exchange: str, routing_key: str) -> Outgoing:
+            properties = copy_properties({"message_id": body.decode()}, {})
+            return Outgoing(body, properties, exchange, routing_key)
+
+        batch = [
+            outgoing(b"a", "", WORK_QUEUE),
+            outgoing(b"b", "", "no.such.queue"),  # returned
+            outgoing(b"c", DLX_EXCHANGE, ""),  # nacked
+            outgoing(b"d", "", WORK_QUEUE),
+        ]
+        results = broker.publish_each_confirmed(batch)
+        assert results[0] is None and results[3] is None
+        assert results[1] is not None and "returned" in results[1]
+        assert results[2] is not None and "nack" in results[2]
+        # No such exchange: the broker closes the channel; the next batch gets a new one,
+        # whose publishes the broker numbers from 1 again.
+        [closed] = broker.publish_each_confirmed([outgoing(b"x", "no.such.exchange", "")])
+        assert closed is not None and "not confirmed" in closed
+        assert broker.publish_each_confirmed([outgoing(b"e", "", WORK_QUEUE)]) == [None]
+        got: list[Delivery] = []
+        broker.consume(WORK_QUEUE, got.append, prefetch=10)
+
+        def three() -> bool:
+            broker.drain(0.05)
+            return len(got) >= 3
+
+        wait_until(three, 10, "the three confirmed publishes")
+        assert sorted(d.body for d in got) == [b"a", b"d", b"e"]
+    finally:
+        broker.close()
 
 
 def test_failures_that_are_not_delivery_failures_have_their_own_classes() -> None:

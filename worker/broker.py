@@ -9,7 +9,8 @@ A :class:`Broker` holds one connection, and every call on it must come from the 
 thread that owns it (kombu channels are not thread-safe, and heartbeats are only sent
 while that thread services the connection; see docs/design.md). A second consumer is one
 more :meth:`Broker.consume` on the same connection; more confirmed publishes go through
-:meth:`Broker.publish_confirmed`, or :class:`ConfirmedPublisher` for many in flight.
+:meth:`Broker.publish_confirmed`, :meth:`Broker.publish_each_confirmed` for several at once,
+or :class:`ConfirmedPublisher` for many in flight.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from time import monotonic
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import amqp
 import amqp.exceptions
@@ -37,6 +38,7 @@ __all__ = [
     "BrokerUnavailable",
     "ConfirmedPublisher",
     "Delivery",
+    "Outgoing",
     "PublishNotConfirmed",
     "TopologyMismatch",
     "connect_any",
@@ -287,6 +289,31 @@ class ConfirmedPublisher:
         self._failure = f"no queue took a publish to {routing_key!r} (returned)"
 
 
+class Outgoing(NamedTuple):
+    """One message for :meth:`Broker.publish_each_confirmed`."""
+
+    body: bytes
+    properties: dict[str, Any]
+    exchange: str
+    routing_key: str
+
+
+class _Batch:
+    """The publishes of one :meth:`Broker.publish_each_confirmed` call."""
+
+    def __init__(self, messages: Sequence[Outgoing]):
+        self.messages = messages
+        self.results: list[str | None] = [None] * len(messages)
+        self.awaiting: dict[int, int] = {}  # publish sequence number -> index
+
+    def same(self, index: int, message: Any) -> bool:
+        mine = self.messages[index]
+        return bool(
+            mine.body == message.body
+            and mine.properties.get("message_id") == message.properties.get("message_id")
+        )
+
+
 class Broker:
     """One connection at a time, to whichever of ``[broker] urls`` answers, with its
     consuming channels and one confirmed publishing channel. Owner thread only."""
@@ -297,6 +324,9 @@ class Broker:
         self._connection: Connection | None = None
         # Confirm-mode channels by lane (see publish_confirmed).
         self._publish_channels: dict[str, Any] = {}
+        self._batch_channel: Any = None
+        self._batch_sequence = 0
+        self._batch: _Batch | None = None
 
     @property
     def url(self) -> BrokerUrl:
@@ -401,9 +431,99 @@ class Broker:
                 f"publish to {exchange or 'default exchange'} ({routing_key}) not confirmed: {exc}"
             ) from exc
 
+    def publish_each_confirmed(self, messages: Sequence[Outgoing]) -> list[str | None]:
+        """Publish every message with ``mandatory``, all before waiting, then wait for
+        their confirms together: one round trip for the lot where :meth:`publish_confirmed`
+        costs one each. Returns, in order, None for each message the broker confirmed and
+        why not for each other one (a nack, a return, no answer): unlike
+        :class:`ConfirmedPublisher`, one refusal says nothing of the others."""
+        assert self._connection is not None
+        if not messages:
+            return []
+        batch = _Batch(messages)
+        try:
+            with talking():
+                channel = self._batch_channel_open()
+            self._batch = batch
+            for index, (body, properties, exchange, routing_key) in enumerate(messages):
+                channel.basic_publish(
+                    amqp.Message(body, **properties),
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    mandatory=True,
+                )
+                self._batch_sequence += 1
+                batch.awaiting[self._batch_sequence] = index
+            deadline = monotonic() + CONFIRM_TIMEOUT
+            while batch.awaiting:
+                left = deadline - monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no confirm within {CONFIRM_TIMEOUT:g}s")
+                self._connection.connection.drain_events(timeout=left)
+        except Exception as exc:
+            # What is still unconfirmed has no certain home. A fresh channel next time (a
+            # late confirm must not count for a later publish), closed as in
+            # publish_confirmed.
+            channel, self._batch_channel = self._batch_channel, None
+            if channel is not None and not isinstance(exc, OSError) and channel.is_open:
+                with contextlib.suppress(Exception):
+                    channel.close()
+            for index in batch.awaiting.values():
+                batch.results[index] = f"not confirmed: {describe(exc)}"
+            batch.awaiting.clear()
+        finally:
+            self._batch = None
+        return batch.results
+
+    def _batch_channel_open(self) -> Any:
+        channel = self._batch_channel
+        if channel is not None and channel.is_open:
+            return channel
+        assert self._connection is not None
+        channel = self._connection.channel()
+        channel.confirm_select()
+        # The broker numbers a confirm channel's publishes from 1.
+        self._batch_sequence = 0
+        channel.events["basic_ack"].add(self._on_batch_ack)
+        channel.events["basic_nack"].add(self._on_batch_nack)
+        channel.events["basic_return"].add(self._on_batch_return)
+        self._batch_channel = channel
+        return channel
+
+    def _confirmed(self, delivery_tag: int, multiple: bool, failure: str | None) -> None:
+        batch = self._batch
+        if batch is None:
+            return
+        tags = [s for s in batch.awaiting if s <= delivery_tag] if multiple else [delivery_tag]
+        for sequence in tags:
+            index = batch.awaiting.pop(sequence, None)
+            if index is not None and failure is not None:
+                batch.results[index] = failure
+
+    def _on_batch_ack(self, delivery_tag: int, multiple: bool) -> None:
+        self._confirmed(delivery_tag, multiple, None)
+
+    def _on_batch_nack(self, delivery_tag: int, multiple: bool) -> None:
+        self._confirmed(delivery_tag, multiple, "the broker refused it (nack)")
+
+    def _on_batch_return(
+        self, exc: Exception, exchange: str, routing_key: str, message: Any
+    ) -> None:
+        # A return names no publish; it comes before the ack of the one it returns, so
+        # that one is still awaited: the first awaited publish with the same body and
+        # message id (two such would be the same notification).
+        batch = self._batch
+        if batch is None:
+            return
+        for index in batch.awaiting.values():
+            if batch.results[index] is None and batch.same(index, message):
+                batch.results[index] = f"no queue took it ({routing_key!r}, returned)"
+                return
+
     def close(self) -> None:
         connection, self._connection = self._connection, None
         self._publish_channels = {}
+        self._batch_channel = None
         if connection is not None:
             _close_quietly(connection)
 

@@ -31,7 +31,7 @@ from shared.filter import Decision, decide
 from shared.notification import DIGEST_PREFIX, Notification, encode_notification
 from shared.own_events import own_kind
 from shared.topology import INCOMING_QUEUE, WORK_QUEUE
-from worker.broker import Broker, Delivery, PublishNotConfirmed
+from worker.broker import Broker, Delivery, Outgoing, PublishNotConfirmed
 from worker.canary import Canary
 from worker.heartbeat import NodeHeartbeats
 from worker.incident import Ack, Action, IncidentEngine, Publish, count
@@ -56,6 +56,9 @@ _FOLDS: Final = ("duplicate", "repeat")
 # limit sent it to the DLQ within a second.
 _MIN_PAUSE: Final = 0.5
 _MAX_PAUSE: Final = 30.0
+# Notifications published before their confirms are waited for, at most: one broker
+# round trip for many, while a refusal still stops the stage soon after it.
+MAX_UNCONFIRMED: Final = 100
 
 
 def stage_prefetch(max_held: int) -> int:
@@ -101,6 +104,8 @@ class IncidentStage:
         self._paused_until = 0.0
         self.canary = Canary(broker, metrics, canary_interval)
         self.heartbeats = NodeHeartbeats(metrics)
+        # Notifications the engine gave, in order, not yet published (see _carry_out).
+        self._unconfirmed: list[Publish[Delivery]] = []
 
     def start(self) -> None:
         """Subscribe (on a connected broker) with a fresh engine."""
@@ -128,6 +133,7 @@ class IncidentStage:
         self._cancel = None
         self._arrived.clear()
         self.silences.lost()
+        self._unconfirmed.clear()
         self.metrics.stage_active.set(0)
         self.metrics.held.set(0)
         self.metrics.next_due.set(0)
@@ -141,12 +147,15 @@ class IncidentStage:
             return  # what arrives meanwhile waits here, unacked, charged no delivery
         while self._arrived and time.monotonic() >= self._paused_until:
             self._offer(engine, self._arrived.popleft())
+            if len(self._unconfirmed) >= MAX_UNCONFIRMED:
+                self._confirm()
         deadline = engine.next_deadline()
         if deadline is not None:
             now = time.monotonic()
             if deadline <= now and now >= self._paused_until:
                 self._carry_out(engine.tick(now))
                 deadline = engine.next_deadline()
+        self._confirm()
         if self.active:
             self.silences.service(active=True)
         self.metrics.held.set(engine.held)
@@ -206,6 +215,7 @@ class IncidentStage:
         return kind is not None
 
     def _dead_letter(self, delivery: Delivery, exc: InvalidEvent) -> None:
+        self._confirm()  # in order: what came before it first
         outcome = self.pipeline.undecodable(delivery.headers, exc)
         try:
             settle(self.broker, delivery, outcome)
@@ -223,8 +233,12 @@ class IncidentStage:
         self.metrics.settled(outcome)
 
     def _carry_out(self, actions: list[Action[Delivery]]) -> None:
+        """In order. A notification is only published here, and confirmed with those
+        published after it by :meth:`_confirm`, before any ack that follows it and at
+        the end of each service: one broker round trip for the lot, not one each."""
         for action in actions:
             if isinstance(action, Ack):
+                self._confirm()
                 action.handle.ack()
                 count(self.metrics, action)
                 # Its last stop (see Pipeline: the delivery stage counts the others).
@@ -232,42 +246,63 @@ class IncidentStage:
                 if action.reason in _FOLDS:
                     log.info("folded %s (%s)", describe_delivery(action.handle), action.reason)
             else:
-                self._publish(action)
+                self._unconfirmed.append(action)
 
-    def _publish(self, action: Publish[Delivery]) -> None:
-        notification = action.notification
-        try:
-            body = encode_notification(notification)
-            self.broker.publish_confirmed(
-                body,
-                {
-                    "delivery_mode": 2,
-                    "content_type": "application/json",
-                    "message_id": _message_id(notification),
-                },
-                "",
-                WORK_QUEUE,
-            )
-        except (PublishNotConfirmed, InvalidEvent) as exc:
-            # Not certainly in the mail queue: the events go back, to be grouped again
-            # (the queue's delivery limit ends a loop).
-            log.error(
-                "could not publish %s (event %s): %s; returning its %d event(s) to %s",
-                notification.summary(),
-                notification.first.id,
-                exc,
-                len(action.handles),
-                INCOMING_QUEUE,
-            )
+    def _confirm(self) -> None:
+        """Publish the notifications not yet published, wait for their confirms, and only
+        then ack the events each covers; those of a notification not confirmed go back
+        to the queue, and the stage pauses."""
+        actions, self._unconfirmed = self._unconfirmed, []
+        published: list[Publish[Delivery]] = []
+        outgoing: list[Outgoing] = []
+        refused = False
+        for action in actions:
+            try:
+                body = encode_notification(action.notification)
+            except InvalidEvent as exc:
+                self._refused(action, exc)
+                refused = True
+                continue
+            properties = {
+                "delivery_mode": 2,
+                "content_type": "application/json",
+                "message_id": _message_id(action.notification),
+            }
+            outgoing.append(Outgoing(body, properties, "", WORK_QUEUE))
+            published.append(action)
+        failures = self.broker.publish_each_confirmed(outgoing)
+        for action, failure in zip(published, failures, strict=True):
+            if failure is not None:
+                self._refused(action, PublishNotConfirmed(f"publish to {WORK_QUEUE} {failure}"))
+                refused = True
+                continue
             for handle in action.handles:
-                handle.requeue()
+                handle.ack()
+            count(self.metrics, action)
+            # Debug: the delivery stage's "sent event" line is the one line per outcome.
+            log.debug(
+                "published %s, first event %s",
+                action.notification.summary(),
+                action.notification.first.id,
+            )
+        if refused:
             pause = self._pause.delay()
             self._paused_until = time.monotonic() + pause
             log.warning("incident stage pausing %.1fs before it offers events again", pause)
-            return
-        self._pause.reset()
+        elif published:
+            self._pause.reset()
+
+    def _refused(self, action: Publish[Delivery], exc: Exception) -> None:
+        """Not certainly in the mail queue: the events go back, to be grouped again (the
+        queue's delivery limit ends a loop)."""
+        notification = action.notification
+        log.error(
+            "could not publish %s (event %s): %s; returning its %d event(s) to %s",
+            notification.summary(),
+            notification.first.id,
+            exc,
+            len(action.handles),
+            INCOMING_QUEUE,
+        )
         for handle in action.handles:
-            handle.ack()
-        count(self.metrics, action)
-        # Debug: the delivery stage's "sent event" line is the one line per outcome.
-        log.debug("published %s, first event %s", notification.summary(), notification.first.id)
+            handle.requeue()
