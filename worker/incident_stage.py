@@ -84,7 +84,9 @@ class IncidentStage:
         canary_interval: float = 0.0,
     ):
         self.broker = broker
-        self.silences = SilenceStep(broker, silences, metrics)
+        self.silences = SilenceStep(
+            broker, silences, metrics, pause=self._pause_offers, resume=self._resume_offers
+        )
         self.config = config
         self.catalog = catalog
         self.filters = filters
@@ -261,13 +263,21 @@ class IncidentStage:
             )
             for handle in action.handles:
                 handle.requeue()
-            pause = self._pause.delay()
-            self._paused_until = time.monotonic() + pause
-            log.warning("incident stage pausing %.1fs before it offers events again", pause)
+            self._pause_offers()
             return
-        self._pause.reset()
+        self._resume_offers()
         for handle in action.handles:
             handle.ack()
         count(self.metrics, action)
         # Debug: the delivery stage's "sent event" line is the one line per outcome.
         log.debug("published %s, first event %s", notification.summary(), notification.first.id)
+
+    def _pause_offers(self) -> None:
+        """After a write the broker did not confirm: the events it returned to the queue
+        come straight back, so wait (doubling) before offering any."""
+        pause = self._pause.delay()
+        self._paused_until = time.monotonic() + pause
+        log.warning("incident stage pausing %.1fs before it offers events again", pause)
+
+    def _resume_offers(self) -> None:
+        self._pause.reset()
