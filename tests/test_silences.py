@@ -22,8 +22,9 @@ from tests.waiting import wait_until
 SILENCED = "clusteralert_events_silenced_total"
 
 
-def _publish(vhost: str, node: str) -> str:
-    """One monitor failure about ``node``, as a producer publishes it, confirmed."""
+def _publish(vhost: str, node: str, *, number: int = 1, monitor: str | None = None) -> str:
+    """One monitor event about ``node`` (1: failure, 2: recovery), as a producer
+    publishes it, confirmed."""
     event_id = str(uuid.uuid4())
     event = {
         "v": 1,
@@ -32,9 +33,9 @@ def _publish(vhost: str, node: str) -> str:
         "cluster": "c",
         "node": node,
         "module": "monitor",
-        "event_id": 1,
-        # A new monitor each time: every event is an incident of its own.
-        "params": {"monitor": f"mon-{event_id[:8]}", "detail": "unhealthy"},
+        "event_id": number,
+        # By default a new monitor each time: every event is an incident of its own.
+        "params": {"monitor": monitor or f"mon-{event_id[:8]}", "detail": "unhealthy"},
         "source": "test",
     }
     with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
@@ -42,7 +43,7 @@ def _publish(vhost: str, node: str) -> str:
         channel.confirm_delivery()
         channel.basic_publish(
             "clusteralert.events",
-            f"monitor.1.{node}",
+            f"monitor.{number}.{node}",
             json.dumps(event).encode(),
             mandatory=True,
             properties=pika.BasicProperties(delivery_mode=2, message_id=event_id),
@@ -279,3 +280,33 @@ def test_hostile_records_in_the_stream_are_skipped_and_the_worker_still_mails(
     assert [entry["id"] for entry in listed] == [huge.id, ended.id]
     assert worker.proc.poll() is None
     assert worker.output().count("skipping a record") == 3, worker.output()
+
+
+def test_a_recovery_a_silence_held_back_still_ends_its_incident(
+    tmp_path: Path,
+    vhost: str,
+    certs: Certs,
+    smtp_server: Callable[..., SmtpServer],
+    processes: Callable[..., Process],
+) -> None:
+    """Failure mailed; silence; the recovery during it is not mailed but counted; the
+    silence ends; the failure again is a new incident, mailed (not folded as a repeat
+    of one still open)."""
+    relay = smtp_server("starttls", credentials=("alert", SMTP_PASSWORD))
+    incident = "group_wait = 1\nrepeat_interval = 3600\nstorm_threshold = 0"
+    config = write_config(tmp_path, vhost, [relay], certs, incident=incident)
+    _, port = start_worker(processes, config)
+    failure = _publish(vhost, "node2", monitor="web")
+    assert relay.wait_for(lambda got: [m.event_id for m in got] == [failure], timeout=30)
+    added = silence(config, "add", "monitor:*", "--node", "node2", "--for", "2h", "--comment", "x")
+    assert added.returncode == 0, added.stderr
+    wait_metric(port, "clusteralert_silences_active", lambda v: v == 1, 30)
+    _publish(vhost, "node2", number=2, monitor="web")
+    wait_metric(port, SILENCED, lambda v: v == 1, 30)
+    assert silence(config, "expire", added.stdout.strip()).returncode == 0
+    assert relay.wait_for(lambda got: len(_summaries(relay)) == 1, timeout=30)
+    assert "monitor:2 on node2 (c): 1 event(s)" in _body(_summaries(relay)[0])
+    again = _publish(vhost, "node2", monitor="web")
+    assert relay.wait_for(lambda got: again in [m.event_id for m in got], timeout=30)
+    assert _alerts(relay) == [failure, again]
+    assert scrape(port).get('clusteralert_events_folded_total{reason="repeat"}', 0) == 0

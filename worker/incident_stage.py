@@ -179,6 +179,11 @@ class IncidentStage:
         decision = decide(event, self.catalog, self.filters)
         self.pipeline.note_decision(event, decision)
         if self.silences.take(event, decision, delivery):
+            entry = decision.entry
+            if entry is not None and entry.resolves and decision.reason != "disabled":
+                # Not mailed, but the incident it ends is over all the same: its next
+                # failure is a new one, mailed, not a repeat folded into it.
+                engine.end_quietly(event, entry, now=time.monotonic())
             return
         self._offered = (event, decision)
         try:
