@@ -1,9 +1,10 @@
-"""The silence step of the incident stage, without a broker: fakes of the broker, the
-stream follower and the deliveries. What the step writes, acks and returns to the queue
-when the stream misbehaves or a silence cannot be summarised."""
+"""The silence step of the incident stage and the stream follower, without a broker:
+fakes of the broker, the follower and the deliveries. What they write, ack and return to
+the queue when the stream misbehaves or a silence cannot be summarised."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, cast
@@ -13,6 +14,7 @@ from shared.config import FilterConfig
 from shared.event import new_event
 from shared.filter import decide
 from shared.silence import HeldRow, Record, Silence, SilenceBook, decode_record, held_record
+from tests.waiting import wait_until
 from worker.broker import Broker, Delivery, PublishNotConfirmed
 from worker.metrics import Metrics
 from worker.silence_follow import SilenceFollower
@@ -132,3 +134,55 @@ def test_a_silence_that_held_back_nothing_mails_no_summary() -> None:
     assert [key for key, _ in broker.published if key == "clusteralert.mail"] == []
     records = [decode_record(body) for _, body in broker.published]
     assert [r.type for r in records] == ["summarised"]
+
+
+@dataclass(eq=False)
+class StreamRecord:
+    body: bytes
+    acks: int = 0
+
+    def ack(self, *, multiple: bool = False) -> None:
+        self.acks += 1
+
+
+@dataclass
+class FakeStream:
+    """A broker whose silences stream refuses writes while ``fail`` is set."""
+
+    fail: bool = True
+    attempts: int = 0
+    reader: Callable[[Any], None] | None = None
+
+    def consume(
+        self, queue: str, callback: Callable[[Any], None], **_: object
+    ) -> Callable[[], None]:
+        self.reader = callback
+        return lambda: None
+
+    def publish_confirmed(
+        self, body: bytes, properties: dict[str, Any], exchange: str, key: str, **_: str
+    ) -> None:
+        self.attempts += 1
+        if self.fail:
+            raise PublishNotConfirmed("not confirmed")
+        assert self.reader is not None
+        self.reader(StreamRecord(body))
+
+
+def test_a_stream_that_refuses_writes_leaves_the_connection_up_and_is_retried() -> None:
+    """Before, the follower raised BrokerUnavailable: the worker reconnected and
+    abandoned the delivery stage's mails in flight, over and over."""
+    stream = FakeStream()
+    follower = SilenceFollower(cast(Broker, stream))
+    follower.start()  # does not raise
+    assert not follower.caught_up and follower.sync_failure is not None
+    follower.service()
+    assert stream.attempts == 1  # not again at once: after a backoff
+    stream.fail = False
+
+    def caught_up() -> bool:
+        follower.service()
+        return follower.caught_up
+
+    wait_until(caught_up, 5, "the follower caught up")
+    assert stream.attempts == 2 and follower.sync_failure is None
