@@ -17,6 +17,7 @@ from shared.silence import HeldRow, Record, Silence, SilenceBook, decode_record,
 from tests.waiting import wait_until
 from worker.broker import Broker, Delivery, PublishNotConfirmed
 from worker.metrics import Metrics
+from worker.silence_cli import stalled
 from worker.silence_follow import SilenceFollower
 from worker.silence_stage import SILENCE_BATCH, SilenceStep
 
@@ -186,3 +187,18 @@ def test_a_stream_that_refuses_writes_leaves_the_connection_up_and_is_retried() 
 
     wait_until(caught_up, 5, "the follower caught up")
     assert stream.attempts == 2 and follower.sync_failure is None
+
+
+def test_reading_the_stream_times_out_only_when_records_stop_coming() -> None:
+    """A fixed 30 s limit broke 'silence list' near 650,000 records (a week of one
+    silence holding back a record a second)."""
+    clock, read = [0.0], [0]
+    deadline = stalled(lambda: read[0], idle=30, clock=lambda: clock[0])
+    for _ in range(100):  # 1,000 s of reading, records still coming
+        clock[0] += 10
+        read[0] += 200_000
+        assert not deadline()
+    clock[0] += 30
+    assert not deadline()
+    clock[0] += 1
+    assert deadline()

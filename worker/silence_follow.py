@@ -74,6 +74,7 @@ class SilenceFollower:
         self._sync_backoff = Backoff(_SYNC_RETRY_FIRST, _SYNC_RETRY_MAX)
         self._sync_retry_at: float | None = None  # when to write the sync record again
         self.sync_failure: str | None = None  # why the last one was not written
+        self.records_read = 0  # since start: how far a reader has come
 
     def start(self) -> None:
         """On a fresh connection: read everything again from the first record, into a
@@ -83,6 +84,7 @@ class SilenceFollower:
         self._arrived.clear()
         self._waiting.clear()
         self._unacked, self._unacked_count = None, 0
+        self.records_read = 0
         self._cancel = self.broker.consume(
             SILENCES_STREAM,
             self._arrived.append,
@@ -131,6 +133,7 @@ class SilenceFollower:
         last: Delivery | None = None
         while self._arrived:
             delivery = self._arrived.popleft()
+            self.records_read += 1
             try:
                 record = decode_record(delivery.body)
             except InvalidSilence as exc:
