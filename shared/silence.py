@@ -23,6 +23,7 @@ from typing import Any, Final, Literal
 from shared.config import is_key_pattern
 from shared.errors import ClusteralertError
 from shared.event import PARAM_KEY_RE, Event, clean_text
+from shared.own_events import OWN_MODULE
 
 __all__ = [
     "MAX_SILENCE",
@@ -140,6 +141,14 @@ def new_silence(
                 f"{pattern!r:.60}: expected module:event_id (wildcards * and ? allowed), "
                 "e.g. monitor:* or pacemaker:1?"
             )
+        if pattern.partition(":")[0] == OWN_MODULE:
+            raise InvalidSilence(
+                f"{pattern!r:.60}: module {OWN_MODULE} is the pipeline's own (canary, "
+                "heartbeats, summaries), which no silence holds back"
+            )
+    for option, value in (("--cluster", cluster), ("--node", node)):
+        if value is not None and not value.strip():
+            raise InvalidSilence(f"{option}: empty; give a name, or leave the option out")
     if not comment.strip():
         raise InvalidSilence("--comment: say why (it is shown in 'silence list' and the summary)")
     if (duration is None) == (until is None):
@@ -150,11 +159,13 @@ def new_silence(
         raise InvalidSilence(f"the end {end.isoformat()} is not in the future")
     if end - now > MAX_SILENCE:
         raise InvalidSilence(f"the end {end.isoformat()} is more than {MAX_SILENCE.days}d away")
-    for key in params or {}:
+    for key, value in (params or {}).items():
         if not PARAM_KEY_RE.fullmatch(key):
             raise InvalidSilence(
                 f"--param {key!r:.60}: expected KEY=VALUE with KEY in [A-Za-z0-9_]"
             )
+        if not value:
+            raise InvalidSilence(f"--param {key:.60}=: empty; give a value")
     return Silence(
         id=str(uuid.uuid4()),
         matchers=patterns,

@@ -202,6 +202,10 @@ def test_a_summary_of_many_rows_says_how_many_did_not_fit() -> None:
         (["monitor:*", "--for", "soon", "--comment", "x"], "expected a duration"),
         (["monitor:*", "--until", "2020-01-01T00:00:00Z", "--comment", "x"], "not in the future"),
         (["monitor:*", "--param", "novalue", "--for", "2h", "--comment", "x"], "KEY=VALUE"),
+        (["monitor:*", "--param", "monitor=", "--for", "2h", "--comment", "x"], "empty"),
+        (["monitor:*", "--node=", "--for", "2h", "--comment", "x"], "--node: empty"),
+        (["monitor:*", "--cluster", " ", "--for", "2h", "--comment", "x"], "--cluster: empty"),
+        (["clusteralert:*", "--for", "2h", "--comment", "x"], "pipeline's own"),
     ],
 )
 def test_the_command_refuses_bad_input_with_one_line_and_exit_2(args: list[str], why: str) -> None:
