@@ -23,6 +23,7 @@ from typing import Any, Final, Literal
 from shared.config import is_key_pattern
 from shared.errors import ClusteralertError
 from shared.event import PARAM_KEY_RE, Event, clean_text
+from shared.own_events import OWN_MODULE
 
 __all__ = [
     "MAX_SILENCE",
@@ -52,6 +53,9 @@ _DURATION_RE: Final = re.compile(r"(\d+)([smhd])")
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 RecordType = Literal["add", "expire", "held", "summarised", "sync"]
 _TYPES: Final = ("add", "expire", "held", "summarised", "sync")
+# A held count at most this (exact in a JSON reader of any language): sums of many stay
+# far from the size past which Python refuses to turn an int into a string.
+MAX_COUNT: Final = 2**53 - 1
 
 
 class InvalidSilence(ClusteralertError):
@@ -137,6 +141,14 @@ def new_silence(
                 f"{pattern!r:.60}: expected module:event_id (wildcards * and ? allowed), "
                 "e.g. monitor:* or pacemaker:1?"
             )
+        if pattern.partition(":")[0] == OWN_MODULE:
+            raise InvalidSilence(
+                f"{pattern!r:.60}: module {OWN_MODULE} is the pipeline's own (canary, "
+                "heartbeats, summaries), which no silence holds back"
+            )
+    for option, value in (("--cluster", cluster), ("--node", node)):
+        if value is not None and not value.strip():
+            raise InvalidSilence(f"{option}: empty; give a name, or leave the option out")
     if not comment.strip():
         raise InvalidSilence("--comment: say why (it is shown in 'silence list' and the summary)")
     if (duration is None) == (until is None):
@@ -147,11 +159,13 @@ def new_silence(
         raise InvalidSilence(f"the end {end.isoformat()} is not in the future")
     if end - now > MAX_SILENCE:
         raise InvalidSilence(f"the end {end.isoformat()} is more than {MAX_SILENCE.days}d away")
-    for key in params or {}:
+    for key, value in (params or {}).items():
         if not PARAM_KEY_RE.fullmatch(key):
             raise InvalidSilence(
                 f"--param {key!r:.60}: expected KEY=VALUE with KEY in [A-Za-z0-9_]"
             )
+        if not value:
+            raise InvalidSilence(f"--param {key:.60}=: empty; give a value")
     return Silence(
         id=str(uuid.uuid4()),
         matchers=patterns,
@@ -240,21 +254,25 @@ def _str(doc: Mapping[str, Any], name: str, *, optional: bool = False) -> Any:
 
 
 def _parse_time(value: object, name: str) -> datetime:
+    """In UTC, converted here: a time whose offset takes it out of years 1 to 9999 (say
+    ``0001-01-01T00:00:00+05:00``) is refused now, not when something formats it."""
     try:
         if not isinstance(value, str):
             raise ValueError
         parsed = datetime.fromisoformat(value)
-    except ValueError:
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):
         raise InvalidSilence(f"silence record: {name} is not a time") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _row(raw: object) -> HeldRow:
     if not (isinstance(raw, list) and len(raw) == 6 and all(isinstance(x, str) for x in raw[:3])):
         raise InvalidSilence("silence record: a held row is not [cluster, key, node, ...]")
     count = raw[3]
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise InvalidSilence("silence record: a held row's count is not a positive number")
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_COUNT:
+        raise InvalidSilence(
+            f"silence record: a held row's count is not a number from 1 to {MAX_COUNT}"
+        )
     return HeldRow(
         raw[0], raw[1], raw[2], count, _parse_time(raw[4], "first"), _parse_time(raw[5], "last")
     )
@@ -266,7 +284,9 @@ def decode_record(raw: bytes) -> Record:
         doc = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError):
         raise InvalidSilence("silence record: not JSON") from None
-    if not isinstance(doc, dict) or doc.get("silences") != RECORD_VERSION:
+    version = doc.get("silences") if isinstance(doc, dict) else None
+    # The type too: True and 1.0 are equal to 1.
+    if type(version) is not int or version != RECORD_VERSION:
         raise InvalidSilence("silence record: not a version 1 record")
     kind = doc.get("type")
     if kind not in _TYPES:

@@ -158,6 +158,43 @@ def test_recovery_answers_the_failure_and_states_how_long_it_lasted() -> None:
     assert again.notification.kind == "incident" and again.notification.items[0].replies_to is None
 
 
+def test_a_silenced_recovery_ends_its_incident_without_a_mail() -> None:
+    """The stage acks a recovery a silence holds back and tells the engine: the
+    incident is over, so the failure again within repeat_interval is mailed, not folded."""
+    stage = engine(repeat_interval=3600)
+    stage.offer(ev("rm", 9, node="db1", monitor="httpw", detail="x"), 1, now=0)
+    [failure] = publishes(stage.tick(2.0))
+    recovery = ev("rm", 26, node="db1", monitor="httpw")
+    entry = CATALOG.lookup("rm", 26)
+    assert entry is not None
+    stage.end_quietly(recovery, entry, now=50)
+    assert stage.tick(60) == [] and stage.held == 0
+    stage.offer(ev("rm", 9, node="db1", monitor="httpw"), 2, now=100)
+    [again] = publishes(stage.tick(102))
+    assert again.notification.kind == "incident" and again.handles == (2,)
+    assert again.notification.items[0].replies_to is None
+    # A failure still in its group_wait goes out, but as one that has ended.
+    stage.offer(ev("rm", 9, node="db2", monitor="m"), 3, now=200)
+    stage.end_quietly(ev("rm", 26, node="db2", monitor="m"), entry, now=201)
+    assert len(publishes(stage.tick(202))) == 1
+    stage.offer(ev("rm", 9, node="db2", monitor="m"), 4, now=300)
+    assert publishes(stage.tick(302))[0].notification.kind == "incident"
+
+
+def test_a_silenced_recovery_of_an_incident_long_quiet_forgets_it() -> None:
+    stage = engine(repeat_interval=3600)
+    stage.offer(ev("monitor", 1, node="a", monitor="m", detail="d"), 1, now=0)
+    publishes(stage.tick(2))
+    stage.tick(4 * 3600)  # waits in _awaiting for its recovery
+    entry = CATALOG.lookup("monitor", 2)
+    assert entry is not None
+    stage.end_quietly(ev("monitor", 2, node="a", monitor="m"), entry, now=4 * 3600)
+    assert len(stage._awaiting) == 0  # white box: nothing left to answer
+    # Its recovery again, after the silence: nothing open, so nothing mailed.
+    stage.offer(ev("monitor", 2, node="a", monitor="m"), 2, now=4 * 3600 + 10)
+    assert publishes(stage.tick(4 * 3600 + 20)) == []
+
+
 def test_an_all_clear_hours_later_still_answers_its_failure() -> None:
     stage = engine(repeat_interval=3600)
     stage.offer(ev("monitor", 1, node="a", monitor="m", detail="d"), 1, now=0)

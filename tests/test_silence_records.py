@@ -3,6 +3,7 @@ of the stream and the book folded from them, and the summary mail's content."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
@@ -201,6 +202,10 @@ def test_a_summary_of_many_rows_says_how_many_did_not_fit() -> None:
         (["monitor:*", "--for", "soon", "--comment", "x"], "expected a duration"),
         (["monitor:*", "--until", "2020-01-01T00:00:00Z", "--comment", "x"], "not in the future"),
         (["monitor:*", "--param", "novalue", "--for", "2h", "--comment", "x"], "KEY=VALUE"),
+        (["monitor:*", "--param", "monitor=", "--for", "2h", "--comment", "x"], "empty"),
+        (["monitor:*", "--node=", "--for", "2h", "--comment", "x"], "--node: empty"),
+        (["monitor:*", "--cluster", " ", "--for", "2h", "--comment", "x"], "--cluster: empty"),
+        (["clusteralert:*", "--for", "2h", "--comment", "x"], "pipeline's own"),
     ],
 )
 def test_the_command_refuses_bad_input_with_one_line_and_exit_2(args: list[str], why: str) -> None:
@@ -225,3 +230,57 @@ def test_the_summary_renders_as_a_silence_mail_without_reporters() -> None:
     assert "expired by bo" in body and "patch" in body
     assert "monitor:1 on node2 (c): 2 event(s)" in body
     assert "Reported by" not in body
+
+
+def _add_doc(**fields: object) -> bytes:
+    doc: dict[str, object] = {
+        "silences": 1,
+        "type": "add",
+        "id": "x",
+        "matchers": ["monitor:*"],
+        "start": "2026-11-27T20:00:00Z",
+        "end": "2026-11-27T22:00:00Z",
+        "author": "al",
+        "comment": "c",
+        **fields,
+    }
+    return json.dumps(doc).encode()
+
+
+def _held_doc(count: object, first: object = "2026-11-27T20:00:00Z") -> bytes:
+    row = ["c", "monitor:1", "n", count, first, "2026-11-27T20:00:00Z"]
+    return json.dumps({"silences": 1, "type": "held", "id": "x", "rows": [row]}).encode()
+
+
+# Whoever may write to the stream may write these: each must be skipped as one record, not
+# crash the worker that folds it (every worker would, in turn) or the commands.
+@pytest.mark.parametrize(
+    "raw",
+    [
+        _add_doc(start="0001-01-01T00:00:00+05:00"),  # before year 1 in UTC
+        _add_doc(end="9999-12-31T23:59:59-05:00"),  # after year 9999 in UTC
+        _held_doc(1, first="0001-01-01T00:00:00+00:01"),
+        b'{"silences":1,"type":"expire","id":"x","at":"0001-01-01T00:00:00+23:59"}',
+        _held_doc(int("9" * 4300)),  # a sum of two no longer converts to a string
+        _held_doc(2**53),
+        _held_doc(1.5),
+        _add_doc(silences=True),  # True == 1
+        _add_doc(silences=1.0),
+    ],
+)
+def test_a_hostile_record_is_refused(raw: bytes) -> None:
+    with pytest.raises(InvalidSilence):
+        decode_record(raw)
+
+
+def test_times_of_records_are_kept_in_utc_and_large_counts_still_add_up() -> None:
+    record = decode_record(_add_doc(start="2026-11-28T01:00:00+05:00"))
+    assert record.silence is not None and record.silence.start == NOW
+    assert record.silence.start.utcoffset() == timedelta(0)
+    book = SilenceBook()
+    book.apply(record)
+    for _ in range(3):
+        book.apply(decode_record(_held_doc(2**53 - 1)))
+    [listed] = book.listing(NOW, everything=True)
+    assert listed["held"] == 3 * (2**53 - 1)
+    assert str(listed["held"])

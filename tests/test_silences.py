@@ -8,12 +8,12 @@ import re
 import subprocess
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pika
 
-from shared.silence import encode_record, sync_record
+from shared.silence import HeldRow, Record, Silence, encode_record, held_record, sync_record
 from tests.conftest import Certs, Process, amqp_url, scrape, wait_metric
 from tests.pipeline import SMTP_PASSWORD, run_cli, start_worker, write_config
 from tests.smtpserver import Received, SmtpServer
@@ -22,8 +22,9 @@ from tests.waiting import wait_until
 SILENCED = "clusteralert_events_silenced_total"
 
 
-def _publish(vhost: str, node: str) -> str:
-    """One monitor failure about ``node``, as a producer publishes it, confirmed."""
+def _publish(vhost: str, node: str, *, number: int = 1, monitor: str | None = None) -> str:
+    """One monitor event about ``node`` (1: failure, 2: recovery), as a producer
+    publishes it, confirmed."""
     event_id = str(uuid.uuid4())
     event = {
         "v": 1,
@@ -32,9 +33,9 @@ def _publish(vhost: str, node: str) -> str:
         "cluster": "c",
         "node": node,
         "module": "monitor",
-        "event_id": 1,
-        # A new monitor each time: every event is an incident of its own.
-        "params": {"monitor": f"mon-{event_id[:8]}", "detail": "unhealthy"},
+        "event_id": number,
+        # By default a new monitor each time: every event is an incident of its own.
+        "params": {"monitor": monitor or f"mon-{event_id[:8]}", "detail": "unhealthy"},
         "source": "test",
     }
     with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
@@ -42,7 +43,7 @@ def _publish(vhost: str, node: str) -> str:
         channel.confirm_delivery()
         channel.basic_publish(
             "clusteralert.events",
-            f"monitor.1.{node}",
+            f"monitor.{number}.{node}",
             json.dumps(event).encode(),
             mandatory=True,
             properties=pika.BasicProperties(delivery_mode=2, message_id=event_id),
@@ -53,11 +54,15 @@ def _publish(vhost: str, node: str) -> str:
 def _fill_stream(vhost: str, records: int) -> None:
     """Records of no silence ahead of the ones a test adds: a worker that does not wait
     until it has read the whole stream would take events before it knows the silence."""
-    body = encode_record(sync_record())
+    _write_stream(vhost, [encode_record(sync_record())] * records)
+
+
+def _write_stream(vhost: str, bodies: list[bytes]) -> None:
+    """As anyone with write access to the stream could."""
     with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
         channel = connection.channel()
         channel.queue_declare("clusteralert.silences", passive=True)
-        for _ in range(records):
+        for body in bodies:
             channel.basic_publish("", "clusteralert.silences", body)
 
 
@@ -229,3 +234,82 @@ def test_counts_survive_a_killed_active_worker_and_a_silence_that_runs_out_mails
     assert relay.wait_for(lambda got: _alerts(relay) == [after], timeout=30)
     assert _listed(config, "--all")[0]["held"] == counted
     assert scrape(survivor)[SILENCED] >= 1
+
+
+def test_hostile_records_in_the_stream_are_skipped_and_the_worker_still_mails(
+    tmp_path: Path,
+    vhost: str,
+    certs: Certs,
+    smtp_server: Callable[..., SmtpServer],
+    processes: Callable[..., Process],
+) -> None:
+    """Records that once stopped the stage of every worker that became active (a time
+    out of range in UTC, counts whose sum no longer prints) and 'silence list'."""
+    relay = smtp_server("starttls", credentials=("alert", SMTP_PASSWORD))
+    config = write_config(tmp_path, vhost, [relay], certs)
+    assert _listed(config) == []  # and the stream is declared
+    ago = datetime.now(UTC) - timedelta(hours=1)
+    ended = Silence(str(uuid.uuid4()), ("monitor:*",), ago, ago + timedelta(minutes=1), "al", "ok")
+    huge = Silence(str(uuid.uuid4()), ("monitor:*",), ago, ago + timedelta(minutes=1), "al", "x")
+    hostile = [
+        json.dumps(
+            {
+                **json.loads(encode_record(Record("add", "forged", silence=ended))),
+                "id": "forged",
+                "start": "0001-01-01T00:00:00+05:00",
+                "end": "0001-01-01T00:30:00+05:00",
+            }
+        ).encode(),
+        encode_record(Record("add", huge.id, silence=huge)),
+        *[
+            json.dumps({"silences": 1, "type": "held", "id": huge.id, "rows": [row]}).encode()
+            for row in [["c", "monitor:1", "n", int("9" * 4300), ago.isoformat(), ago.isoformat()]]
+            * 2
+        ],
+        encode_record(Record("add", ended.id, silence=ended)),
+        encode_record(held_record(ended.id, [HeldRow("c", "monitor:1", "node2", 4, ago, ago)])),
+    ]
+    _write_stream(vhost, hostile)
+    worker, _ = start_worker(processes, config)
+    mailed = _publish(vhost, "node1")
+    assert relay.wait_for(lambda got: mailed in [m.event_id for m in got], timeout=30)
+    # The ended silence's summary goes out all the same, and only its.
+    assert relay.wait_for(lambda got: len(_summaries(relay)) >= 1, timeout=30)
+    assert ended.id in _body(_summaries(relay)[0])
+    listed = _listed(config, "--all")
+    assert [entry["id"] for entry in listed] == [huge.id, ended.id]
+    assert worker.proc.poll() is None
+    assert worker.output().count("skipping a record") == 3, worker.output()
+
+
+def test_a_recovery_a_silence_held_back_still_ends_its_incident(
+    tmp_path: Path,
+    vhost: str,
+    certs: Certs,
+    smtp_server: Callable[..., SmtpServer],
+    processes: Callable[..., Process],
+) -> None:
+    """Failure mailed; silence; the recovery during it is not mailed but counted; the
+    silence ends; the failure again is a new incident, mailed (not folded as a repeat
+    of one still open)."""
+    relay = smtp_server("starttls", credentials=("alert", SMTP_PASSWORD))
+    incident = "group_wait = 1\nrepeat_interval = 3600\nstorm_threshold = 0"
+    config = write_config(tmp_path, vhost, [relay], certs, incident=incident)
+    _, port = start_worker(processes, config)
+    failure = _publish(vhost, "node2", monitor="web")
+    assert relay.wait_for(lambda got: [m.event_id for m in got] == [failure], timeout=30)
+    added = silence(config, "add", "monitor:*", "--node", "node2", "--for", "2h", "--comment", "x")
+    assert added.returncode == 0, added.stderr
+    wait_metric(port, "clusteralert_silences_active", lambda v: v == 1, 30)
+    _publish(vhost, "node2", number=2, monitor="web")
+    wait_metric(port, SILENCED, lambda v: v == 1, 30)
+    assert silence(config, "expire", added.stdout.strip()).returncode == 0
+    assert relay.wait_for(lambda got: len(_summaries(relay)) == 1, timeout=30)
+    assert "monitor:2 on node2 (c): 1 event(s)" in _body(_summaries(relay)[0])
+    again = _publish(vhost, "node2", monitor="web")
+    assert relay.wait_for(lambda got: again in [m.event_id for m in got], timeout=30)
+    assert _alerts(relay) == [failure, again]
+    metrics = scrape(port)
+    assert metrics.get('clusteralert_events_folded_total{reason="repeat"}', 0) == 0
+    # Three events from producers; the summary mail is none of theirs.
+    assert metrics["clusteralert_events_consumed_total"] == 3

@@ -164,6 +164,7 @@ class _Pending(Generic[H]):
     resolved: _Reports[H] | None = None
     done: bool = False  # its group_wait is over
     in_digest: bool = False  # held for its storm group's digest (still joinable)
+    ended_quietly: bool = False  # a silenced recovery ended it (see end_quietly)
 
     @property
     def handles(self) -> list[H]:
@@ -368,11 +369,7 @@ class IncidentEngine(Generic[H]):
     ) -> Ack[H] | bool:
         """End an open incident that ``event`` resolves: True when the event was taken
         for that, an ack when it only repeats an end already reported, else False."""
-        for target in entry.resolves:
-            module, _, number = target.partition(":")
-            failure = self.catalog.lookup(module, int(number))
-            names = failure.identity if failure is not None else None
-            key = (event.cluster, target, self._identity(event, names))
+        for key in self._resolved_keys(event, entry):
             pending = self._pending.get(key)
             if pending is not None:
                 # Not mailed yet: one mail reports both.
@@ -409,6 +406,31 @@ class IncidentEngine(Generic[H]):
             self._open("recovery", key, event, handle, now=now, actions=actions, mailed=mailed)
             return True
         return False
+
+    def end_quietly(self, event: Event, entry: CatalogEntry, now: float) -> None:
+        """A recovery that a silence held back (the caller acks it): end the incidents it
+        would have ended, without a mail. Otherwise they stay open, and the next failure
+        of a key within ``repeat_interval`` would be folded as a repeat, not mailed."""
+        for key in self._resolved_keys(event, entry):
+            pending = self._pending.get(key)
+            if pending is not None:
+                pending.ended_quietly = True  # its failure mail still goes out
+                continue
+            mailed = self._mailed.get(key)
+            if mailed is not None:
+                mailed.ended = True
+                mailed.touched = mailed.seen = now
+            self._awaiting.pop(key, None)  # nothing left for a recovery to end
+
+    def _resolved_keys(self, event: Event, entry: CatalogEntry) -> list[IncidentKey]:
+        """The keys of the incidents that ``event`` (of a kind that resolves) ends."""
+        keys = []
+        for target in entry.resolves:
+            module, _, number = target.partition(":")
+            failure = self.catalog.lookup(module, int(number))
+            names = failure.identity if failure is not None else None
+            keys.append((event.cluster, target, self._identity(event, names)))
+        return keys
 
     # -- holding and sending -------------------------------------------------------------
 
@@ -517,11 +539,11 @@ class IncidentEngine(Generic[H]):
         if pending.kind == "repeat" and previous is not None:
             # Replies keep answering the first mail of the incident.
             previous.touched, previous.seen, previous.since = now, now, 0
-            previous.ended = pending.resolved is not None
+            previous.ended = pending.resolved is not None or pending.ended_quietly
             self._mailed.move_to_end(pending.key)
             return
         began = pending.reports.first.time
-        ended = pending.resolved is not None
+        ended = pending.resolved is not None or pending.ended_quietly
         self._awaiting.pop(pending.key, None)  # a new incident of the key replaces it
         self._mailed[pending.key] = _Mailed(token, began, now, now, ended=ended)
         self._mailed.move_to_end(pending.key)

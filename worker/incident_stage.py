@@ -87,7 +87,9 @@ class IncidentStage:
         canary_interval: float = 0.0,
     ):
         self.broker = broker
-        self.silences = SilenceStep(broker, silences, metrics)
+        self.silences = SilenceStep(
+            broker, silences, metrics, pause=self._pause_offers, resume=self._resume_offers
+        )
         self.config = config
         self.catalog = catalog
         self.filters = filters
@@ -186,6 +188,11 @@ class IncidentStage:
         decision = decide(event, self.catalog, self.filters)
         self.pipeline.note_decision(event, decision)
         if self.silences.take(event, decision, delivery):
+            entry = decision.entry
+            if entry is not None and entry.resolves and decision.reason != "disabled":
+                # Not mailed, but the incident it ends is over all the same: its next
+                # failure is a new one, mailed, not a repeat folded into it.
+                engine.end_quietly(event, entry, now=time.monotonic())
             return
         self._offered = (event, decision)
         try:
@@ -286,11 +293,9 @@ class IncidentStage:
                 action.notification.first.id,
             )
         if refused:
-            pause = self._pause.delay()
-            self._paused_until = time.monotonic() + pause
-            log.warning("incident stage pausing %.1fs before it offers events again", pause)
+            self._pause_offers()
         elif published:
-            self._pause.reset()
+            self._resume_offers()
 
     def _refused(self, action: Publish[Delivery], exc: Exception) -> None:
         """Not certainly in the mail queue: the events go back, to be grouped again (the
@@ -306,3 +311,13 @@ class IncidentStage:
         )
         for handle in action.handles:
             handle.requeue()
+
+    def _pause_offers(self) -> None:
+        """After a write the broker did not confirm: the events it returned to the queue
+        come straight back, so wait (doubling) before offering any."""
+        pause = self._pause.delay()
+        self._paused_until = time.monotonic() + pause
+        log.warning("incident stage pausing %.1fs before it offers events again", pause)
+
+    def _resume_offers(self) -> None:
+        self._pause.reset()

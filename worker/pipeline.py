@@ -173,8 +173,11 @@ class Pipeline:
             assert isinstance(decoded, Event)
             return await self._own(decoded, own, state, headers, received, started)
         # Counted where an event is taken for the last time: here for the events a
-        # notification covers (the incident stage counts those it settles itself).
-        self.metrics.consumed.inc(decoded.events if isinstance(decoded, Notification) else 1)
+        # notification covers (the incident stage counts those it settles itself). A
+        # silence's summary covers none: its event is the stage's own, and the events it
+        # reports were counted when they were held back.
+        if not (isinstance(decoded, Notification) and decoded.kind == "silence"):
+            self.metrics.consumed.inc(decoded.events if isinstance(decoded, Notification) else 1)
 
         if isinstance(decoded, Notification):
             # Filtered by the incident stage already: never again here.

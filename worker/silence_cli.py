@@ -10,6 +10,7 @@ import getpass
 import json
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
@@ -29,11 +30,14 @@ from shared.silence import (
 if TYPE_CHECKING:
     from worker.broker import Broker
 
-__all__ = ["add_silence_parser", "run_silence"]
+__all__ = ["READ_IDLE", "add_silence_parser", "run_silence", "stalled"]
 
 PROG: Final = "clusteralert-worker"
 BAD_INPUT: Final = 2
-_READ_TIMEOUT: Final = 30.0
+# Reading gives up only after this long without a record: a long stream (a silence that
+# held back a storm for weeks writes a record a second) takes longer than any fixed
+# limit, at about 20,000 records a second.
+READ_IDLE: Final = 30.0
 
 
 def add_silence_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -85,10 +89,27 @@ def _connect(config_path: str | None) -> Broker:
 def _read(broker: Broker) -> SilenceBook:
     from worker.silence_follow import SilenceFollower
 
-    deadline = time.monotonic() + _READ_TIMEOUT
-    return SilenceFollower(broker).read_all(
-        lambda: broker.drain(0.2), lambda: time.monotonic() > deadline
-    )
+    follower = SilenceFollower(broker)
+    return follower.read_all(lambda: broker.drain(0.2), stalled(lambda: follower.records_read))
+
+
+def stalled(
+    progress: Callable[[], int],
+    idle: float = READ_IDLE,
+    clock: Callable[[], float] = time.monotonic,
+) -> Callable[[], bool]:
+    """A deadline that moves with ``progress``: True once it has not changed for
+    ``idle`` seconds."""
+    seen, since = progress(), clock()
+
+    def check() -> bool:
+        nonlocal seen, since
+        now, current = clock(), progress()
+        if current != seen:
+            seen, since = current, now
+        return now - since > idle
+
+    return check
 
 
 def _add(args: argparse.Namespace) -> int:

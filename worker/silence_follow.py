@@ -9,6 +9,10 @@ incident stage waits for that before it takes an event, so a worker started afte
 silence was added honours it from its first event. The same barrier makes sure of the
 latest counts before a summary is mailed.
 
+If the stream does not take the sync record (a write not confirmed), the follower tries
+again by itself, with backoff, from :meth:`SilenceFollower.service`: only the incident
+stage waits for it; the delivery stage on the same connection keeps mailing.
+
 Records are queued by the consumer callback and folded in :meth:`SilenceFollower.service`,
 so the book never changes under a caller in the middle of a confirmed publish (which
 services the connection while it waits).
@@ -23,6 +27,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
+from shared.backoff import Backoff
 from shared.silence import InvalidSilence, Record, SilenceBook, decode_record, encode_record
 from shared.silence import sync_record as new_sync_record
 from shared.topology import SILENCES_STREAM
@@ -38,6 +43,9 @@ log = logging.getLogger(__name__)
 # Unacked records at most: a stream consumer needs a prefetch for credit, and acks.
 STREAM_PREFETCH: Final = 1000
 ACK_EVERY: Final = STREAM_PREFETCH // 4
+# Between attempts to write the sync record that catching up needs.
+_SYNC_RETRY_FIRST: Final = 1.0
+_SYNC_RETRY_MAX: Final = 60.0
 
 
 def publish_record(broker: Broker, record: Record) -> None:
@@ -63,6 +71,10 @@ class SilenceFollower:
         self._cancel: Callable[[], None] | None = None
         self._unacked: Delivery | None = None  # the last record read and not acked
         self._unacked_count = 0
+        self._sync_backoff = Backoff(_SYNC_RETRY_FIRST, _SYNC_RETRY_MAX)
+        self._sync_retry_at: float | None = None  # when to write the sync record again
+        self.sync_failure: str | None = None  # why the last one was not written
+        self.records_read = 0  # since start: how far a reader has come
 
     def start(self) -> None:
         """On a fresh connection: read everything again from the first record, into a
@@ -72,17 +84,33 @@ class SilenceFollower:
         self._arrived.clear()
         self._waiting.clear()
         self._unacked, self._unacked_count = None, 0
+        self.records_read = 0
         self._cancel = self.broker.consume(
             SILENCES_STREAM,
             self._arrived.append,
             prefetch=STREAM_PREFETCH,
             arguments={"x-stream-offset": "first"},
         )
+        self._sync_backoff.reset()
+        self._catch_up()
+
+    def _catch_up(self) -> None:
+        """Write the sync record that catching up waits for; if the stream does not take
+        it, schedule another attempt (see :meth:`service`)."""
         try:
             self.sync()
         except PublishNotConfirmed as exc:
-            # Without it the follower never knows it has read everything: start over.
-            raise BrokerUnavailable(f"cannot write to {SILENCES_STREAM}: {exc}") from exc
+            delay = self._sync_backoff.delay()
+            self._sync_retry_at = time.monotonic() + delay
+            self.sync_failure = str(exc)
+            log.warning(
+                "cannot write to %s: %s; the incident stage waits, trying again in %.1fs",
+                SILENCES_STREAM,
+                exc,
+                delay,
+            )
+            return
+        self._sync_retry_at, self.sync_failure = None, None
 
     def sync(self) -> str:
         """Write a sync record; :meth:`synced` says when it has been read back."""
@@ -99,9 +127,13 @@ class SilenceFollower:
         credit) go out as one multiple ack per ACK_EVERY records, or once nothing more
         arrived: the owner loop hands over one delivery per drain, and an ack per record
         would double the cost of reading a long stream."""
+        retry_at = self._sync_retry_at
+        if not self.caught_up and retry_at is not None and time.monotonic() >= retry_at:
+            self._catch_up()
         last: Delivery | None = None
         while self._arrived:
             delivery = self._arrived.popleft()
+            self.records_read += 1
             try:
                 record = decode_record(delivery.body)
             except InvalidSilence as exc:
@@ -132,6 +164,7 @@ class SilenceFollower:
 
     def lost(self) -> None:
         self.caught_up = False
+        self._sync_retry_at = None
         self._unacked, self._unacked_count = None, 0
         self._cancel = None
         self._arrived.clear()
@@ -140,6 +173,9 @@ class SilenceFollower:
     def read_all(self, drain: Callable[[], None], deadline: Callable[[], bool]) -> SilenceBook:
         """For the commands: start, and drain until caught up or ``deadline()``."""
         self.start()
+        if self.sync_failure is not None:
+            # A command does not wait for the stream to take writes again.
+            raise BrokerUnavailable(f"cannot write to {SILENCES_STREAM}: {self.sync_failure}")
         while not self.caught_up:
             if deadline():
                 raise BrokerUnavailable(f"timed out reading {SILENCES_STREAM}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Final
 
@@ -58,10 +59,24 @@ def silenceable(decision: Decision) -> bool:
 
 
 class SilenceStep:
-    def __init__(self, broker: Broker, follower: SilenceFollower, metrics: Metrics):
+    def __init__(
+        self,
+        broker: Broker,
+        follower: SilenceFollower,
+        metrics: Metrics,
+        *,
+        pause: Callable[[], None] = lambda: None,
+        resume: Callable[[], None] = lambda: None,
+    ):
         self.broker = broker
         self.follower = follower
         self.metrics = metrics
+        # The stage's own pause (see IncidentStage): after a failed write of counts, the
+        # requeued events come straight back; taken at once, each write would fail again
+        # and each return charge them a delivery, until the queue's limit dead-letters
+        # them. ``resume`` after a write that succeeded.
+        self._pause = pause
+        self._resume = resume
         self._rows: dict[str, dict[RowKey, HeldRow]] = {}
         self._handles: list[Delivery] = []
         self._oldest = 0.0
@@ -92,7 +107,7 @@ class SilenceStep:
         log.debug(
             "silenced event %s %s from %s (silence %s)", event.id, event.key, event.node, silence.id
         )
-        if len(self._handles) >= SILENCE_BATCH:
+        if len(self._handles) >= SILENCE_BATCH and time.monotonic() >= self._retry_at:
             self.flush()
         return True
 
@@ -115,7 +130,9 @@ class SilenceStep:
             for handle in handles:
                 handle.requeue()
             self._retry_at = time.monotonic() + _RETRY_AFTER
+            self._pause()
             return False
+        self._resume()
         for handle in handles:
             handle.ack()
         self.metrics.silenced.inc(len(handles))
@@ -167,13 +184,35 @@ class SilenceStep:
 
     def _send_summary(self, silence_id: str) -> None:
         book = self.follower.book
-        silence = book.silence(silence_id)
         rows = book.held(silence_id)
-        notification = summary(
-            silence, rows, ended=book.end(silence_id), expired_by=book.expired_by(silence_id)
-        )
+        if not rows:
+            # Nothing to tell: no mail, only the record, so no other stage mails it.
+            log.info("silence %s ended; it held back nothing, so no summary is mailed", silence_id)
+            publish_record(self.broker, summarised_record(silence_id))
+            self._sent.add(silence_id)
+            return
+        try:
+            notification = summary(
+                book.silence(silence_id),
+                rows,
+                ended=book.end(silence_id),
+                expired_by=book.expired_by(silence_id),
+            )
+            body = encode_notification(notification)
+        except Exception as exc:
+            # The records are anyone's with write access to the stream, and every worker
+            # that becomes active would meet this one: skip it (once per worker), never
+            # let it stop the stage.
+            log.warning(
+                "skipping the summary of silence %s: %s: %s",
+                silence_id,
+                type(exc).__name__,
+                str(exc)[:200],
+            )
+            self._sent.add(silence_id)
+            return
         self.broker.publish_confirmed(
-            encode_notification(notification),
+            body,
             {
                 "delivery_mode": 2,
                 "content_type": "application/json",
