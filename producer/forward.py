@@ -442,6 +442,15 @@ class Forwarder:
         # basic.return precedes the ack of the same message; the ack settles it.
         self._returned[properties.message_id] += 1
 
+    def _settle_return(self, event_id: str) -> bool:
+        """Whether the broker returned this publish of ``event_id``, forgetting that
+        return: a key left at zero for every returned heartbeat would pile up until the
+        next reconnect."""
+        count = self._returned.pop(event_id, 0)
+        if count > 1:
+            self._returned[event_id] = count - 1
+        return count > 0
+
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
         acked = isinstance(method, pika.spec.Basic.Ack)
@@ -460,15 +469,14 @@ class Forwarder:
             if claimed is None:
                 self._heartbeat_settled(event_id, acked)
                 continue
-            if acked and not self._returned[event_id]:
+            returned = self._settle_return(event_id)
+            if acked and not returned:
                 self.published += 1
                 self._remover.remove(claimed)
                 self.last_publish_time = time.time()
                 log.info("forwarded event %s", event_id)
                 continue
-            if self._returned[event_id]:
-                self._returned[event_id] -= 1
-            else:
+            if not returned:
                 self._refused = True
             self._claim.give_back(claimed)
             problem = (
@@ -488,12 +496,11 @@ class Forwarder:
         self._pump()
 
     def _heartbeat_settled(self, event_id: str, acked: bool) -> None:
-        if acked and not self._returned[event_id]:
+        returned = self._settle_return(event_id)
+        if acked and not returned:
             self.heartbeats_sent += 1
             log.debug("heartbeat %s confirmed", event_id)
             return
-        if self._returned[event_id]:
-            self._returned[event_id] -= 1
         # Not retried: the next interval brings a fresh one.
         log.warning(
             "heartbeat %s %s; the next one follows in %gs",

@@ -487,11 +487,11 @@ class _Reader:
             follow=tuple(
                 f for f in (self.follow(ft) for ft in t.tables("follow")) if f is not None
             ),
-            heartbeat_interval=t.number(
+            heartbeat_interval=_interval(
+                t,
                 "heartbeat_interval",
                 _default(ProducerConfig, "heartbeat_interval"),
-                low=0,
-                high=86400,
+                "heartbeats",
             ),
         )
         t.finish()
@@ -663,11 +663,18 @@ class _Reader:
         return CatalogConfig(paths=paths)
 
 
+def _interval(t: Table, key: str, default: float, what: str) -> float:
+    """Seconds between the pipeline's own messages: 0 (none of ``what``), or from one
+    second to a day. Below a second they would be a flood, not a sign of life."""
+    interval = t.number(key, default, low=0, high=86400)
+    if 0 < interval < 1:
+        t.error(key, f"must be 0 (no {what}) or at least 1 second")
+    return float(interval)
+
+
 def _canary(t: Table) -> CanaryConfig:
     to = _recipients(t, required=False)
-    interval = t.number("interval", CANARY_INTERVAL if to else 0.0, low=0, high=86400)
-    if 0 < interval < 1:
-        t.error("interval", "must be 0 (no canary) or at least 1 second")
+    interval = _interval(t, "interval", CANARY_INTERVAL if to else 0.0, "canary")
     if interval and not to:
         t.error("to", "a recipient is required when interval is above 0 (or set interval = 0)")
     t.finish()

@@ -516,6 +516,13 @@ def test_the_canary_is_off_until_it_has_a_recipient(tmp_path: Path) -> None:
     assert parse_config(tomllib.loads(quiet), base=tmp_path).canary.interval == 0
 
 
+@pytest.mark.parametrize("interval", [0.001, 0.5, 0.99])
+def test_heartbeats_are_off_or_at_most_one_a_second(interval: float, tmp_path: Path) -> None:
+    """0.001 would be a thousand heartbeats a second from each node agent."""
+    [found] = problems(MINIMAL + f"[producer]\nheartbeat_interval = {interval}\n", tmp_path)
+    assert found == "producer.heartbeat_interval: must be 0 (no heartbeats) or at least 1 second"
+
+
 @pytest.mark.parametrize(
     ("table", "problem"),
     [

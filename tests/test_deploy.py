@@ -33,6 +33,8 @@ import yaml
 from compose_spec import PyCompose
 
 from shared.config import parse_config
+from shared.event import new_event, routing_key
+from shared.own_events import canary_event, heartbeat_event, probe_event
 from shared.topology import (
     BINDINGS,
     DEAD_QUEUE,
@@ -161,9 +163,11 @@ def test_rabbitmq_definitions_declare_exactly_our_topology() -> None:
 @pytest.fixture
 def definition_users(vhost: str) -> Iterator[dict[str, str]]:
     """The definitions' users, made in the test's vhost with exactly the definitions'
-    permissions: user name to AMQP URL."""
+    permissions and topic permissions: user name to AMQP URL."""
     defs = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())
     users = {p["user"]: p for p in defs["permissions"]}
+    topics = defs["topic_permissions"]
+    assert {t["user"] for t in topics} <= set(users)
     assert set(users) == {"clusteralert-producer", "clusteralert-worker"}
     init = (DEPLOY / "dev" / "init.sh").read_text()
     assert all(f'"name": "{user}"' in init for user in users)
@@ -185,6 +189,15 @@ def definition_users(vhost: str) -> Iterator[dict[str, str]]:
                 check=True,
                 capture_output=True,
             )
+            for topic in (t for t in topics if t["user"] == user):
+                subprocess.run(
+                    [
+                        *("rabbitmqctl", "-q", "set_topic_permissions", "-p", vhost, name),
+                        *(topic["exchange"], topic["write"], topic["read"]),
+                    ],
+                    check=True,
+                    capture_output=True,
+                )
             urls[user] = f"amqp://{name}:pw-{name}@127.0.0.1:5672/{vhost}"
         yield urls
     finally:
@@ -232,21 +245,37 @@ def _publish_event(url: str, event_id: str, routing_key: str = "node.1.n") -> No
         )
 
 
-def test_least_privilege_permissions_are_enough_and_no_more(
+@pytest.fixture
+def definition_worker(
     definition_users: dict[str, str],
     vhost: str,
     tmp_path: Path,
     certs: Certs,
     smtp_server: Callable[..., SmtpServer],
     processes: Callable[..., Process],
+) -> Callable[[str], tuple[SmtpServer, int]]:
+    """Starts a worker as the definitions' worker user, with a STARTTLS relay and
+    ``extra`` config: the relay and the worker's metrics port."""
+
+    def start(extra: str = "") -> tuple[SmtpServer, int]:
+        relay = smtp_server("starttls")
+        url = definition_users["clusteralert-worker"]
+        config = _config_as(url, tmp_path, vhost, relay, certs)
+        config.write_text(config.read_text() + extra)
+        return relay, start_worker(processes, config)[1]
+
+    return start
+
+
+def test_least_privilege_permissions_are_enough_and_no_more(
+    definition_users: dict[str, str],
+    definition_worker: Callable[[str], tuple[SmtpServer, int]],
 ) -> None:
     """Users with exactly the definitions' permissions run the real pipeline, and the
     producer's user can do nothing but publish events."""
     import pika
 
-    relay = smtp_server("starttls")
-    config = _config_as(definition_users["clusteralert-worker"], tmp_path, vhost, relay, certs)
-    start_worker(processes, config)
+    relay, _ = definition_worker("")
     producer_url = definition_users["clusteralert-producer"]
     _publish_event(producer_url, "6f1c7f4e-4b7e-4a8e-9d55-0f4c3bfe2a10")
     assert relay.wait_for(lambda got: len(got) == 1, timeout=30)
@@ -260,6 +289,18 @@ def test_least_privilege_permissions_are_enough_and_no_more(
         connection.channel().queue_declare("clusteralert.sneaky")
 
 
+def test_the_canary_goes_the_whole_way_under_the_definitions_permissions(
+    definition_worker: Callable[[str], tuple[SmtpServer, int]],
+) -> None:
+    """The worker's user publishes its probes and canaries to clusteralert.events (the
+    compose stack turns the canary on): a canary is mailed and its success time set."""
+    relay, port = definition_worker('\n[canary]\ninterval = 1\nto = ["canary@example.com"]\n')
+    success = "clusteralert_canary_last_success_timestamp_seconds"
+    wait_metric(port, success, lambda v: v > 0, 30)
+    assert relay.wait_for(lambda got: len(got) >= 1, timeout=30)
+    assert relay.received[0].rcpt_tos == ["canary@example.com"]
+
+
 def test_worker_permissions_are_the_minimum_its_operations_need() -> None:
     """Derived from the topology with RabbitMQ's rules: declaring needs configure on the
     name, and a queue with a dead-letter exchange also write on that exchange and read
@@ -267,12 +308,14 @@ def test_worker_permissions_are_the_minimum_its_operations_need() -> None:
     and the DLQ commands read their queue; unbinding 0.1's binding needs what binding does;
     retries, dead letters and replays write to clusteralert.retry, clusteralert.dlx and
     the default exchange (amq.default), and so do notifications. The events exchange is
-    not among them: only producers publish events."""
+    written only with the canary's and the probe's routing keys (topic permissions), and
+    read only with the binding keys of the bindings to it."""
     defs = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())
     perms = {p["user"]: p for p in defs["permissions"]}["clusteralert-worker"]
     need: dict[str, set[str]] = {
         "configure": {e.name for e in EXCHANGES} | {q.name for q in QUEUES},
-        "write": {RETRY_EXCHANGE, DLX_EXCHANGE, "amq.default"},
+        # The canary and the probe.
+        "write": {RETRY_EXCHANGE, DLX_EXCHANGE, "amq.default", EVENTS_EXCHANGE},
         # The silences stream is read by every worker and by the silence commands; they
         # write it through the default exchange.
         "read": {INCOMING_QUEUE, WORK_QUEUE, DEAD_QUEUE, SILENCES_STREAM},
@@ -284,7 +327,6 @@ def test_worker_permissions_are_the_minimum_its_operations_need() -> None:
     for binding in (*BINDINGS, *UNBINDINGS):  # unbinding needs what binding needs
         need["write"].add(binding.queue)
         need["read"].add(binding.exchange)
-    assert EVENTS_EXCHANGE not in need["write"]
     others = {
         "amq.default",
         "amq.topic",
@@ -298,6 +340,25 @@ def test_worker_permissions_are_the_minimum_its_operations_need() -> None:
         allowed = {name for name in candidates if re.search(perms[kind], name)}
         assert allowed == needed, f"{kind}: {sorted(allowed ^ needed)}"
 
+    # Topic permissions on the events exchange: RabbitMQ checks the routing key of a
+    # publish against write, and the key of a binding (or unbinding) against read.
+    [topic] = [t for t in defs["topic_permissions"] if t["user"] == "clusteralert-worker"]
+    assert topic["exchange"] == EVENTS_EXCHANGE
+    ours = {routing_key(canary_event()), routing_key(probe_event())}
+    others = {
+        routing_key(heartbeat_event("c", "n", 60)),
+        routing_key(new_event(module="node", event_id=1, cluster="c", node="n", source="t")),
+        routing_key(
+            new_event(module="clusteralert", event_id=9, cluster="c", node="n", source="t")
+        ),
+        "clusteralert.20.n",
+        "x.clusteralert.2.n",
+    }
+    assert {k for k in ours | others if re.search(topic["write"], k)} == ours
+    bound = {b.routing_key for b in (*BINDINGS, *UNBINDINGS) if b.exchange == EVENTS_EXCHANGE}
+    keys = bound | {"node.#", "clusteralert.#", "*.1.*", ""}
+    assert {k for k in keys if re.search(topic["read"], k)} == bound
+
 
 def test_the_worker_user_retries_dead_letters_and_replays_but_cannot_publish_events(
     definition_users: dict[str, str],
@@ -309,7 +370,7 @@ def test_the_worker_user_retries_dead_letters_and_replays_but_cannot_publish_eve
 ) -> None:
     """Everything the worker does, as the worker's user on a fresh vhost: declare the
     topology, consume, climb the retry ladder, dead-letter, replay from the DLQ. And it
-    can no longer publish to clusteralert.events."""
+    cannot publish events to clusteralert.events: neither an alert nor a heartbeat."""
     import pika
 
     worker_url = definition_users["clusteralert-worker"]
@@ -339,11 +400,12 @@ def test_the_worker_user_retries_dead_letters_and_replays_but_cannot_publish_eve
     assert relay.wait_for(lambda got: [m.event_id for m in got] == [dead], timeout=30)
     assert queued(DEAD_QUEUE) == 0
 
-    refused = pytest.raises(pika.exceptions.ChannelClosedByBroker, match="403")
-    with pika.BlockingConnection(pika.URLParameters(worker_url)) as connection, refused:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        channel.basic_publish("clusteralert.events", "node.1.n", b"{}", mandatory=True)
+    for key in ("node.1.n", "clusteralert.1.n"):
+        refused = pytest.raises(pika.exceptions.ChannelClosedByBroker, match="403")
+        with pika.BlockingConnection(pika.URLParameters(worker_url)) as connection, refused:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            channel.basic_publish("clusteralert.events", key, b"{}", mandatory=True)
 
 
 def test_prometheus_config_and_rules_pass_promtool(tmp_path: Path) -> None:
@@ -1134,12 +1196,12 @@ def _definitions_for_vhost(source: Path, target: Path, vhost: str, suffix: str) 
         for key in ("vhosts",):
             for item in defs.get(key, []):
                 item["name"] = vhost
-        for key in ("permissions", "exchanges", "queues", "bindings"):
+        for key in ("permissions", "topic_permissions", "exchanges", "queues", "bindings"):
             for item in defs.get(key, []):
                 item["vhost"] = vhost
         for item in defs.get("users", []):
             item["name"] += suffix
-        for item in defs.get("permissions", []):
+        for item in (*defs.get("permissions", []), *defs.get("topic_permissions", [])):
             item["user"] += suffix
         (target / path.name).write_text(json.dumps(defs))
         (target / path.name).chmod(0o644)  # the broker's CLI reads it as user rabbitmq
@@ -1191,6 +1253,19 @@ def test_definitions_import_once_and_fail_loudly(vhost: str, tmp_path: Path) -> 
         path = urllib.parse.quote(vhost, safe="")
         url = f"amqp://clusteralert-worker{suffix}:{password}@127.0.0.1:5672/{path}"
         pika.BlockingConnection(pika.URLParameters(url)).close()
+        # RabbitMQ 3.10 imports topic permissions too (the worker's canary needs its own).
+        topics = subprocess.run(
+            ["rabbitmqctl", "-q", "list_topic_permissions", "-p", vhost, "--no-table-headers"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        assert topics == [
+            f"clusteralert-worker{suffix}",
+            EVENTS_EXCHANGE,
+            "^clusteralert\\.[23]\\.",
+            "^#$",
+        ]
         assert f"removed RabbitMQ's default user {default_user}" in first.stdout
         users = subprocess.run(
             ["rabbitmqctl", "-q", "list_users", "--no-table-headers"],

@@ -358,6 +358,25 @@ def test_a_file_that_cannot_be_moved_aside_is_passed_over(
     assert list(elsewhere.iterdir()) == []
 
 
+def test_returned_publishes_leave_no_count_behind(tmp_path: Path) -> None:
+    """Unit (no broker): each returned heartbeat is forgotten once its confirm settles
+    it, rather than leaving a zero count per heartbeat until the next reconnect."""
+    forwarder = Forwarder(Spool(tmp_path / "spool"), broker_config("unused"))
+    returned = pika.BasicProperties(message_id="h1")
+    for acked in (True, False):
+        forwarder._on_return(None, None, returned, b"")
+        forwarder._heartbeat_settled("h1", acked)
+        assert not forwarder._returned
+    # Two copies of one id returned: the first confirm settles one of them.
+    forwarder._on_return(None, None, returned, b"")
+    forwarder._on_return(None, None, returned, b"")
+    forwarder._heartbeat_settled("h1", True)
+    assert forwarder._returned == {"h1": 1}
+    forwarder._heartbeat_settled("h1", True)
+    assert not forwarder._returned
+    assert forwarder.heartbeats_sent == 0
+
+
 def test_heartbeats_missed_while_the_broker_was_away_are_not_sent_in_a_burst(
     vhost: str, tmp_path: Path
 ) -> None:

@@ -3,6 +3,7 @@ only ever moving forward, for a bounded number of nodes."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -56,11 +57,28 @@ def test_last_seen_only_moves_forward() -> None:
     assert metrics.registry.get_sample_value(interval, labels) == 60
 
 
+def test_a_heartbeat_from_the_future_counts_as_received_now() -> None:
+    """A node's clock a year ahead (or a forged heartbeat) must not pin its last-seen
+    time in the future, which would keep the node-silent alert off for a year."""
+    metrics = Metrics([])
+    heartbeats = NodeHeartbeats(metrics)
+    labels = {"cluster": "c1", "node": "n1"}
+    beat = heartbeat_event("c1", "n1", 60)
+    before = time.time()
+    heartbeats.seen(replace(beat, time=datetime.now(UTC) + timedelta(days=365)))
+    seen = metrics.registry.get_sample_value(SEEN, labels)
+    assert seen is not None and before <= seen <= time.time()
+    # Nor does the next one from that clock: each counts as no later than its arrival.
+    heartbeats.seen(replace(beat, time=datetime.now(UTC) + timedelta(days=366)))
+    assert seen <= (metrics.registry.get_sample_value(SEEN, labels) or 0) <= time.time()
+
+
 def test_the_number_of_nodes_is_bounded() -> None:
     metrics = Metrics([])
     heartbeats = NodeHeartbeats(metrics, max_nodes=2)
+    hour_ago = datetime.now(UTC) - timedelta(hours=1)
     for node in ("n1", "n2", "n3"):
-        heartbeats.seen(heartbeat_event("c1", node, 60))
+        heartbeats.seen(replace(heartbeat_event("c1", node, 60), time=hour_ago))
     seen = {
         s.labels["node"]
         for family in metrics.registry.collect()
@@ -69,10 +87,8 @@ def test_the_number_of_nodes_is_bounded() -> None:
     }
     assert seen == {"n1", "n2"}
     # A tracked node still moves on.
-    heartbeats.seen(
-        replace(heartbeat_event("c1", "n1", 60), time=datetime.now(UTC) + timedelta(hours=1))
-    )
+    heartbeats.seen(heartbeat_event("c1", "n1", 60))
     assert (
         metrics.registry.get_sample_value(SEEN, {"cluster": "c1", "node": "n1"})
-        > datetime.now(UTC).timestamp()
+        > hour_ago.timestamp()
     )

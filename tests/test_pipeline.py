@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import timedelta
+import time
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -252,6 +254,28 @@ def test_the_pipelines_own_events_on_the_mail_queue() -> None:
     assert run(pipeline, encode_event(canary_event())).action == "ack"
     assert len(sender.sent) == 1
     assert metrics.registry.get_sample_value("clusteralert_events_consumed_total") == 0
+
+
+def test_the_canary_success_time_is_the_canarys_own_and_never_moves_back() -> None:
+    """A canary that waited (in the retry ladder, or replayed from the DLQ) proves the
+    path worked when it was sent, not now: an old one must not make a broken path look
+    fine, and, mailed after a newer one, must not move the time back."""
+    pipeline, metrics = make(FakeSender())
+    pipeline.canary_to = ("canary@example.com",)
+    success = "clusteralert_canary_last_success_timestamp_seconds"
+    old = replace(canary_event(), time=datetime.now(UTC) - timedelta(hours=2))
+    assert run(pipeline, encode_event(old)).action == "ack"
+    assert metrics.registry.get_sample_value(success) == old.time.timestamp()
+    fresh = canary_event()
+    assert run(pipeline, encode_event(fresh)).action == "ack"
+    assert metrics.registry.get_sample_value(success) == fresh.time.timestamp()
+    assert run(pipeline, encode_event(old)).action == "ack"  # replayed from the DLQ
+    assert metrics.registry.get_sample_value(success) == fresh.time.timestamp()
+    # A canary stamped ahead of this worker's clock counts as mailed now.
+    before = time.time()
+    ahead = replace(canary_event(), time=datetime.now(UTC) + timedelta(days=1))
+    assert run(pipeline, encode_event(ahead)).action == "ack"
+    assert before <= (metrics.registry.get_sample_value(success) or 0) <= time.time()
 
 
 def test_a_refused_canary_fails_like_any_mail_and_marks_no_success() -> None:

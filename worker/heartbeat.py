@@ -3,12 +3,15 @@ time forward, and is acked unmailed.
 
 The gauge keeps the newest time seen, by the heartbeat's own time rather than its
 arrival: heartbeats that waited in the queue while no stage was active must not make a
-node look fresher than it is, nor older ones move it back.
+node look fresher than it is, nor older ones move it back. A time later than the
+heartbeat's arrival counts as its arrival: one heartbeat from a clock a year ahead (or a
+forged one) would otherwise hold the node's time a year ahead, and its silence unseen.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Final
 
 from shared.event import Event
@@ -33,7 +36,7 @@ class NodeHeartbeats:
 
     def seen(self, event: Event) -> None:
         node = (event.cluster, event.node)
-        when = event.time.timestamp()
+        when = min(event.time.timestamp(), time.time())
         previous = self._last.get(node)
         if previous is None and len(self._last) >= self.max_nodes:
             if not self._warned:

@@ -85,6 +85,7 @@ class Pipeline:
         self.worker_name = worker_name
         self.scrub = scrub
         self.canary_to = canary_to
+        self._canary_time = 0.0  # the newest mailed canary's own time
         # Kinds already explained at warning level: one line per kind, not per event.
         self._unknown_explained: set[str] = set()
 
@@ -280,8 +281,14 @@ class Pipeline:
             latency,
         )
         if canary:
-            # A relay accepted it: the whole path, exchange to relay, works.
-            self.metrics.canary_success.set(time.time())
+            # A relay accepted it: the whole path, exchange to relay, worked when the
+            # canary was sent. Its own time, not now: one that waited in the retry ladder
+            # or was replayed from the DLQ must not make a path broken since look fine,
+            # nor an older one move the time back (a clock ahead of ours counts as now).
+            sent_at = min(event.time.timestamp(), time.time())
+            if sent_at > self._canary_time:
+                self._canary_time = sent_at
+                self.metrics.canary_success.set(sent_at)
         if sent.deferred:
             return self._defer(sent, event, state, headers)
         return Acked()
