@@ -371,7 +371,11 @@ def test_events_the_broker_nacks_stay_in_the_spool_until_it_takes_them(
     report = producer_status(config)
     print(f"\nstatus with the broker refusing: {report}")
     assert "broker refused event" in str(report["last_error"])
-    assert report["events"] == len(spooled) - queued(vhost) > 0
+    # The agent goes on trying while status is read, and a published file leaves the
+    # spool only after its confirm: what status counted and what the queue holds a moment
+    # later cover every event (none lost), and some are certainly still waiting.
+    assert isinstance(report["events"], int) and report["events"] > 0
+    assert report["events"] + queued(vhost) >= len(spooled)
     clear_queue_policy(vhost, "limit")
     wait_until(lambda: Spool(config.parent / "spool").stats().events == 0, 60, "spool drained")
     ids = drain_ids(vhost)
