@@ -7,7 +7,7 @@ import json
 import platform
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +43,13 @@ def suite_args(prog: str, parts: tuple[str, ...], argv: list[str] | None) -> tup
     if chosen - set(parts):
         parser.error(f"unknown parts: {', '.join(sorted(chosen - set(parts)))}")
     return args.smoke, chosen
+
+
+def suite_name(suite: str, parts: set[str], all_parts: Sequence[str], smoke: bool) -> str:
+    """The results file's name: a run of some parts keeps a file of its own
+    (``worker-b1-b8``), so that it never replaces a full run's figures."""
+    name = suite if parts == set(all_parts) else "-".join([suite, *sorted(parts)])
+    return f"{name}-smoke" if smoke else name
 
 
 def amqp_url(name: str) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pika
 
-from bench.common import amqp_url, report, suite_args, vhost
+from bench.common import amqp_url, report, suite_args, suite_name, vhost
 from bench.relay import BenchRelay, make_certs
 from bench.worker import (
     GROUPING_OFF,
@@ -293,6 +293,4 @@ def main(argv: list[str] | None = None) -> None:
                     f"p99 {b3['p99_ms']:.0f} ms (target <= 100 ms), max {b3['max_ms']:.0f} ms",
                 )
             )
-    # A run of some parts keeps its own file, so that it never replaces a full run's.
-    suite = "stage" if parts == set(PARTS) else "-".join(["stage", *sorted(parts)])
-    report(f"{suite}-smoke" if smoke else suite, rows, figures)
+    report(suite_name("stage", parts, PARTS, smoke), rows, figures)

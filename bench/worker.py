@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pika
 
-from bench.common import amqp_url, report, suite_args, vhost
+from bench.common import amqp_url, report, suite_args, suite_name, vhost
 from bench.relay import BenchRelay, make_certs
 from bench.wan import Wan
 from shared.topology import EVENTS_EXCHANGE, WORK_QUEUE
@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> None:
                 ),
                 ("B8 with/without (target >= 2x)", f"{far[True] / far[False]:.2f}x"),
             ]
-    report("worker-smoke" if smoke else "worker", rows, figures)
+    report(suite_name("worker", parts, PARTS, smoke), rows, figures)
 
 
 if __name__ == "__main__":
