@@ -150,13 +150,32 @@ class PacemakerLab:
         node.corosync = None
 
     def start_pacemaker(self, node: Node) -> None:
+        self._seed_cib(node)
         log = node.root / "pacemakerd.log"
         node.logs.append(log)
         node.pacemakerd = node.ns.start(
             "pacemakerd", log=log, env={"PCMK_logfacility": "none", "PCMK_logpriority": "info"}
         )
-        # The first DC election waits for dc-deadtime (20 s by default).
+        # The first DC election waits for dc-deadtime (see _seed_cib).
         self.wait_idle(node, 180)
+
+    def _seed_cib(self, node: Node) -> None:
+        """A CIB on disk before the first start, with dc-deadtime 2 s: the first election
+        waits that long for a DC elsewhere to speak up (20 s by default), and in this lab
+        no other node runs Pacemaker. Without a .sig file Pacemaker only warns."""
+        cib_dir = node.root / "var-lib-pacemaker" / "cib"
+        schemas = Path("/usr/share/pacemaker").glob("pacemaker-[0-9]*.rng")
+        latest = max(schemas, key=lambda p: tuple(int(n) for n in p.stem.split("-")[1].split(".")))
+        cib = cib_dir / "cib.xml"
+        cib.write_text(
+            f'<cib validate-with="{latest.stem}" epoch="1" num_updates="0" admin_epoch="0">'
+            "<configuration><crm_config>"
+            '<cluster_property_set id="cib-bootstrap-options">'
+            '<nvpair id="cib-bootstrap-options-dc-deadtime" name="dc-deadtime" value="2s"/>'
+            "</cluster_property_set></crm_config>"
+            "<nodes/><resources/><constraints/></configuration><status/></cib>\n"
+        )
+        _own(cib, "hacluster", "haclient", 0o600)
 
     def wait_idle(self, node: Node, timeout: float = 120) -> None:
         """Until the node's controller is the DC and has nothing left to do."""

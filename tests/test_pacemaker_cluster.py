@@ -7,8 +7,8 @@ joining and leaving. A wrapper records the environment Pacemaker really passed t
 run, and the spool is checked against those records. A second alert without ``<select>``
 (what pcs makes) shows which kinds Pacemaker sends such an alert.
 
-It takes a minute or two (Pacemaker's first election alone waits 20 s), so it is marked
-``cluster``: ``python -m pytest -m cluster`` runs it, after the main suite.
+It takes a while (real daemons start, elect a DC and settle after every step), so it is
+marked ``cluster``: ``python -m pytest -m cluster`` runs it, after the main suite.
 """
 
 from __future__ import annotations
