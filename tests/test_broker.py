@@ -4,6 +4,10 @@ Plus the pieces of the failure vocabulary that need no broker (unit level)."""
 
 from __future__ import annotations
 
+import socket
+import ssl
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import aiosmtplib
@@ -20,10 +24,11 @@ from shared.errors import (
     WorkerCrash,
 )
 from shared.topology import DEAD_QUEUE, DLX_EXCHANGE, WORK_QUEUE
-from tests.conftest import amqp_url, free_port
+from tests.conftest import Certs, amqp_url, free_port
 from tests.test_consume_faults import refuse_dead_letters
 from tests.waiting import wait_until
 from worker.broker import (
+    FRAMES_PER_DRAIN,
     Broker,
     BrokerUnavailable,
     ConfirmedPublisher,
@@ -36,6 +41,7 @@ from worker.broker import (
     declare_topology,
     talking,
 )
+from worker.broker import _wait_for_input as wait_for_input
 from worker.classify import classify_connect, classify_transaction
 from worker.retry_policy import GiveUp, RetryState, decide_failure
 
@@ -98,6 +104,82 @@ def test_two_consumers_and_confirmed_publishes_share_one_connection(vhost: str) 
     # A settle on a connection that is gone is BrokerUnavailable, not an amqp error.
     with pytest.raises(BrokerUnavailable):
         work.ack()
+
+
+@pytest.mark.integration
+def test_a_drain_ends_at_a_wake_up_and_takes_every_frame_already_there(vhost: str) -> None:
+    """The owner thread waits on the broker's socket; another thread's finished mail
+    must end that wait at once (its ack frees the next delivery of a full prefetch
+    window), and a burst of deliveries must not cost one pass of the loop per frame."""
+    broker = Broker(broker_config(amqp_url(vhost)))
+    broker.connect()
+    wake, writer = socket.socketpair()
+    wake.setblocking(False)
+    try:
+        got: list[Delivery] = []
+        broker.consume(WORK_QUEUE, got.append, prefetch=100)
+        broker.drain(0.2)  # the consume-ok and anything else already sent
+        # Nothing arrives: only the wake-up can end a drain that would wait 60 s.
+        timer = threading.Timer(0.1, writer.send, args=(b"\0",))
+        timer.start()
+        started = time.monotonic()
+        broker.drain(60.0, wake=wake)
+        timer.join()
+        assert time.monotonic() - started < 30, "the wake-up did not end the wait"
+        with pytest.raises(BlockingIOError):
+            wake.recv(1)  # consumed by the drain, so the next one waits again
+        # 20 messages are 60 frames: once the first is in, one drain takes them all.
+        with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as publisher:
+            channel = publisher.channel()
+            channel.confirm_delivery()
+            for i in range(20):
+                channel.basic_publish("", WORK_QUEUE, b"m%d" % i)
+        wait_until(lambda: _ready_on(broker), 10, "the burst to reach the consumer's socket")
+        assert FRAMES_PER_DRAIN >= 60
+        broker.drain(5.0, wake=wake)
+        assert [d.body for d in got] == [b"m%d" % i for i in range(20)]
+    finally:
+        broker.close()
+        wake.close()
+        writer.close()
+
+
+def _ready_on(broker: Broker) -> bool:
+    assert broker._connection is not None
+    sock = broker._connection.connection.transport.sock
+    return wait_for_input(sock, None, 0.0)
+
+
+def test_tls_bytes_already_decrypted_count_as_input(certs: Certs) -> None:
+    """Over TLS, the record py-amqp read from may hold more frames than the one it took:
+    they sit decrypted in the TLS layer, where select cannot see them. A drain that
+    waited on the socket regardless would leave them there until the next heartbeat."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    server_context = certs.server_context()
+    client_context = ssl.create_default_context(cafile=str(certs.ca_file))
+
+    def serve() -> None:
+        raw, _ = listener.accept()
+        with server_context.wrap_socket(raw, server_side=True) as tls:
+            tls.sendall(b"first frame" + b"second frame")  # one TLS record
+            tls.recv(1)  # until the client is done
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        with client_context.wrap_socket(
+            socket.create_connection(listener.getsockname()), server_hostname="127.0.0.1"
+        ) as client:
+            assert client.recv(11) == b"first frame"
+            assert client.pending() > 0  # the rest was decrypted with the first part
+            # Nothing more will come on the socket, yet there is input.
+            assert wait_for_input(client, None, 0.0)
+            assert client.recv(12) == b"second frame"
+            assert not wait_for_input(client, None, 0.0)
+            client.sendall(b"x")
+    finally:
+        server.join(10)
+        listener.close()
 
 
 @pytest.mark.integration

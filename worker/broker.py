@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import ssl
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +51,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CONFIRM_TIMEOUT: Final = 30.0
+# Frames one drain dispatches at most when they are already there: enough that a burst of
+# deliveries costs one pass of the owner loop, few enough that settles, heartbeats and
+# the incident stage's deadlines are never held up for long.
+FRAMES_PER_DRAIN: Final = 64
 _COPIED_PROPERTIES: Final = (
     "content_type",
     "content_encoding",
@@ -378,12 +383,22 @@ class Broker:
 
         return cancel
 
-    def drain(self, timeout: float) -> None:
-        """Dispatch what arrived within ``timeout`` seconds, and keep heartbeats going."""
+    def drain(self, timeout: float, wake: socket.socket | None = None) -> None:
+        """Dispatch what arrives within ``timeout`` seconds (every frame already there, up
+        to :data:`FRAMES_PER_DRAIN`), and keep heartbeats going. ``wake``: a socket that
+        another thread writes to when it has work for the owner thread (a finished mail to
+        settle); its bytes end the wait at once, and are consumed here."""
         assert self._connection is not None
         with talking():
-            with contextlib.suppress(TimeoutError):
-                self._connection.drain_events(timeout=timeout)
+            transport = self._connection.connection.transport
+            if _wait_for_input(transport.sock, wake, timeout):
+                for _ in range(FRAMES_PER_DRAIN):
+                    try:
+                        self._connection.drain_events(timeout=timeout)
+                    except TimeoutError:
+                        break
+                    if not _wait_for_input(transport.sock, None, 0.0):
+                        break
             self._connection.heartbeat_check()
 
     def publish_confirmed(
@@ -526,6 +541,26 @@ class Broker:
         self._batch_channel = None
         if connection is not None:
             _close_quietly(connection)
+
+
+def _wait_for_input(sock: socket.socket, wake: socket.socket | None, timeout: float) -> bool:
+    """Whether the broker's socket has input, waiting up to ``timeout`` for it or for
+    ``wake``. py-amqp reads exactly the bytes of the frame it is on, so what it has not
+    read is still in the kernel, where select sees it; but TLS may have decrypted a
+    record holding more frames than the one read, which only ``pending()`` shows."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    waiting = [sock] if wake is None else [sock, wake]
+    ready, _, _ = select.select(waiting, [], [], timeout)
+    if wake is not None and wake in ready:
+        _consume_wakeups(wake)
+    return sock in ready
+
+
+def _consume_wakeups(wake: socket.socket) -> None:
+    with contextlib.suppress(BlockingIOError):  # all read: the socket is non-blocking
+        while wake.recv(4096):
+            pass
 
 
 def _close_quietly(connection: Connection) -> None:
