@@ -23,7 +23,7 @@ import logging
 from collections.abc import Sequence
 
 import aiosmtplib
-from aiosmtplib.email import parse_address, quote_address
+from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import (
     COMMAND_INJECTION_REGEX,
     MAX_RESPONSE_LENGTH,
@@ -182,8 +182,7 @@ def _quoted(address: str) -> str:
     few (the configured sender and recipients), and the check parses with the standard
     library's address parser, which cost more than any other step of a mail. What it
     refuses raises each time, as errors are not cached."""
-    parse_address(address)
-    return quote_address(address)
+    return quote_address(address)  # parse_address's checks, then the angle brackets
 
 
 async def _transact(
