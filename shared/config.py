@@ -254,6 +254,10 @@ class MetricsConfig:
     port: int = 9464
 
 
+EventLoop = Literal["uvloop", "asyncio"]
+EVENT_LOOPS: Final[tuple[EventLoop, ...]] = ("uvloop", "asyncio")
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
     prefetch: int = 32
@@ -265,6 +269,8 @@ class WorkerConfig:
     # instead: well under RabbitMQ's consumer ack timeout (30 minutes by default), past
     # which the broker closes the channel and takes back everything in flight.
     max_hold: float = 600.0
+    # The asyncio loop that renders and sends mail: uvloop's costs less CPU per mail.
+    event_loop: EventLoop = "uvloop"
 
 
 StormBy = Literal["cluster", "node", "module", "key"]
@@ -402,6 +408,9 @@ def parse_config(
             ),
             max_hold=worker.number(
                 "max_hold", _default(WorkerConfig, "max_hold"), low=1, high=86400
+            ),
+            event_loop=worker.choice(
+                "event_loop", EVENT_LOOPS, _default(WorkerConfig, "event_loop")
             ),
         )
         worker.finish()

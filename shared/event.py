@@ -30,6 +30,7 @@ __all__ = [
     "PARAM_KEY_RE",
     "SCHEMA_VERSION",
     "Event",
+    "canonical_uuid",
     "clean_text",
     "decode_event",
     "encode_event",
@@ -73,6 +74,8 @@ def _escape_control(match: re.Match[str]) -> str:
 
 def _truncate_bytes(text: str, limit: int) -> str:
     """Cut ``text`` so its UTF-8 form, marker included, fits ``limit`` bytes."""
+    if len(text) * 4 <= limit or (len(text) <= limit and text.isascii()):
+        return text  # fits whatever its characters (UTF-8 takes at most 4 bytes each)
     encoded = text.encode("utf-8")
     if len(encoded) <= limit:
         return text
@@ -84,6 +87,8 @@ def _truncate_bytes(text: str, limit: int) -> str:
 def visible(value: str) -> str:
     """An untrusted string safe to print: control characters escaped visibly (``\\x1b``,
     ``\\r``), lone surrogates replaced."""
+    if value.isascii() and value.isprintable():
+        return value  # space to tilde only: nothing to escape (the usual case, cheaply)
     return _CONTROL_RE.sub(_escape_control, _SURROGATE_RE.sub("\ufffd", value))
 
 
@@ -170,6 +175,14 @@ def peek_event(raw: bytes) -> tuple[str, str]:
     return event_uuid, _routing_key(module, event_id, node)
 
 
+def canonical_uuid(value: str) -> str:
+    """``value`` in the canonical form of a UUID; ValueError if it is none. The form every
+    id is written in passes unparsed: ids are checked at each decode, events many times."""
+    if _CANONICAL_UUID.fullmatch(value):
+        return value
+    return str(uuid.UUID(value))
+
+
 def _format_time(value: datetime) -> str:
     return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
@@ -227,11 +240,12 @@ def _check_params(params: Mapping[str, object]) -> dict[str, str]:
     return cleaned
 
 
-def _fit(event: Event, params: Mapping[str, str]) -> Event:
+def _fit(event: Event) -> Event:
     """Cut param values to their 4 KiB limit, then halve the limit of the largest until
     the encoded event fits the wire limit. Per-value limits alone allow 64 x 4 KiB, far
     over 64 KiB; cutting the biggest values keeps every key, so every placeholder still
     has its (shortened) value. Markers give the original size."""
+    params = event.params
     limits = dict.fromkeys(params, MAX_PARAM_BYTES)
 
     def cut() -> dict[str, str]:
@@ -244,6 +258,8 @@ def _fit(event: Event, params: Mapping[str, str]) -> Event:
         len(event.cluster) + len(event.node) + len(event.reporter or "") + len(event.text or "")
     )
     if rough + 1024 < MAX_EVENT_BYTES:
+        if all(fitted[k] is v for k, v in params.items()):
+            return event  # nothing was cut: the usual case needs no second event
         return Event(**{**_fields(event), "params": fitted})
     while len(_encode_unchecked(event, fitted)) > MAX_EVENT_BYTES:
         biggest = max(fitted, key=lambda k: len(fitted[k].encode("utf-8")), default=None)
@@ -285,7 +301,7 @@ def new_event(
             f"event_id: expected an integer from 0 to {MAX_EVENT_ID}, got {str(event_id)[:40]}"
         )
     event = Event(
-        id=str(uuid.UUID(id)) if id else str(uuid.uuid4()),
+        id=canonical_uuid(id) if id else str(uuid.uuid4()),
         time=(time or datetime.now(UTC)).astimezone(UTC),
         cluster=_clean_name(cluster, MAX_NAME_CHARS),
         node=_clean_name(node, MAX_NAME_CHARS),
@@ -295,8 +311,9 @@ def new_event(
         level=_as_level(level),
         text=None if text is None else clean_text(text, MAX_TEXT_BYTES),
         reporter=None if reporter is None else _clean_name(reporter, MAX_NAME_CHARS),
+        params=_check_params(params or {}),
     )
-    return _fit(event, _check_params(params or {}))
+    return _fit(event)
 
 
 def _doc(event: Event, params: Mapping[str, str]) -> dict[str, object]:
@@ -376,7 +393,7 @@ def event_from_doc(doc: object) -> Event:
         raise InvalidEvent(f"v: unsupported schema version {version}")
     event_uuid = _require(doc, "id", str)
     try:
-        event_uuid = str(uuid.UUID(event_uuid))
+        event_uuid = canonical_uuid(event_uuid)
     except ValueError:
         raise InvalidEvent(f"id: not a UUID: {event_uuid[:40]!r}") from None
     params = doc.get("params", {})

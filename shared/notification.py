@@ -22,12 +22,18 @@ could not.
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass
 from typing import Any, Final, Literal, get_args
 
 from shared.errors import InvalidEvent
-from shared.event import MAX_EVENT_BYTES, Event, clean_text, event_doc, event_from_doc
+from shared.event import (
+    MAX_EVENT_BYTES,
+    Event,
+    canonical_uuid,
+    clean_text,
+    event_doc,
+    event_from_doc,
+)
 
 __all__ = [
     "DIGEST_PREFIX",
@@ -184,7 +190,7 @@ def _uuid(value: object, where: str) -> str:
     try:
         if not isinstance(value, str):
             raise ValueError
-        return str(uuid.UUID(value))
+        return canonical_uuid(value)
     except ValueError:
         raise InvalidEvent(f"notification {where}: not an event id: {str(value)[:40]!r}") from None
 

@@ -4,6 +4,10 @@ Plus the pieces of the failure vocabulary that need no broker (unit level)."""
 
 from __future__ import annotations
 
+import socket
+import ssl
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import aiosmtplib
@@ -20,10 +24,12 @@ from shared.errors import (
     WorkerCrash,
 )
 from shared.topology import DEAD_QUEUE, DLX_EXCHANGE, WORK_QUEUE
-from tests.conftest import amqp_url, free_port
+from tests.conftest import Certs, amqp_url, free_port
+from tests.pipeline import queue_depth
 from tests.test_consume_faults import refuse_dead_letters
 from tests.waiting import wait_until
 from worker.broker import (
+    METHODS_PER_DRAIN,
     Broker,
     BrokerUnavailable,
     ConfirmedPublisher,
@@ -36,6 +42,7 @@ from worker.broker import (
     declare_topology,
     talking,
 )
+from worker.broker import _wait_for_input as wait_for_input
 from worker.classify import classify_connect, classify_transaction
 from worker.retry_policy import GiveUp, RetryState, decide_failure
 
@@ -98,6 +105,82 @@ def test_two_consumers_and_confirmed_publishes_share_one_connection(vhost: str) 
     # A settle on a connection that is gone is BrokerUnavailable, not an amqp error.
     with pytest.raises(BrokerUnavailable):
         work.ack()
+
+
+@pytest.mark.integration
+def test_a_drain_ends_at_a_wake_up_and_takes_every_frame_already_there(vhost: str) -> None:
+    """The owner thread waits on the broker's socket; another thread's finished mail
+    must end that wait at once (its ack frees the next delivery of a full prefetch
+    window), and a burst of deliveries must not cost one pass of the loop per frame."""
+    broker = Broker(broker_config(amqp_url(vhost)))
+    broker.connect()
+    wake, writer = socket.socketpair()
+    wake.setblocking(False)
+    try:
+        got: list[Delivery] = []
+        broker.consume(WORK_QUEUE, got.append, prefetch=100)
+        broker.drain(0.2)  # the consume-ok and anything else already sent
+        # Nothing arrives: only the wake-up can end a drain that would wait 60 s.
+        timer = threading.Timer(0.1, writer.send, args=(b"\0",))
+        timer.start()
+        started = time.monotonic()
+        broker.drain(60.0, wake=wake)
+        timer.join()
+        assert time.monotonic() - started < 30, "the wake-up did not end the wait"
+        with pytest.raises(BlockingIOError):
+            wake.recv(1)  # consumed by the drain, so the next one waits again
+        # A burst of 20 deliveries (60 frames), all sent to the consumer before it reads:
+        # a drain takes what is there, not one delivery per pass of the owner loop.
+        with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as publisher:
+            channel = publisher.channel()
+            channel.confirm_delivery()
+            for i in range(20):
+                channel.basic_publish("", WORK_QUEUE, b"m%d" % i)
+        wait_until(lambda: queue_depth(vhost, WORK_QUEUE) == 0, 10, "all 20 sent to the consumer")
+        assert METHODS_PER_DRAIN >= 20
+        drains = 0
+        while len(got) < 20 and drains < 40:
+            broker.drain(5.0, wake=wake)
+            drains += 1
+        assert [d.body for d in got] == [b"m%d" % i for i in range(20)]
+        # One when every frame is in the socket already; a few if the last trickle in.
+        assert drains <= 5, f"{drains} drains for a burst of 20"
+    finally:
+        broker.close()
+        wake.close()
+        writer.close()
+
+
+def test_tls_bytes_already_decrypted_count_as_input(certs: Certs) -> None:
+    """Over TLS, the record py-amqp read from may hold more frames than the one it took:
+    they sit decrypted in the TLS layer, where select cannot see them. A drain that
+    waited on the socket regardless would leave them there until the next heartbeat."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    server_context = certs.server_context()
+    client_context = ssl.create_default_context(cafile=str(certs.ca_file))
+
+    def serve() -> None:
+        raw, _ = listener.accept()
+        with server_context.wrap_socket(raw, server_side=True) as tls:
+            tls.sendall(b"first frame" + b"second frame")  # one TLS record
+            tls.recv(1)  # until the client is done
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        with client_context.wrap_socket(
+            socket.create_connection(listener.getsockname()), server_hostname="127.0.0.1"
+        ) as client:
+            assert client.recv(11) == b"first frame"
+            assert client.pending() > 0  # the rest was decrypted with the first part
+            # Nothing more will come on the socket, yet there is input.
+            assert wait_for_input(client, None, 0.0)
+            assert client.recv(12) == b"second frame"
+            assert not wait_for_input(client, None, 0.0)
+            client.sendall(b"x")
+    finally:
+        server.join(10)
+        listener.close()
 
 
 @pytest.mark.integration

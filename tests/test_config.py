@@ -51,12 +51,14 @@ disable = ["pm:1", "not a key"]
 port = 70000
 [worker]
 prefetch = true
+event_loop = "trio"
 """,
         tmp_path,
     )
     assert "smtp[0].security: expected one of starttls, smtps, none, got 'tls'" in found
     assert "smtp[0].port: expected an integer, got string '25'" in found
     assert "smtp[0].colour: unknown key" in found
+    assert "worker.event_loop: expected one of uvloop, asyncio, got 'trio'" in found
     assert "filter.min_level: expected one of info, warning, error, got 'debug'" in found
     assert "filter.enable: 'pm:1' is in both enable and disable" in found
     assert any(p.startswith("filter.disable[1]: expected module:event_id") for p in found)

@@ -40,7 +40,9 @@ disable = ["group:2"]
 """
 
 
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
 def test_emitted_events_arrive_as_tls_mail_exactly_when_reported(
+    event_loop: str,
     tmp_path: Path,
     vhost: str,
     certs: Certs,
@@ -48,7 +50,10 @@ def test_emitted_events_arrive_as_tls_mail_exactly_when_reported(
     processes: Callable[..., Process],
 ) -> None:
     relay = smtp_server("starttls", credentials=("alert", SMTP_PASSWORD))
-    config = write_config(tmp_path, vhost, [relay], certs, extra=FILTERS, charset="iso-2022-jp")
+    loop = f'[worker]\nevent_loop = "{event_loop}"\n'
+    config = write_config(
+        tmp_path, vhost, [relay], certs, extra=FILTERS + loop, charset="iso-2022-jp"
+    )
     worker, port = start_worker(processes, config)
     producer = processes("clusteralert-producer", "run", "--config", str(config))
 
@@ -93,6 +98,7 @@ def test_emitted_events_arrive_as_tls_mail_exactly_when_reported(
     for process in (worker, producer):
         assert process.stop() == 0
         assert SMTP_PASSWORD not in process.output()
+    assert f"sending mail on the {event_loop} event loop" in worker.output()
     assert SMTP_PASSWORD not in exposition
     assert not list((tmp_path / "spool").glob("*.json"))
     # With the worker gone, anything it had not acked is back on the queue: the ten

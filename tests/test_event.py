@@ -11,6 +11,7 @@ import pytest
 from shared.errors import InvalidEvent
 from shared.event import (
     MAX_EVENT_BYTES,
+    MAX_PARAM_BYTES,
     decode_event,
     encode_event,
     new_event,
@@ -143,6 +144,25 @@ def test_huge_params_are_truncated_with_a_marker_and_fit_the_wire_limit() -> Non
     assert len(encode_event(event)) <= MAX_EVENT_BYTES
     assert "[truncated, 1000000 bytes]" in event.params["big"]
     assert set(event.params) == {"big", *(f"p{i}" for i in range(40))}
+    assert decode_event(encode_event(event)) == event
+
+
+def test_each_param_value_is_cut_to_its_byte_limit_even_when_the_event_is_small() -> None:
+    """The 4 KiB limit is per value and counts UTF-8 bytes: 2,000 characters of three
+    bytes each are 6,000 bytes, over it, although they are fewer characters."""
+    event = new_event(
+        module="rm",
+        event_id=9,
+        cluster="c",
+        node="n",
+        source="cli",
+        params={"wide": "\u3042" * 2000, "long": "z" * 5000, "short": "\u3042" * 1000},
+    )
+    for name, size in (("wide", 6000), ("long", 5000)):
+        value = event.params[name]
+        assert len(value.encode("utf-8")) <= MAX_PARAM_BYTES
+        assert value.endswith(f" [truncated, {size} bytes]")
+    assert event.params["short"] == "\u3042" * 1000  # 3,000 bytes: kept whole
     assert decode_event(encode_event(event)) == event
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import ssl
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +51,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CONFIRM_TIMEOUT: Final = 30.0
+# Methods (a delivery is one, in three frames) one drain dispatches at most when they are
+# already there: enough that a burst of deliveries costs one pass of the owner loop, few
+# enough that settles, heartbeats and the incident stage's deadlines are not held up.
+METHODS_PER_DRAIN: Final = 64
+# How long a read that input started may wait for the rest of its method. A heartbeat
+# frame starts a read but completes no method: the read must not then wait for the next
+# one, with settles and the wake-up unattended, for the whole of a long drain timeout.
+_READ_TIMEOUT: Final = 0.02
 _COPIED_PROPERTIES: Final = (
     "content_type",
     "content_encoding",
@@ -378,12 +387,24 @@ class Broker:
 
         return cancel
 
-    def drain(self, timeout: float) -> None:
-        """Dispatch what arrived within ``timeout`` seconds, and keep heartbeats going."""
+    def drain(self, timeout: float, wake: socket.socket | None = None) -> None:
+        """Dispatch what arrives within ``timeout`` seconds (every method already there,
+        up to :data:`METHODS_PER_DRAIN`), and keep heartbeats going. ``wake``: a
+        non-blocking socket that another thread writes to when it has work for the owner
+        thread (a finished mail to settle); its bytes end the wait at once, and are
+        consumed here."""
         assert self._connection is not None
+        read_timeout = min(timeout, _READ_TIMEOUT)
         with talking():
-            with contextlib.suppress(TimeoutError):
-                self._connection.drain_events(timeout=timeout)
+            transport = self._connection.connection.transport
+            if _wait_for_input(transport.sock, wake, timeout):
+                for _ in range(METHODS_PER_DRAIN):
+                    try:
+                        self._connection.drain_events(timeout=read_timeout)
+                    except TimeoutError:
+                        break
+                    if not _wait_for_input(transport.sock, None, 0.0):
+                        break
             self._connection.heartbeat_check()
 
     def publish_confirmed(
@@ -526,6 +547,27 @@ class Broker:
         self._batch_channel = None
         if connection is not None:
             _close_quietly(connection)
+
+
+def _wait_for_input(sock: socket.socket, wake: socket.socket | None, timeout: float) -> bool:
+    """Whether the broker's socket has input, waiting up to ``timeout`` for it or for
+    ``wake``. py-amqp reads exactly the bytes of the frame it is on, so what it has not
+    read is still in the kernel, where select sees it; but TLS may have decrypted a
+    record holding more frames than the one read, which only ``pending()`` shows."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    # poll, not select: select refuses descriptors from 1024 up.
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    if wake is not None:
+        poller.register(wake, select.POLLIN)
+    ready = {fd for fd, _ in poller.poll(max(0, round(timeout * 1000)))}
+    if wake is not None and wake.fileno() in ready:
+        # One read: wake-ups beyond it only end the next wait early, which is harmless.
+        with contextlib.suppress(BlockingIOError):
+            wake.recv(4096)
+    # An error or hang-up counts too: the read that follows raises it.
+    return sock.fileno() in ready
 
 
 def _close_quietly(connection: Connection) -> None:

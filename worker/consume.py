@@ -13,8 +13,10 @@ against the work queue's delivery limit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
+import socket
 import threading
 import time
 from concurrent.futures import Future
@@ -34,8 +36,8 @@ __all__ = ["Consumer"]
 
 log = logging.getLogger(__name__)
 
-# How long one drain waits for a delivery before settling finished work and checking
-# heartbeats. It bounds the delay of an ack, not of a mail.
+# How long one drain waits for a delivery or a finished mail before checking heartbeats
+# and the incident stage's deadlines. A finished mail ends the wait at once (see _finished).
 _DRAIN_TIMEOUT = 0.02
 _MIN_BACKOFF = 0.5
 _MAX_BACKOFF = 30.0
@@ -80,6 +82,12 @@ class Consumer:
         self.shutdown_grace = shutdown_grace
         self._done: queue.SimpleQueue[Future[Outcome]] = queue.SimpleQueue()
         self._in_flight: dict[Future[Outcome], Delivery] = {}
+        # The loop thread writes a byte here when a mail finishes, so that the owner
+        # thread, waiting on the broker's socket, settles it at once: an ack held back
+        # holds back the next delivery of a full prefetch window.
+        self._wake, self._wake_writer = socket.socketpair()
+        self._wake.setblocking(False)
+        self._wake_writer.setblocking(False)
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, reconnecting with backoff when the broker goes
@@ -147,7 +155,7 @@ class Consumer:
             self._abandon_in_flight()
 
     def _drain(self) -> None:
-        self.broker.drain(_DRAIN_TIMEOUT)
+        self.broker.drain(_DRAIN_TIMEOUT, wake=self._wake)
         self._settle_finished()
         if self.stage is not None:
             self.silences.service()
@@ -161,7 +169,14 @@ class Consumer:
             self.loop,
         )
         self._in_flight[future] = delivery
-        future.add_done_callback(self._done.put)
+        future.add_done_callback(self._finished)
+
+    def _finished(self, future: Future[Outcome]) -> None:
+        """On the loop thread: queue the outcome for the owner thread, and wake it."""
+        self._done.put(future)
+        # Full means wake-ups are waiting already: one more adds nothing.
+        with contextlib.suppress(BlockingIOError):
+            self._wake_writer.send(b"\0")
 
     def _settle_finished(self) -> None:
         while True:

@@ -18,11 +18,12 @@ the same exceptions ``SMTP.sendmail`` raises, step by step, so it is classified 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Sequence
 
 import aiosmtplib
-from aiosmtplib.email import parse_address, quote_address
+from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import (
     COMMAND_INJECTION_REGEX,
     MAX_RESPONSE_LENGTH,
@@ -117,15 +118,13 @@ class PipeliningProtocol(SMTPProtocol):
     async def execute_message(
         self, message: bytes | None, timeout: float | None = None
     ) -> SMTPResponse:
-        """After a 354: the message, dot-stuffed as ``execute_data_command`` does, or
-        with None a lone ".", the empty message RFC 2920 3.1 asks for when DATA was
-        accepted although the envelope was not."""
+        """After a 354: the message, its line endings already normalized (see
+        :func:`sendmail`), dot-stuffed as ``execute_data_command`` does; or with None a
+        lone ".", the empty message RFC 2920 3.1 asks for when DATA was accepted although
+        the envelope was not."""
         if self._command_lock is None:
             raise aiosmtplib.SMTPServerDisconnected("Server not connected")
-        if message is None:
-            payload = b".\r\n"
-        else:
-            payload = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
+        payload = b".\r\n" if message is None else PERIOD_REGEX.sub(b"..", message) + b".\r\n"
         async with self._command_lock:
             self._response_pending = True
             self.write(payload)
@@ -150,21 +149,18 @@ async def sendmail(
     must not be used by anything else meanwhile (the relay's pool hands it to one mail
     at a time)."""
     # Every address is checked before anything is sent, as sendmail does.
-    parse_address(sender)
-    for recipient in recipients:
-        parse_address(recipient)
+    from_ = _quoted(sender)
+    to = [_quoted(recipient) for recipient in recipients]
     await client._ehlo_or_helo_if_needed()
     if not client.supports_extension("pipelining"):
         refused, _ = await client.sendmail(sender, list(recipients), message)
         return refused
-    mail = [b"MAIL", b"FROM:" + quote_address(sender).encode("ascii")]
+    # Once, for both the SIZE parameter and the body (the regex costs per byte).
+    message = normalize_message_line_endings(message)
+    mail = [b"MAIL", b"FROM:" + from_.encode("ascii")]
     if client.supports_extension("size"):
-        mail.append(b"size=%d" % len(normalize_message_line_endings(message)))
-    commands = [
-        mail,
-        *([b"RCPT", b"TO:" + quote_address(r).encode("ascii")] for r in recipients),
-        [b"DATA"],
-    ]
+        mail.append(b"size=%d" % len(message))
+    commands = [mail, *([b"RCPT", b"TO:" + r.encode("ascii")] for r in to), [b"DATA"]]
     try:
         return await _transact(client, sender, recipients, message, commands)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
@@ -178,6 +174,15 @@ async def sendmail(
             with contextlib.suppress(ConnectionError, aiosmtplib.SMTPResponseException):
                 await client.rset()
         raise
+
+
+@functools.lru_cache(maxsize=1024)
+def _quoted(address: str) -> str:
+    """aiosmtplib's check and quoting of an address, remembered: every mail has the same
+    few (the configured sender and recipients), and the check parses with the standard
+    library's address parser, which cost more than any other step of a mail. What it
+    refuses raises each time, as errors are not cached."""
+    return quote_address(address)  # parse_address's checks, then the angle brackets
 
 
 async def _transact(

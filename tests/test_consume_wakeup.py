@@ -1,0 +1,83 @@
+"""The owner thread settles a finished mail at once, not at its next poll of the broker:
+with a prefetch window of one, each next delivery waits for that ack. Real RabbitMQ and
+the real Consumer; the pipeline is a stand-in that acks every message."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Mapping
+
+import pika
+import pytest
+
+from shared.config import parse_config
+from shared.topology import WORK_QUEUE
+from tests.conftest import amqp_url
+from tests.waiting import wait_until
+from worker import consume
+from worker.consume import Consumer
+from worker.metrics import Metrics
+from worker.outcome import Acked, Outcome
+
+
+class _Finishes:
+    """The part of a Pipeline the consumer uses without an incident stage: every message
+    is acked, a moment after it arrived."""
+
+    def __init__(self) -> None:
+        self.handled: list[bytes] = []
+
+    async def handle(
+        self, body: bytes, headers: Mapping[str, object], *, received: float
+    ) -> Outcome:
+        self.handled.append(body)
+        # Finished after the owner thread went back to waiting on the broker, as a mail
+        # is; not a wait for anything.
+        await asyncio.sleep(0.05)
+        return Acked()
+
+    def crashed(self, headers: Mapping[str, object], exc: Exception) -> Outcome:
+        raise AssertionError(f"the stand-in pipeline failed: {exc}")
+
+
+@pytest.mark.integration
+def test_a_finished_mail_is_settled_without_waiting_for_the_next_poll(
+    vhost: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A poll this long would hold each of the first three acks for a minute.
+    monkeypatch.setattr(consume, "_DRAIN_TIMEOUT", 60.0)
+    broker = parse_config({"broker": {"urls": [amqp_url(vhost)]}}, sections=("broker",)).broker
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
+    loop_thread.start()
+    pipeline = _Finishes()
+    consumer = Consumer(
+        broker,
+        pipeline,
+        Metrics([]),
+        loop,
+        prefetch=1,
+        shutdown_grace=5,  # type: ignore[arg-type]
+    )
+    stop = threading.Event()
+    owner = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
+    owner.start()
+    try:
+        wait_until(lambda: consumer.metrics.broker_connected._value.get() == 1, 20, "connected")
+        with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            for i in range(4):
+                channel.basic_publish("", WORK_QUEUE, b"m%d" % i)
+        # The broker hands over each next message only once the one before is acked.
+        wait_until(lambda: len(pipeline.handled) == 4, 20, "all four handled, one at a time")
+        assert pipeline.handled == [b"m0", b"m1", b"m2", b"m3"]
+    finally:
+        stop.set()
+        consumer._wake_writer.send(b"\0")  # ends the current minute-long wait
+        owner.join(30)
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join(10)
+        loop.close()
+    assert not owner.is_alive()
