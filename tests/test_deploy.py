@@ -33,7 +33,7 @@ import yaml
 from compose_spec import PyCompose
 
 from shared.config import parse_config
-from shared.event import new_event, routing_key
+from shared.event import encode_event, new_event, routing_key
 from shared.own_events import canary_event, heartbeat_event, probe_event
 from shared.topology import (
     BINDINGS,
@@ -51,7 +51,7 @@ from shared.topology import (
     retry_queue_name,
 )
 from tests.conftest import BIN, Certs, Process, amqp_url, free_port, scrape, wait_metric
-from tests.pipeline import dlq, publish_events, start_worker, write_config
+from tests.pipeline import dlq, emit, publish_events, start_worker, write_config
 from tests.prometheus import start_prometheus
 from tests.smtpserver import SmtpServer
 from tests.waiting import wait_until
@@ -216,23 +216,28 @@ def _config_as(url: str, tmp_path: Path, vhost: str, relay: SmtpServer, certs: C
     return config
 
 
-def _publish_event(url: str, event_id: str, routing_key: str = "node.1.n") -> None:
-    """One valid event to the events exchange as ``url``'s user, confirmed."""
+def _publish_event(
+    url: str, event_id: str, routing_key: str = "node.1.n", body: bytes | None = None
+) -> None:
+    """One valid event (or ``body``) to the events exchange as ``url``'s user, confirmed."""
     import pika
 
-    body = json.dumps(
-        {
-            "v": 1,
-            "id": event_id,
-            "time": "2026-11-26T03:00:00Z",
-            "cluster": "c",
-            "node": "n",
-            "module": "node",
-            "event_id": 1,
-            "params": {"server": "s"},
-            "source": "t",
-        }
-    ).encode()
+    body = (
+        body
+        or json.dumps(
+            {
+                "v": 1,
+                "id": event_id,
+                "time": "2026-11-26T03:00:00Z",
+                "cluster": "c",
+                "node": "n",
+                "module": "node",
+                "event_id": 1,
+                "params": {"server": "s"},
+                "source": "t",
+            }
+        ).encode()
+    )
     with pika.BlockingConnection(pika.URLParameters(url)) as connection:
         channel = connection.channel()
         channel.confirm_delivery()
@@ -270,17 +275,44 @@ def definition_worker(
 def test_least_privilege_permissions_are_enough_and_no_more(
     definition_users: dict[str, str],
     definition_worker: Callable[[str], tuple[SmtpServer, int]],
+    tmp_path: Path,
+    processes: Callable[..., Process],
 ) -> None:
     """Users with exactly the definitions' permissions run the real pipeline, and the
-    producer's user can do nothing but publish events."""
+    producer's user can do nothing but publish events and heartbeats: not a canary or a
+    probe, not read, not declare."""
     import pika
 
-    relay, _ = definition_worker("")
+    relay, port = definition_worker("")
     producer_url = definition_users["clusteralert-producer"]
     _publish_event(producer_url, "6f1c7f4e-4b7e-4a8e-9d55-0f4c3bfe2a10")
     assert relay.wait_for(lambda got: len(got) == 1, timeout=30)
-    # And nothing else: reading or declaring is refused for the producer.
+    # The real node agent as that user: its heartbeats and spooled events go through.
+    node = "db01.example.com"
+    agent_config = tmp_path / "agent.toml"
+    agent_config.write_text(f"""
+[broker]
+urls = ["{producer_url}"]
+[producer]
+spool_dir = "agent-spool"
+cluster = "c"
+node = "{node}"
+heartbeat_interval = 1
+""")
+    processes("clusteralert-producer", "run", "--config", str(agent_config))
+    seen = f'clusteralert_node_last_seen_timestamp_seconds{{cluster="c",node="{node}"}}'
+    wait_metric(port, seen, lambda v: v > 0, 30)
+    emit(agent_config, "--module", "node", "--event-id", "1", "--param", "server=s")
+    assert relay.wait_for(lambda got: len(got) == 2, timeout=30)
+    # Not with the canary's or the probe's routing key (topic permission): RabbitMQ
+    # closes the channel.
     params = pika.URLParameters(producer_url)
+    for own in (canary_event(), probe_event()):
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+            _publish_event(producer_url, own.id, routing_key(own), encode_event(own))
+        assert refused.value.reply_code == 403
+        assert f"access to topic '{routing_key(own)}'" in refused.value.reply_text
+    # And nothing else: reading or declaring is refused for the producer.
     refused = pytest.raises(pika.exceptions.ChannelClosedByBroker, match="403")
     with pika.BlockingConnection(params) as connection, refused:
         connection.channel().basic_get("clusteralert.mail")
@@ -358,6 +390,44 @@ def test_worker_permissions_are_the_minimum_its_operations_need() -> None:
     bound = {b.routing_key for b in (*BINDINGS, *UNBINDINGS) if b.exchange == EVENTS_EXCHANGE}
     keys = bound | {"node.#", "clusteralert.#", "*.1.*", ""}
     assert {k for k in keys if re.search(topic["read"], k)} == bound
+
+
+def test_producer_topic_permission_refuses_only_the_canary_and_the_probe() -> None:
+    """The producer's user publishes whatever a node sends (its events and heartbeats, for
+    any node name) but never with the canary's or the probe's routing key, so a node
+    cannot pass for the pipeline's own check of itself. It binds nothing."""
+    defs = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())
+    [topic] = [t for t in defs["topic_permissions"] if t["user"] == "clusteralert-producer"]
+    assert topic["exchange"] == EVENTS_EXCHANGE
+    nodes = (
+        "n",
+        "db01.example.com",  # dots become underscores in the key
+        "ノード-1",
+        "with space",
+        "clusteralert.2.x",
+        "2",
+        "",
+        "x" * 300,  # cut to 255 characters
+    )
+
+    def key(module: str, event_id: int, node: str) -> str:
+        return routing_key(
+            new_event(module=module, event_id=event_id, cluster="c", node=node, source="t")
+        )
+
+    sent = {routing_key(heartbeat_event("c", node, 60)) for node in nodes}
+    sent |= {key(module, 1, node) for module in ("node", "clusteralert2") for node in nodes}
+    sent |= {key("clusteralert", event_id, "n") for event_id in (0, 9, 20, 32)}
+    sent |= {"clusteralert.1.n", "clusteralert.20.n", "x.clusteralert.2.n", ""}
+    ours = {routing_key(canary_event()), routing_key(probe_event())}
+    ours |= {key("clusteralert", event_id, node) for event_id in (2, 3) for node in nodes}
+    # RabbitMQ searches (re:run) rather than matching the whole key, like Python's search.
+    assert {k for k in sent | ours if re.search(topic["write"], k)} == sent
+    # Nothing but the empty key, which is what RabbitMQ makes of an empty pattern; binding
+    # is refused before this is asked anyway (no read on the exchange, no write on a queue).
+    assert not {
+        k for k in ("#", "node.#", "clusteralert.#", "*.1.*") if re.search(topic["read"], k)
+    }
 
 
 def test_the_worker_user_retries_dead_letters_and_replays_but_cannot_publish_events(
@@ -1253,18 +1323,22 @@ def test_definitions_import_once_and_fail_loudly(vhost: str, tmp_path: Path) -> 
         path = urllib.parse.quote(vhost, safe="")
         url = f"amqp://clusteralert-worker{suffix}:{password}@127.0.0.1:5672/{path}"
         pika.BlockingConnection(pika.URLParameters(url)).close()
-        # RabbitMQ 3.10 imports topic permissions too (the worker's canary needs its own).
+        # RabbitMQ 3.10 imports topic permissions too (the worker's canary needs its own,
+        # and the producer's keeps nodes from sending one), lookahead and all.
         topics = subprocess.run(
             ["rabbitmqctl", "-q", "list_topic_permissions", "-p", vhost, "--no-table-headers"],
             check=True,
             capture_output=True,
             text=True,
-        ).stdout.split()
-        assert topics == [
-            f"clusteralert-worker{suffix}",
-            EVENTS_EXCHANGE,
-            "^clusteralert\\.[23]\\.",
-            "^#$",
+        ).stdout.splitlines()
+        assert sorted(tuple(line.split("\t")) for line in topics) == [
+            (
+                f"clusteralert-producer{suffix}",
+                EVENTS_EXCHANGE,
+                "^(?!clusteralert\\.[23]\\.)",
+                "^$",
+            ),
+            (f"clusteralert-worker{suffix}", EVENTS_EXCHANGE, "^clusteralert\\.[23]\\.", "^#$"),
         ]
         assert f"removed RabbitMQ's default user {default_user}" in first.stdout
         users = subprocess.run(
