@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 
 from shared.cli import key_values, on_stop_signal, report_errors
 from shared.config import Config, load_config
-from shared.errors import SpoolError
+from shared.errors import InvalidEvent, SpoolError
 from shared.event import new_event
+from shared.own_events import worker_only
 
 if TYPE_CHECKING:
     from producer.spool import Spool
@@ -107,6 +108,12 @@ def _emit(args: argparse.Namespace) -> int:
         source=args.source,
         reporter=_node(config),
     )
+    kind = worker_only(event)
+    if kind is not None:
+        raise InvalidEvent(
+            f"{event.key} is the pipeline's {kind}, which only workers send; "
+            "a node may not spool it"
+        )
     _spool(config).write(event)
     print(event.id)
     return 0

@@ -41,6 +41,7 @@ from shared.backoff import Backoff
 from shared.config import BrokerConfig
 from shared.errors import SpoolError, describe
 from shared.event import Event, encode_event, peek_event, routing_key
+from shared.own_events import worker_only_key
 from shared.tls import client_context
 from shared.topology import EVENTS_EXCHANGE
 
@@ -388,6 +389,11 @@ class Forwarder:
                 continue
             except Exception as exc:
                 self._set_aside(claimed, f"is not a valid event ({describe(exc)})")
+                continue
+            if worker_only_key(key):
+                # The broker would refuse it (403) every time, and the events behind it
+                # and the heartbeats would wait forever.
+                self._set_aside(claimed, f"has a routing key only workers publish ({key[:80]!r})")
                 continue
             properties = pika.BasicProperties(
                 content_type="application/json",

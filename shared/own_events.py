@@ -23,6 +23,8 @@ __all__ = [
     "heartbeat_interval",
     "own_kind",
     "probe_event",
+    "worker_only",
+    "worker_only_key",
 ]
 
 OWN_MODULE: Final = "clusteralert"
@@ -39,6 +41,24 @@ def own_kind(event: Event) -> OwnKind | None:
     if event.module != OWN_MODULE:
         return None
     return _KINDS.get(event.event_id)
+
+
+# Sent by workers only: a topic permission keeps the producers' user off their routing
+# keys, and the stage refuses one that arrives under another key (worker_only_key).
+_WORKER_ONLY: Final[tuple[OwnKind, ...]] = ("canary", "probe")
+_WORKER_ONLY_KEYS: Final = tuple(f"{OWN_MODULE}.{_IDS[kind]}." for kind in _WORKER_ONLY)
+
+
+def worker_only(event: Event) -> OwnKind | None:
+    """The kind of ``event`` when only a worker may send it (the canary, the probe)."""
+    kind = own_kind(event)
+    return kind if kind in _WORKER_ONLY else None
+
+
+def worker_only_key(key: str) -> bool:
+    """Whether a routing key is one only workers publish under: a node's spool must
+    never hold such an event, and the broker refuses it from a producer anyway."""
+    return key.startswith(_WORKER_ONLY_KEYS)
 
 
 def _own(kind: OwnKind, cluster: str, node: str, params: dict[str, str], text: str) -> Event:

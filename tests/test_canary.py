@@ -8,9 +8,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pika
 import pytest
 
-from tests.conftest import Certs, Process, scrape
+from shared.event import encode_event, routing_key
+from shared.own_events import canary_event, probe_event
+from shared.topology import EVENTS_EXCHANGE
+from tests.conftest import Certs, Process, amqp_url, scrape
 from tests.pipeline import SMTP_PASSWORD, dlq_list, start_worker, write_config
 from tests.smtpserver import SmtpServer
 from tests.waiting import wait_until
@@ -106,3 +110,37 @@ def test_only_the_active_stage_sends_canaries_and_a_standby_takes_over(
     wait_until(lambda: scrape(standby[1]).get(published, 0) >= 2, 30, "the standby's canaries")
     assert relay.wait_for(lambda got: len(got) >= mailed + 2, 30)
     assert scrape(standby[1])["clusteralert_incident_stage_active"] == 1
+
+
+def test_a_canary_under_another_routing_key_is_dead_lettered_not_mailed(
+    tmp_path: Path,
+    vhost: str,
+    certs: Certs,
+    smtp_server: Callable[..., SmtpServer],
+    processes: Callable[..., Process],
+) -> None:
+    """Producers may not publish under the canary's routing key (a topic permission),
+    but they may publish its body under an ordinary key. The stage takes a canary or a
+    probe only under its own key: a forged one must not make a broken path look fine."""
+    relay = smtp_server("starttls", credentials=("alert", SMTP_PASSWORD))
+    # The worker sends no canary of its own (interval 0), but mails one that comes.
+    extra = f'[canary]\ninterval = 0\nto = ["{CANARY_TO}"]'
+    config = write_config(tmp_path, vhost, [relay], certs, extra=extra)
+    _, port = start_worker(processes, config)
+    forged, genuine, probe = canary_event(), canary_event(), probe_event()
+    with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for event, key in (
+            (forged, "node.1.n"),
+            (probe, "node.1.n"),
+            (genuine, routing_key(genuine)),  # as a worker sends it
+        ):
+            channel.basic_publish(EVENTS_EXCHANGE, key, encode_event(event), mandatory=True)
+    assert relay.wait_for(lambda got: len(got) >= 1, 30)
+    wait_until(lambda: len(dlq_list(config)) == 2, 30, "both forgeries dead-lettered")
+    dead = dlq_list(config)
+    assert {row["id"] for row in dead} == {forged.id, probe.id}, dead
+    assert {row["reason"] for row in dead} == {"invalid_event"}
+    assert _canaries(relay) == [genuine.id]
+    assert scrape(port)[CANARY] == pytest.approx(genuine.time.timestamp())

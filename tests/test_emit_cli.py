@@ -65,6 +65,12 @@ def test_emit_rejects_bad_input_with_one_line(tmp_path: Path) -> None:
         (("--module", "Bad Module", "--event-id", "1"), "module: 'Bad Module' must match"),
         (("--module", "rm", "--event-id", "1", "--param", "novalue"), "expected KEY=VALUE"),
         (("--module", "rm", "--event-id", "-3"), "event_id: expected an integer from 0"),
+        # Only workers send the pipeline's canary and probe.
+        (
+            ("--module", "clusteralert", "--event-id", "2"),
+            "clusteralert:2 is the pipeline's canary",
+        ),
+        (("--module", "clusteralert", "--event-id", "3"), "clusteralert:3 is the pipeline's probe"),
     ]:
         result = emit(tmp_path, *args)
         assert result.returncode == 1, args

@@ -23,7 +23,7 @@ from producer.watch import SpoolWatcher
 from shared.config import BrokerConfig, parse_config
 from shared.errors import ConfigError
 from shared.event import Event, decode_event, encode_event, new_event
-from shared.own_events import heartbeat_event
+from shared.own_events import canary_event, heartbeat_event
 from shared.topology import EVENTS_EXCHANGE, INCOMING_QUEUE
 from tests.conftest import RABBIT_HOST, RABBIT_PORT, amqp_url
 from tests.pipeline import take_messages
@@ -166,6 +166,25 @@ def test_an_unreadable_spool_file_is_set_aside_not_lost(forwarder: Running, vhos
     wait_until(lambda: forwarder.forwarder.published == 1, 10, "the good event confirmed")
     assert not bad.exists()
     assert (spool.directory / "rejected" / bad.name).read_bytes() == b"{not json"
+
+
+def test_a_spooled_event_under_a_worker_only_key_is_set_aside(
+    forwarder: Running, vhost: str
+) -> None:
+    """The broker refuses the canary's and the probe's routing keys from a producer, every
+    time: such a file left in the spool would hold back every event behind it."""
+    _declare(vhost)
+    spool = forwarder.forwarder.spool
+    forged = canary_event()
+    bad = spool.directory / f"00000000000000000001-{forged.id}.json"
+    spool.ensure()
+    bad.write_bytes(encode_event(forged))
+    good = _event(1)
+    spool.write(good)
+    wait_until(lambda: forwarder.forwarder.published >= 1, 10, "the good event confirmed")
+    assert _drain(vhost) == [good.id]
+    assert (spool.directory / "rejected" / bad.name).exists()
+    assert forwarder.forwarder.set_aside == 1
 
 
 def _declare(vhost: str) -> None:

@@ -211,11 +211,21 @@ class Delivery:
     """One message as py-amqp handed it over, untouched: kombu's own Message would
     inflate a body with a ``compression`` header before anyone could check its size."""
 
-    __slots__ = ("_channel", "body", "delivery_tag", "headers", "properties", "received")
+    __slots__ = (
+        "_channel",
+        "body",
+        "delivery_tag",
+        "headers",
+        "properties",
+        "received",
+        "routing_key",
+    )
 
     def __init__(self, raw: amqp.Message, received: float):
         self._channel = raw.channel
         self.delivery_tag: int = raw.delivery_tag
+        # The key it was published with: who may publish under a key, the broker checks.
+        self.routing_key: str = str(raw.delivery_info.get("routing_key", ""))
         self.body: bytes = raw.body
         self.properties: dict[str, Any] = dict(raw.properties)
         self.headers: dict[str, Any] = dict(self.properties.get("application_headers") or {})

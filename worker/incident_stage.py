@@ -26,10 +26,10 @@ from shared.backoff import Backoff
 from shared.catalog import Catalog
 from shared.config import FilterConfig, IncidentConfig
 from shared.errors import InvalidEvent
-from shared.event import Event, decode_event
+from shared.event import Event, decode_event, routing_key
 from shared.filter import Decision, decide
 from shared.notification import DIGEST_PREFIX, Notification, encode_notification
-from shared.own_events import own_kind
+from shared.own_events import own_kind, worker_only
 from shared.topology import INCOMING_QUEUE, WORK_QUEUE
 from worker.broker import Broker, Delivery, Outgoing, PublishNotConfirmed
 from worker.canary import Canary
@@ -212,6 +212,19 @@ class IncidentStage:
         """The pipeline's own events skip the filter and the engine (README, "Watching
         the pipeline itself"); True when ``event`` was one and is settled."""
         kind = own_kind(event)
+        if worker_only(event) and delivery.routing_key != routing_key(event):
+            # Only workers may publish under the canary's and the probe's keys, so the
+            # same body under another key came from someone else: a forged canary would
+            # tell the operator the mail path works when nobody checked it.
+            self.metrics.consumed.inc()
+            self._dead_letter(
+                delivery,
+                InvalidEvent(
+                    f"a {kind} under the routing key {delivery.routing_key[:80]!r}, not its "
+                    "own: only workers send these"
+                ),
+            )
+            return True
         if kind == "canary":
             self.canary.forward(event, delivery)
         elif kind == "heartbeat":
