@@ -344,6 +344,38 @@ def test_a_cancelled_send_closes_its_connection(
     asyncio.run(go())
 
 
+def test_without_pipelining_each_command_waits_for_the_previous_reply(
+    smtp_server: ServerFactory,
+    certs: Certs,
+    proxies: Callable[[SmtpServer], TcpProxy],
+) -> None:
+    """Two mails at once on one connection of a relay that does not offer PIPELINING:
+    one command per write, and the second mail only after the first one's reply."""
+    server = smtp_server("plain", context=None)
+    proxy = proxies(server)
+    config = relay(server, certs, port=proxy.port, security="none", max_connections=1)
+
+    from worker.relay import Relay
+
+    first, second = make_mail(to=("first@example.com",)), make_mail(to=("second@example.com",))
+
+    async def go() -> list[object]:
+        pool = Relay(config)
+        try:
+            return await asyncio.gather(pool.send(first), pool.send(second))
+        finally:
+            await pool.close()
+
+    assert asyncio.run(go()) == [{}, {}]
+    sent = [c for c in proxy.sent if not c.startswith((b"EHLO", b"QUIT"))]
+    assert [c.split(b":")[0] for c in sent if not c.endswith(b"\r\n.\r\n")] == [
+        *(b"MAIL FROM", b"RCPT TO", b"DATA\r\n") * 2
+    ]
+    assert [i for i, c in enumerate(sent) if c.endswith(b"\r\n.\r\n")] == [3, 7]
+    assert [r.rcpt_tos for r in server.received] == [["first@example.com"], ["second@example.com"]]
+    assert server.handler.connections == 1
+
+
 class _Transport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
@@ -382,15 +414,15 @@ def test_replies_are_kept_however_they_arrive(chunks: list[bytes]) -> None:
         protocol.connection_made(transport)
         protocol._response_pending = False  # no greeting in this test
         commands = [[b"MAIL", b"FROM:<a@b>"], [b"RCPT", b"TO:<c@d>"], [b"RCPT", b"TO:<e@f>"]]
-        task = asyncio.create_task(protocol.execute_pipelined([*commands, [b"DATA"]], 5))
-        await asyncio.sleep(0)  # let it write
+        payload = b"".join(b" ".join(c) + b"\r\n" for c in [*commands, [b"DATA"]])
+        replies = protocol.send_group(payload, 4)
         assert transport.written == [
             b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nRCPT TO:<e@f>\r\nDATA\r\n"
         ]
         # Every chunk is delivered before the reader runs again: the worst case.
         for chunk in chunks:
             protocol.data_received(chunk)
-        return [(r.code, r.message) for r in await task]
+        return [(r.code, r.message) for r in await asyncio.gather(*replies)]
 
     assert asyncio.run(go()) == [
         (250, "sender ok"),

@@ -28,6 +28,7 @@ import aiosmtplib
 from shared.config import SmtpRelay
 from shared.errors import ConnectionDropped, DeliveryError, TlsRefusedError
 from shared.tls import client_context
+from worker import pipelining
 from worker.classify import (
     classify_auth,
     classify_connect,
@@ -35,7 +36,6 @@ from worker.classify import (
     classify_transaction,
     relay_text,
 )
-from worker.pipelining import sendmail
 from worker.render import Mail
 from worker.scrub import Scrubber
 
@@ -62,6 +62,14 @@ class Refusal:
     def temporary(self) -> bool:
         """4xx, e.g. greylisting: a later attempt may reach this recipient."""
         return 400 <= self.code < 500
+
+
+class _Reconnect(Exception):
+    """A pooled connection was found gone: the mail is tried once on a new one."""
+
+    def __init__(self, dropped: ConnectionDropped):
+        super().__init__(dropped.detail)
+        self.dropped = dropped
 
 
 class Relay:
@@ -118,25 +126,54 @@ class Relay:
             self._slots = asyncio.Semaphore(self.config.max_connections)
         if self.config.rate_limit > 0:
             await self._pace()
+        try:
+            return await self._attempt(mail, reuse=True)
+        except _Reconnect as exc:
+            # The relay closed a connection we held idle, or one an earlier mail on it
+            # failed or gave up on: not a failure yet.
+            log.debug(
+                "relay %s dropped a reused connection (%s); reconnecting",
+                self.label,
+                exc.dropped.detail,  # masked by classify
+            )
+        return await self._attempt(mail, reuse=False)
+
+    async def _attempt(self, mail: Mail, *, reuse: bool) -> dict[str, Refusal]:
+        """One try on one connection, a pooled one if ``reuse`` and there is one.
+        Raises :class:`_Reconnect` when a pooled connection turns out gone.
+
+        With PIPELINING the connection goes back to the pool, and its slot is freed,
+        as soon as the body is written: the next mail's envelope follows the body on
+        the wire while this mail waits for the body's reply (RFC 2920 3.1)."""
+        assert self._slots is not None
         async with self._slots:
-            client = await self._take_idle()
-            if client is not None:
-                try:
-                    refused = await self._transact(client, mail)
-                except ConnectionDropped as exc:
-                    # The relay closed a connection we held idle: not a failure yet.
-                    log.debug(
-                        "relay %s dropped a reused connection (%s); reconnecting",
-                        self.label,
-                        exc.detail,  # masked by classify
-                    )
-                else:
-                    self._idle.append((client, time.monotonic()))
-                    return refused
-            client = await self._open()
-            refused = await self._transact(client, mail)
+            client = await self._take_idle() if reuse else None
+            reused = client is not None
+            if client is None:
+                client = await self._open()
+            try:
+                pending = await self._begin(client, mail)
+            except ConnectionDropped as exc:
+                if reused:
+                    raise _Reconnect(exc) from None
+                raise
             self._idle.append((client, time.monotonic()))
-            return refused
+        try:
+            refused = await pending.result()
+        except BaseException as exc:
+            if not client.is_connected:
+                # Closed by the result: it must not wait in the pool.
+                self._idle = [(c, used) for c, used in self._idle if c is not client]
+            if not isinstance(exc, Exception):
+                raise
+            error = classify_transaction(exc, self.scrub)
+            if reused and isinstance(error, ConnectionDropped):
+                raise _Reconnect(error) from None
+            raise error from None
+        return {
+            rcpt: Refusal(resp.code, relay_text(f"{resp.code} {resp.message}", self.scrub))
+            for rcpt, resp in refused.items()
+        }
 
     async def _take_idle(self) -> aiosmtplib.SMTP | None:
         """A pooled connection that is still alive, or None. One idle for a while is
@@ -146,23 +183,37 @@ class Relay:
         now = time.monotonic()
         while self._idle:
             client, last_used = self._idle.pop()
+            if not client.is_connected:
+                pipelining.close(client)
+                continue
+            if pipelining.owed(client):
+                # Not idle: a mail before this one waits for its body's reply, within its
+                # own timeout (its body went out at last_used). A probe would have to wait
+                # for that reply, and closing here would lose it: the relay may well have
+                # taken that mail, which would then be sent again.
+                return client
             idle_for = now - last_used
-            if not client.is_connected or idle_for > MAX_IDLE:
-                client.close()
+            if idle_for > MAX_IDLE:
+                pipelining.close(client)
                 continue
             if idle_for > PROBE_AFTER:
+                probe_timeout = min(PROBE_TIMEOUT, self.config.timeout)
                 try:
-                    await client.noop(timeout=min(PROBE_TIMEOUT, self.config.timeout))
+                    # NOOP's reply would be read as a pipelined mail's one still owed.
+                    await asyncio.wait_for(pipelining.settled(client), probe_timeout)
+                    await client.noop(timeout=probe_timeout)
                 except Exception as exc:
                     log.debug(
                         "relay %s: idle connection failed NOOP (%s)",
                         self.label,
                         relay_text(str(exc) or type(exc).__name__, self.scrub),
                     )
-                    client.close()
+                    pipelining.close(client)
                     continue
                 except BaseException:
-                    client.close()  # cancelled while out of the pool: nobody else holds it
+                    # Cancelled while out of the pool, maybe amid the probe: never pooled
+                    # again (nothing is owed on it: see above).
+                    pipelining.close(client)
                     raise
             return client
         return None
@@ -228,22 +279,21 @@ class Relay:
         except Exception as exc:
             raise classify_starttls(exc, self.scrub) from None
 
-    async def _transact(self, client: aiosmtplib.SMTP, mail: Mail) -> dict[str, Refusal]:
+    async def _begin(self, client: aiosmtplib.SMTP, mail: Mail) -> pipelining.Pending:
+        """The transaction up to the body's reply. Any failure closes the connection,
+        but only once a reply still owed on it to an earlier mail is in: that mail's
+        body is on the wire, and losing its reply would have it sent twice."""
         try:
-            refused = await sendmail(client, mail.sender, mail.recipients, mail.data)
+            return await pipelining.begin(client, mail.sender, mail.recipients, mail.data)
         except Exception as exc:
-            client.close()
+            pipelining.close_after_owed(client)
             error: DeliveryError = classify_transaction(exc, self.scrub)
             raise error from None
         except BaseException:
             # Cancelled (the worker's max_hold, a shutdown) in the middle of a transaction:
             # the session is in an unknown state, so it is closed, never pooled or left open.
-            client.close()
+            pipelining.close_after_owed(client)
             raise
-        return {
-            rcpt: Refusal(resp.code, relay_text(f"{resp.code} {resp.message}", self.scrub))
-            for rcpt, resp in refused.items()
-        }
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
@@ -251,8 +301,14 @@ class Relay:
 
 
 async def quit_client(client: aiosmtplib.SMTP) -> None:
-    """Say QUIT politely, but never wait long for it."""
+    """Say QUIT politely, once the replies owed to pipelined mails are in (QUIT's reply
+    would be read as theirs), but never wait long for it."""
     try:
-        await asyncio.wait_for(client.quit(), timeout=2)
+        await asyncio.wait_for(_quit(client), timeout=2)
     except Exception:
-        client.close()
+        pipelining.close(client)
+
+
+async def _quit(client: aiosmtplib.SMTP) -> None:
+    await pipelining.settled(client)
+    await client.quit()
