@@ -299,12 +299,13 @@ class IncidentStage:
             for handle in action.handles:
                 handle.ack()
             count(self.metrics, action)
-            # Debug: the delivery stage's "sent event" line is the one line per outcome.
-            log.debug(
-                "published %s, first event %s",
-                action.notification.summary(),
-                action.notification.first.id,
-            )
+            if log.isEnabledFor(logging.DEBUG):  # summary() is not free: only when shown
+                # The delivery stage's "sent event" line is the one line per outcome.
+                log.debug(
+                    "published %s, first event %s",
+                    action.notification.summary(),
+                    action.notification.first.id,
+                )
         if refused:
             self._pause_offers()
         elif published:
