@@ -406,14 +406,16 @@ class Broker:
         assert self._connection is not None
         read_timeout = min(timeout, _READ_TIMEOUT)
         with talking():
-            transport = self._connection.connection.transport
-            if _wait_for_input(transport.sock, wake, timeout):
+            sock = self._connection.connection.transport.sock
+            poller = _poller(sock, wake)  # one for the whole drain
+            if _wait_for_input(sock, wake, timeout, poller):
                 for _ in range(METHODS_PER_DRAIN):
                     try:
                         self._connection.drain_events(timeout=read_timeout)
                     except TimeoutError:
                         break
-                    if not _wait_for_input(transport.sock, None, 0.0):
+                    # A wake-up meanwhile is left for the next drain's wait.
+                    if not _wait_for_input(sock, None, 0.0, poller):
                         break
             self._connection.heartbeat_check()
 
@@ -559,18 +561,30 @@ class Broker:
             _close_quietly(connection)
 
 
-def _wait_for_input(sock: socket.socket, wake: socket.socket | None, timeout: float) -> bool:
-    """Whether the broker's socket has input, waiting up to ``timeout`` for it or for
-    ``wake``. py-amqp reads exactly the bytes of the frame it is on, so what it has not
-    read is still in the kernel, where select sees it; but TLS may have decrypted a
-    record holding more frames than the one read, which only ``pending()`` shows."""
-    if isinstance(sock, ssl.SSLSocket) and sock.pending():
-        return True
+def _poller(sock: socket.socket, wake: socket.socket | None) -> select.poll:
     # poll, not select: select refuses descriptors from 1024 up.
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     if wake is not None:
         poller.register(wake, select.POLLIN)
+    return poller
+
+
+def _wait_for_input(
+    sock: socket.socket,
+    wake: socket.socket | None,
+    timeout: float,
+    poller: select.poll | None = None,
+) -> bool:
+    """Whether the broker's socket has input, waiting up to ``timeout`` for it or for
+    ``wake`` (``poller``: one from :func:`_poller` for both, to reuse). py-amqp reads
+    exactly the bytes of the frame it is on, so what it has not read is still in the
+    kernel, where poll sees it; but TLS may have decrypted a record holding more frames
+    than the one read, which only ``pending()`` shows."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    if poller is None:
+        poller = _poller(sock, wake)
     ready = {fd for fd, _ in poller.poll(max(0, round(timeout * 1000)))}
     if wake is not None and wake.fileno() in ready:
         # One read: wake-ups beyond it only end the next wait early, which is harmless.

@@ -158,12 +158,10 @@ def new_event_loop(kind: EventLoop) -> asyncio.AbstractEventLoop:
         except ImportError:
             log.warning("[worker] event_loop is uvloop, which is not installed; using asyncio's")
         else:
+            log.info("sending mail on the uvloop event loop")
             return uvloop.new_event_loop()
+    log.info("sending mail on the asyncio event loop")
     return asyncio.new_event_loop()
-
-
-def _is_uvloop(loop: asyncio.AbstractEventLoop) -> bool:
-    return type(loop).__module__.startswith("uvloop")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -192,7 +190,6 @@ def _run(args: argparse.Namespace) -> int:
         log.info("metrics on :%d/metrics", port)
 
     loop = new_event_loop(config.worker.event_loop)
-    log.info("sending mail on the %s event loop", "uvloop" if _is_uvloop(loop) else "asyncio")
     loop_thread = threading.Thread(target=loop.run_forever, name="smtp-loop", daemon=True)
     loop_thread.start()
     sender = Sender(config.smtp, metrics)
