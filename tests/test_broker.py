@@ -120,12 +120,11 @@ def test_a_drain_ends_at_a_wake_up_and_takes_every_frame_already_there(vhost: st
         got: list[Delivery] = []
         broker.consume(WORK_QUEUE, got.append, prefetch=100)
         broker.drain(0.2)  # the consume-ok and anything else already sent
-        # Nothing arrives: only the wake-up can end a drain that would wait 60 s.
-        timer = threading.Timer(0.1, writer.send, args=(b"\0",))
-        timer.start()
+        # Nothing arrives from the broker: only the wake-up (written before the wait, as
+        # a mail finishing just then does) can end a drain that would wait 60 s.
+        writer.send(b"\0")
         started = time.monotonic()
         broker.drain(60.0, wake=wake)
-        timer.join()
         assert time.monotonic() - started < 30, "the wake-up did not end the wait"
         with pytest.raises(BlockingIOError):
             wake.recv(1)  # consumed by the drain, so the next one waits again

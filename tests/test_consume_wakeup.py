@@ -5,6 +5,7 @@ the real Consumer; the pipeline is a stand-in that acks every message."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from collections.abc import Mapping
 
@@ -27,18 +28,29 @@ class _Finishes:
 
     def __init__(self) -> None:
         self.handled: list[bytes] = []
+        self.released: list[asyncio.Event] = []
 
     async def handle(
         self, body: bytes, headers: Mapping[str, object], *, received: float
     ) -> Outcome:
+        release = asyncio.Event()
+        self.released.append(release)
         self.handled.append(body)
-        # Finished after the owner thread went back to waiting on the broker, as a mail
-        # is; not a wait for anything.
-        await asyncio.sleep(0.05)
+        await release.wait()  # until the test lets it finish (see below)
         return Acked()
 
     def crashed(self, headers: Mapping[str, object], exc: Exception) -> Outcome:
         raise AssertionError(f"the stand-in pipeline failed: {exc}")
+
+
+def _waiting_on_broker(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is inside the broker wait of a drain."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    while frame is not None:
+        if frame.f_code.co_name == "_wait_for_input":
+            return True
+        frame = frame.f_back
+    return False
 
 
 @pytest.mark.integration
@@ -70,8 +82,13 @@ def test_a_finished_mail_is_settled_without_waiting_for_the_next_poll(
             channel.confirm_delivery()
             for i in range(4):
                 channel.basic_publish("", WORK_QUEUE, b"m%d" % i)
-        # The broker hands over each next message only once the one before is acked.
-        wait_until(lambda: len(pipeline.handled) == 4, 20, "all four handled, one at a time")
+        # The broker hands over each next message only once the one before is acked. Each
+        # mail finishes only once the owner thread waits on the broker's socket again, as
+        # a real mail does: only the wake-up can end that wait in time.
+        for i in range(4):
+            wait_until(lambda: len(pipeline.handled) > i, 20, f"message {i} handled")  # noqa: B023
+            wait_until(lambda: _waiting_on_broker(owner), 20, "the owner thread waiting")
+            loop.call_soon_threadsafe(pipeline.released[i].set)
         assert pipeline.handled == [b"m0", b"m1", b"m2", b"m3"]
     finally:
         stop.set()
