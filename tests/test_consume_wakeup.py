@@ -8,6 +8,7 @@ import asyncio
 import sys
 import threading
 from collections.abc import Mapping
+from concurrent.futures import Future
 
 import pika
 import pytest
@@ -98,3 +99,9 @@ def test_a_finished_mail_is_settled_without_waiting_for_the_next_poll(
         loop_thread.join(10)
         loop.close()
     assert not owner.is_alive()
+    # The wake-up pair goes with the consumer, and a send finishing after that is harmless.
+    assert consumer._wake.fileno() == -1
+    assert consumer._wake_writer.fileno() == -1
+    late: Future[Outcome] = Future()
+    late.set_result(Acked())
+    consumer._finished(late)

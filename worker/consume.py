@@ -94,6 +94,14 @@ class Consumer:
         away. On stop: cancel the consumer, let in-flight mails finish within the grace
         period, settle them, and close; anything unsettled returns to the queue."""
         backoff = Backoff(_MIN_BACKOFF, _MAX_BACKOFF)
+        try:
+            self._run(stop, backoff)
+        finally:
+            # A send still finishing writes to a closed socket: _finished ignores that.
+            self._wake.close()
+            self._wake_writer.close()
+
+    def _run(self, stop: threading.Event, backoff: Backoff) -> None:
         while not stop.is_set():
             try:
                 self.broker.connect(on_failure=_unreachable)
@@ -174,8 +182,9 @@ class Consumer:
     def _finished(self, future: Future[Outcome]) -> None:
         """On the loop thread: queue the outcome for the owner thread, and wake it."""
         self._done.put(future)
-        # Full means wake-ups are waiting already: one more adds nothing.
-        with contextlib.suppress(BlockingIOError):
+        # Full means wake-ups are waiting already: one more adds nothing. Closed means
+        # the consumer has stopped, and nobody waits.
+        with contextlib.suppress(OSError):
             self._wake_writer.send(b"\0")
 
     def _settle_finished(self) -> None:
