@@ -155,6 +155,10 @@ class BenchRelay:
         self._proc.terminate()
         self._proc.join(5)
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
     def arrivals(self) -> list[Arrival]:
         with self._lock:
             return list(self._arrivals)

@@ -182,10 +182,16 @@ def storm(tmp: Path, ca: Path, sizes: Sizes, *, grouped: bool) -> dict[str, floa
 
 
 def hop(tmp: Path, ca: Path, count: int, *, direct: bool) -> dict[str, float]:
-    rate, peak = workers_rate(
+    drain = workers_rate(
         tmp, ca, count, workers=1, connections=4, delay=0.0, pipelining=True, direct=direct
     )
-    return {"mails_per_s": rate, "peak_rss_kib": peak, "load_1m": _load()}
+    return {
+        "mails_per_s": drain.per_s,
+        "peak_rss_kib": drain.peak_rss_kib,
+        "worker_cpu_ms": drain.cpu_ms["worker"],
+        "broker_cpu_ms": drain.cpu_ms.get("broker", 0.0),
+        "load_1m": _load(),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -266,6 +272,10 @@ def main(argv: list[str] | None = None) -> None:
                 "median_direct_per_s": _median(direct, "mails_per_s"),
                 "cost": cost,
                 "target_cost": 0.15,
+                "median_stage_worker_cpu_ms": _median(staged, "worker_cpu_ms"),
+                "median_direct_worker_cpu_ms": _median(direct, "worker_cpu_ms"),
+                "median_stage_broker_cpu_ms": _median(staged, "broker_cpu_ms"),
+                "median_direct_broker_cpu_ms": _median(direct, "broker_cpu_ms"),
             }
             rows += [
                 (
@@ -282,6 +292,17 @@ def main(argv: list[str] | None = None) -> None:
                     + ")",
                 ),
                 ("B1 cost of the extra hop (target <= 15%)", f"{cost:.1%}"),
+                (
+                    "B1 CPU ms per mail, through the stage / direct",
+                    "worker "
+                    + " / ".join(
+                        f"{_median(runs, 'worker_cpu_ms'):.2f}" for runs in (staged, direct)
+                    )
+                    + ", broker "
+                    + " / ".join(
+                        f"{_median(runs, 'broker_cpu_ms'):.2f}" for runs in (staged, direct)
+                    ),
+                ),
             ]
         if "b3" in parts:
             b3 = latency(tmp, ca, sizes.b3_seconds) | {"load_1m": _load()}

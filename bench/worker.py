@@ -40,10 +40,12 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import pika
 
 from bench.common import amqp_url, report, suite_args, suite_name, vhost
+from bench.cpu import CpuMeter, broker_pid, most_per_s
 from bench.relay import BenchRelay, make_certs
 from bench.wan import Wan
 from shared.topology import EVENTS_EXCHANGE, WORK_QUEUE
@@ -163,11 +165,31 @@ def _rate(relay: BenchRelay, count: int, timeout: float, skip: int = 0) -> float
     return (len(arrivals) - 1) / span if span > 0 else float("inf")
 
 
+def _measured(
+    relay: BenchRelay, count: int, timeout: float, pids: dict[str, int | None]
+) -> tuple[float, dict[str, float]]:
+    """:func:`_rate`, and the CPU per mail of ``pids`` from the first arrival to the last
+    (start-up, imports and connecting are not in it)."""
+    meter = CpuMeter(pids)
+    before = len(relay.wait_for(1, timeout))
+    meter.start()
+    rate = _rate(relay, count, timeout)
+    return rate, meter.stop(count - before)
+
+
 def _rss_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
+
+
+class Drain(NamedTuple):
+    """What one drain by worker processes measured."""
+
+    per_s: float
+    peak_rss_kib: int  # the first worker's
+    cpu_ms: dict[str, float]  # per mail: each worker, the broker, the relay, and the total
 
 
 def workers_rate(
@@ -181,9 +203,9 @@ def workers_rate(
     pipelining: bool = False,
     wan: float = 0.0,
     direct: bool = False,
-) -> tuple[float, int]:
-    """Mails/s of ``workers`` processes draining ``count`` events; and the first one's
-    peak RSS (KiB). ``wan``: one-way delay of a proxy between worker and relay;
+) -> Drain:
+    """Mails/s of ``workers`` processes draining ``count`` events, the first one's peak
+    RSS and the CPU per mail. ``wan``: one-way delay of a proxy between worker and relay;
     ``direct``: events put straight on the mail queue, past the incident stage."""
     with contextlib.ExitStack() as stack:
         name = stack.enter_context(vhost())
@@ -193,12 +215,20 @@ def workers_rate(
         _publish(name, count, direct=direct)
         config = _config(tmp, name, relay, ca, connections=connections, port=port)
         procs = [_start_worker(config) for _ in range(workers)]
+        pids: dict[str, int | None] = {
+            "worker" if n == 0 else f"worker{n + 1}": proc.pid for n, proc in enumerate(procs)
+        }
         try:
-            rate = _rate(relay, count, timeout=max(120.0, count / 5))
+            rate, cpu = _measured(
+                relay,
+                count,
+                max(120.0, count / 5),
+                pids | {"broker": broker_pid(), "relay": relay.pid},
+            )
             peak = _rss_kib(procs[0].pid, "VmHWM")
         finally:
             _stop(procs)
-    return rate, peak
+    return Drain(rate, peak, cpu)
 
 
 # -- baselines ---------------------------------------------------------------------------------
@@ -277,14 +307,17 @@ def _ceiling(port: int, ca: str, count: int, connections: int) -> None:
     asyncio.run(main())
 
 
-def ceiling_rate(tmp: Path, ca: Path, count: int, connections: int = 8) -> float:
+def ceiling_rate(
+    tmp: Path, ca: Path, count: int, connections: int = 8
+) -> tuple[float, dict[str, float]]:
+    """Mails/s, and the CPU per mail of the sending process and of the relay."""
     with BenchRelay(tmp) as relay:
         proc = multiprocessing.Process(
             target=_ceiling, args=(relay.port, str(ca), count, connections)
         )
         proc.start()
         try:
-            return _rate(relay, count, timeout=120)
+            return _measured(relay, count, 120, {"client": proc.pid, "relay": relay.pid})
         finally:
             proc.join(30)
 
@@ -410,6 +443,19 @@ def memory_growth(tmp: Path, ca: Path, count: int) -> dict[str, float]:
     }
 
 
+def _median_each(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each key's median over the runs."""
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def _cpu_row(cpu_ms: dict[str, float]) -> str:
+    parts = ", ".join(f"{name} {ms:.2f}" for name, ms in cpu_ms.items() if name != "total")
+    return (
+        f"{parts}; total {cpu_ms['total']:.2f}: at most {most_per_s(cpu_ms):.0f} mails/s "
+        f"on {os.cpu_count()} busy cores"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     smoke, parts = suite_args("python -m bench worker", PARTS, argv)
     sizes = SMOKE if smoke else Sizes()
@@ -420,33 +466,39 @@ def main(argv: list[str] | None = None) -> None:
         ca = make_certs(tmp)
         b1_peak = 0
         if "b5" in parts and "b1" not in parts:
-            _, b1_peak = workers_rate(
+            b1_peak = workers_rate(
                 tmp, ca, sizes.b1, workers=1, connections=4, delay=0.0, pipelining=True
-            )
+            ).peak_rss_kib
         if "b1" in parts:
             # Rounds of every side in turn, and the medians: one run of each moves by a
             # fifth from one minute to the next on a shared machine.
             runs: dict[str, list[float]] = {
                 k: [] for k in ("worker", "plain", "naive", "ceiling", "ceiling_8")
             }
+            worker_cpu: list[dict[str, float]] = []
+            ceiling_cpu: list[dict[str, float]] = []
             for _ in range(sizes.b1_rounds):
-                rate, peak = workers_rate(
+                drain = workers_rate(
                     tmp, ca, sizes.b1, workers=1, connections=4, delay=0.0, pipelining=True
                 )
-                runs["worker"].append(rate)
-                b1_peak = max(b1_peak, peak)
+                runs["worker"].append(drain.per_s)
+                worker_cpu.append(drain.cpu_ms)
+                b1_peak = max(b1_peak, drain.peak_rss_kib)
                 runs["plain"].append(
-                    workers_rate(tmp, ca, sizes.b1, workers=1, connections=4, delay=0.0)[0]
+                    workers_rate(tmp, ca, sizes.b1, workers=1, connections=4, delay=0.0).per_s
                 )
                 runs["naive"].append(naive_rate(tmp, ca, sizes.naive, 0.0))
                 # Like for like: the ceiling sends the worker's own rendered mail over as
                 # many connections as the worker uses (4); the 8-connection figure beside it.
-                runs["ceiling"].append(ceiling_rate(tmp, ca, sizes.b1, connections=4))
-                runs["ceiling_8"].append(ceiling_rate(tmp, ca, sizes.b1, connections=8))
+                rate, cpu = ceiling_rate(tmp, ca, sizes.b1, connections=4)
+                runs["ceiling"].append(rate)
+                ceiling_cpu.append(cpu)
+                runs["ceiling_8"].append(ceiling_rate(tmp, ca, sizes.b1, connections=8)[0])
             b1, b1_plain, naive, ceiling, ceiling_8 = (
                 statistics.median(runs[k])
                 for k in ("worker", "plain", "naive", "ceiling", "ceiling_8")
             )
+            cpu_w, cpu_c = _median_each(worker_cpu), _median_each(ceiling_cpu)
             figures["b1"] = {
                 "rounds": sizes.b1_rounds,
                 "runs_per_s": runs,
@@ -457,6 +509,10 @@ def main(argv: list[str] | None = None) -> None:
                 "ceiling_8_connections_per_s": ceiling_8,
                 "worker_over_naive": b1 / naive,
                 "worker_over_ceiling": b1 / ceiling,
+                "worker_cpu_ms_per_mail": cpu_w,
+                "ceiling_cpu_ms_per_mail": cpu_c,
+                "worker_cpu_bound_per_s": most_per_s(cpu_w),
+                "ceiling_cpu_bound_per_s": most_per_s(cpu_c),
             }
             rows += [
                 (
@@ -470,10 +526,12 @@ def main(argv: list[str] | None = None) -> None:
                 ("B1 ceiling with 8 connections", f"{ceiling_8:.0f} mails/s"),
                 ("B1 worker/naive (target >= 6x)", f"{b1 / naive:.1f}x"),
                 ("B1 worker/ceiling (stretch 0.7x)", f"{b1 / ceiling:.2f}x"),
+                ("B1 worker side, CPU ms per mail", _cpu_row(cpu_w)),
+                ("B1 ceiling side, CPU ms per mail", _cpu_row(cpu_c)),
             ]
         if "b2" in parts:
-            b2_default, _ = workers_rate(tmp, ca, sizes.b2, workers=1, connections=4, delay=0.1)
-            b2_wide, _ = workers_rate(tmp, ca, sizes.b2, workers=1, connections=16, delay=0.1)
+            b2_default = workers_rate(tmp, ca, sizes.b2, workers=1, connections=4, delay=0.1).per_s
+            b2_wide = workers_rate(tmp, ca, sizes.b2, workers=1, connections=16, delay=0.1).per_s
             b2_naive = naive_rate(tmp, ca, sizes.b2_naive, 0.1)
             figures["b2"] = {
                 "default_4_per_s": b2_default,
@@ -504,7 +562,7 @@ def main(argv: list[str] | None = None) -> None:
             ]
         if "b4" in parts:
             b4 = {
-                n: workers_rate(tmp, ca, sizes.b4, workers=n, connections=4, delay=0.1)[0]
+                n: workers_rate(tmp, ca, sizes.b4, workers=n, connections=4, delay=0.1).per_s
                 for n in (1, 2, 4)
             }
             figures["b4"] = {f"{n}_workers_per_s": r for n, r in b4.items()} | {
@@ -541,7 +599,7 @@ def main(argv: list[str] | None = None) -> None:
                     delay=0.0,
                     pipelining=piped,
                     wan=WAN_ONE_WAY,
-                )[0]
+                ).per_s
                 for piped in (True, False)
             }
             # Round trips per one-recipient mail in a steady stream: one with PIPELINING
