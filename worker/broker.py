@@ -20,6 +20,7 @@ import logging
 import select
 import socket
 import ssl
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from time import monotonic
 from typing import Any, Final, NamedTuple
@@ -42,6 +43,8 @@ __all__ = [
     "Outgoing",
     "PublishNotConfirmed",
     "TopologyMismatch",
+    "Unsettled",
+    "ack_all",
     "connect_any",
     "copy_properties",
     "declare_topology",
@@ -207,12 +210,62 @@ def copy_properties(properties: dict[str, Any], headers: dict[str, Any]) -> dict
     return copied
 
 
+class Unsettled:
+    """The delivery tags of one consuming channel not yet acked or given back, oldest
+    first: what a ``multiple`` ack of a tag would reach (see :func:`ack_all`)."""
+
+    __slots__ = ("_settled", "_tags")
+
+    def __init__(self) -> None:
+        self._tags: deque[int] = deque()  # in the order delivered, which is the tags' order
+        # Settled, but behind an older one that is not: still in _tags.
+        self._settled: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._tags) - len(self._settled)
+
+    def delivered(self, tag: int) -> None:
+        self._tags.append(tag)
+
+    def settled(self, tag: int) -> None:
+        self._settled.add(tag)
+        self._trim()
+
+    def settled_through(self, tag: int) -> None:
+        """A ``multiple`` ack of ``tag``: every tag up to it is settled."""
+        while self._tags and self._tags[0] <= tag:
+            self._settled.discard(self._tags.popleft())
+        self._trim()
+
+    def take_run(self, tags: set[int]) -> int | None:
+        """Settle ``tags``, and return the newest of them that, with what was settled
+        before, ends the run of the oldest unsettled tags (one ``multiple`` ack of it
+        settles that run and nothing else), or None; ``tags`` keeps the others."""
+        newest = None
+        queued, settled = self._tags, self._settled
+        while queued and (queued[0] in tags or queued[0] in settled):
+            tag = queued.popleft()
+            if tag in tags:
+                tags.discard(tag)
+                newest = tag
+            else:
+                settled.discard(tag)
+        settled.update(tags)
+        return newest
+
+    def _trim(self) -> None:
+        queued, settled = self._tags, self._settled
+        while queued and queued[0] in settled:
+            settled.discard(queued.popleft())
+
+
 class Delivery:
     """One message as py-amqp handed it over, untouched: kombu's own Message would
     inflate a body with a ``compression`` header before anyone could check its size."""
 
     __slots__ = (
         "_channel",
+        "_unsettled",
         "body",
         "delivery_tag",
         "headers",
@@ -221,7 +274,7 @@ class Delivery:
         "routing_key",
     )
 
-    def __init__(self, raw: amqp.Message, received: float):
+    def __init__(self, raw: amqp.Message, received: float, unsettled: Unsettled | None = None):
         self._channel = raw.channel
         self.delivery_tag: int = raw.delivery_tag
         # The key it was published with: who may publish under a key, the broker checks.
@@ -230,16 +283,51 @@ class Delivery:
         self.properties: dict[str, Any] = dict(raw.properties)
         self.headers: dict[str, Any] = dict(self.properties.get("application_headers") or {})
         self.received = received
+        # Its channel's unsettled deliveries, which it joins (None: not tracked, and
+        # never part of an ack_all).
+        self._unsettled = unsettled
+        if unsettled is not None:
+            unsettled.delivered(self.delivery_tag)
 
     def ack(self, *, multiple: bool = False) -> None:
         """Ack this message (with ``multiple``, also every earlier one of its channel)."""
         with talking():
             self._channel.basic_ack(self.delivery_tag, multiple=multiple)
+        if self._unsettled is not None:
+            if multiple:
+                self._unsettled.settled_through(self.delivery_tag)
+            else:
+                self._unsettled.settled(self.delivery_tag)
 
     def requeue(self) -> None:
         """Give this one message back; the broker charges it, and only it, a delivery."""
         with talking():
             self._channel.basic_reject(self.delivery_tag, requeue=True)
+        if self._unsettled is not None:
+            self._unsettled.settled(self.delivery_tag)
+
+
+def ack_all(deliveries: Sequence[Delivery]) -> None:
+    """Ack every one of ``deliveries``, all of one channel: those that, with what was
+    settled before, are the oldest unsettled deliveries of the channel in one
+    ``multiple`` ack, the others one by one. A ``multiple`` ack never reaches a delivery
+    that is not being acked here or settled already: one an incident still holds, say,
+    which a crash must give back to the broker."""
+    if not deliveries:
+        return
+    first = deliveries[0]
+    unsettled, channel = first._unsettled, first._channel
+    if unsettled is None or any(d._unsettled is not unsettled for d in deliveries):
+        for delivery in deliveries:
+            delivery.ack()
+        return
+    tags = {delivery.delivery_tag for delivery in deliveries}
+    newest = unsettled.take_run(tags)
+    with talking():
+        if newest is not None:
+            channel.basic_ack(newest, multiple=True)
+        for tag in sorted(tags):
+            channel.basic_ack(tag)
 
 
 class ConfirmedPublisher:
@@ -383,10 +471,11 @@ class Broker:
             # content_encoding into str.
             channel.auto_decode = False
             channel.basic_qos(prefetch_size=0, prefetch_count=prefetch, a_global=False)
+            unsettled = Unsettled()  # this channel's, as delivery tags are
             # py-amqp's consumer, not kombu's: see Delivery.
             tag = channel.basic_consume(
                 queue,
-                callback=lambda raw: callback(Delivery(raw, monotonic())),
+                callback=lambda raw: callback(Delivery(raw, monotonic(), unsettled)),
                 no_ack=False,
                 arguments=arguments,
             )

@@ -31,7 +31,7 @@ from shared.filter import Decision, decide
 from shared.notification import DIGEST_PREFIX, Notification, encode_notification
 from shared.own_events import own_kind, worker_only
 from shared.topology import INCOMING_QUEUE, WORK_QUEUE
-from worker.broker import Broker, Delivery, Outgoing, PublishNotConfirmed
+from worker.broker import Broker, Delivery, Outgoing, PublishNotConfirmed, ack_all
 from worker.canary import Canary
 from worker.heartbeat import NodeHeartbeats
 from worker.incident import Ack, Action, IncidentEngine, Publish, count
@@ -291,13 +291,13 @@ class IncidentStage:
             outgoing.append(Outgoing(body, properties, "", WORK_QUEUE))
             published.append(action)
         failures = self.broker.publish_each_confirmed(outgoing)
+        confirmed: list[Delivery] = []
         for action, failure in zip(published, failures, strict=True):
             if failure is not None:
                 self._refused(action, PublishNotConfirmed(f"publish to {WORK_QUEUE} {failure}"))
                 refused = True
                 continue
-            for handle in action.handles:
-                handle.ack()
+            confirmed.extend(action.handles)
             count(self.metrics, action)
             if log.isEnabledFor(logging.DEBUG):  # summary() is not free: only when shown
                 # The delivery stage's "sent event" line is the one line per outcome.
@@ -306,6 +306,9 @@ class IncidentStage:
                     action.notification.summary(),
                     action.notification.first.id,
                 )
+        # Together: one ack for a run of the oldest events, not one per event, and none
+        # that reaches an event the engine still holds.
+        ack_all(confirmed)
         if refused:
             self._pause_offers()
         elif published:
