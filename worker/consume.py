@@ -24,10 +24,10 @@ from concurrent.futures import Future
 from shared.backoff import Backoff
 from shared.config import BrokerConfig, BrokerUrl, IncidentConfig
 from shared.topology import WORK_QUEUE
-from worker.broker import Broker, BrokerUnavailable, Delivery, PublishNotConfirmed
+from worker.broker import Broker, BrokerUnavailable, Delivery, PublishNotConfirmed, ack_all
 from worker.incident_stage import IncidentStage
 from worker.metrics import Metrics
-from worker.outcome import Outcome
+from worker.outcome import Acked, Outcome
 from worker.pipeline import Pipeline
 from worker.settle import describe_delivery, settle
 from worker.silence_follow import SilenceFollower
@@ -188,11 +188,14 @@ class Consumer:
             self._wake_writer.send(b"\0")
 
     def _settle_finished(self) -> None:
+        # Plain acks go together once the rest is settled (see ack_all): a run of the
+        # oldest as one. Should the broker go away meanwhile, none could go anyway.
+        acked: list[tuple[Delivery, Outcome]] = []
         while True:
             try:
                 future = self._done.get_nowait()
             except queue.Empty:
-                return
+                break
             delivery = self._in_flight.pop(future, None)
             if delivery is None:
                 continue  # delivered on a connection that is gone; it will come again
@@ -202,6 +205,9 @@ class Consumer:
                 outcome = future.result()
             except Exception as exc:  # the pipeline's own failure path failed
                 outcome = self.pipeline.crashed(delivery.headers, exc)
+            if isinstance(outcome, Acked):
+                acked.append((delivery, outcome))
+                continue
             try:
                 settle(self.broker, delivery, outcome)
             except PublishNotConfirmed as exc:
@@ -215,6 +221,9 @@ class Consumer:
                 )
                 delivery.requeue()
                 continue
+            self.metrics.settled(outcome)
+        ack_all([delivery for delivery, _ in acked])
+        for _, outcome in acked:
             self.metrics.settled(outcome)
 
     def _abandon_in_flight(self) -> None:
