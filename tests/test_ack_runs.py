@@ -92,7 +92,9 @@ def test_whatever_is_settled_in_whatever_order_the_broker_keeps_exactly_the_held
     held: set[int] = set()
     next_tag = 1
     for _ in range(data.draw(st.integers(1, 30))):
-        step = data.draw(st.sampled_from(["deliver", "ack_all", "ack", "requeue", "hold"]))
+        step = data.draw(
+            st.sampled_from(["deliver", "ack_all", "ack", "multiple", "requeue", "hold"])
+        )
         if step == "deliver" or not open_:
             count = data.draw(st.integers(1, 5))
             open_ += _deliver(channel, unsettled, count, first=next_tag)
@@ -101,6 +103,10 @@ def test_whatever_is_settled_in_whatever_order_the_broker_keeps_exactly_the_held
         if step == "ack_all":
             chosen = data.draw(st.lists(st.sampled_from(open_), unique=True, min_size=1))
             ack_all(data.draw(st.permutations(chosen)))
+        elif step == "multiple":  # as the silences stream's follower acks
+            last = data.draw(st.sampled_from(open_))
+            last.ack(multiple=True)
+            chosen = [d for d in open_ if d.delivery_tag <= last.delivery_tag]
         else:
             chosen = [data.draw(st.sampled_from(open_))]
             if step == "hold":
@@ -109,10 +115,31 @@ def test_whatever_is_settled_in_whatever_order_the_broker_keeps_exactly_the_held
             chosen[0].ack() if step == "ack" else chosen[0].requeue()
         open_ = [d for d in open_ if d not in chosen]
         held -= {d.delivery_tag for d in chosen}
-    # Nothing settled was left unacked, and nothing still open was acked.
+    # Nothing settled was left unacked, and nothing still open (held or not) was acked.
     assert channel.unacked == {d.delivery_tag for d in open_}
-    assert held <= channel.unacked
     assert len(unsettled) == len(open_)
+
+
+def test_deliveries_of_two_channels_are_acked_one_by_one() -> None:
+    # Each channel numbers its own deliveries: a multiple ack on one says nothing of the
+    # other's, so a batch of both gets no multiple ack at all.
+    a, b = _Channel(), _Channel()
+    on_a, on_b = _deliver(a, Unsettled(), 3), _deliver(b, Unsettled(), 3)
+    ack_all([on_a[0], on_a[1], on_b[0]])
+    assert a.acks == [(1, False), (2, False)]
+    assert b.acks == [(1, False)]
+
+
+def test_the_tracker_stays_as_small_as_what_is_unsettled() -> None:
+    """A delivery held for a long storm window while the traffic behind it is acked: what
+    the tracker keeps grows with what is unsettled, not with the traffic."""
+    channel, unsettled = _Channel(), Unsettled()
+    _deliver(channel, unsettled, 1)  # held
+    for tag in range(2, 20_002):
+        ack_all(_deliver(channel, unsettled, 1, first=tag))
+    kept = len(unsettled._tags) + len(unsettled._settled)
+    assert kept <= 200, f"{kept} tags kept for 1 unsettled delivery"
+    assert channel.unacked == {1}
 
 
 @pytest.mark.integration

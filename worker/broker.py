@@ -62,6 +62,8 @@ METHODS_PER_DRAIN: Final = 64
 # frame starts a read but completes no method: the read must not then wait for the next
 # one, with settles and the wake-up unattended, for the whole of a long drain timeout.
 _READ_TIMEOUT: Final = 0.02
+# Settled tags an Unsettled keeps behind an unsettled one before it drops them.
+_COMPACT_FROM: Final = 64
 _COPIED_PROPERTIES: Final = (
     "content_type",
     "content_encoding",
@@ -230,6 +232,7 @@ class Unsettled:
     def settled(self, tag: int) -> None:
         self._settled.add(tag)
         self._trim()
+        self._compact()
 
     def settled_through(self, tag: int) -> None:
         """A ``multiple`` ack of ``tag``: every tag up to it is settled."""
@@ -251,12 +254,23 @@ class Unsettled:
             else:
                 settled.discard(tag)
         settled.update(tags)
+        self._compact()
         return newest
 
     def _trim(self) -> None:
         queued, settled = self._tags, self._settled
         while queued and queued[0] in settled:
             settled.discard(queued.popleft())
+
+    def _compact(self) -> None:
+        """Drop settled tags from behind an unsettled one once they are most of what is
+        kept. They only let a run step over them, which it can as well where they are
+        gone; kept, they would grow with the traffic behind an event held for a storm
+        window or a mail hanging in DATA, not with the prefetch."""
+        settled = self._settled
+        if len(settled) > _COMPACT_FROM and 2 * len(settled) > len(self._tags):
+            self._tags = deque(tag for tag in self._tags if tag not in settled)
+            settled.clear()
 
 
 class Delivery:
@@ -322,6 +336,8 @@ def ack_all(deliveries: Sequence[Delivery]) -> None:
             delivery.ack()
         return
     tags = {delivery.delivery_tag for delivery in deliveries}
+    # Counted as settled before the acks go out: should one fail, the channel and its
+    # tracker are done with anyway.
     newest = unsettled.take_run(tags)
     with talking():
         if newest is not None:

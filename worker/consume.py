@@ -188,9 +188,7 @@ class Consumer:
             self._wake_writer.send(b"\0")
 
     def _settle_finished(self) -> None:
-        # Plain acks go together once the rest is settled (see ack_all): a run of the
-        # oldest as one. Should the broker go away meanwhile, none could go anyway.
-        acked: list[tuple[Delivery, Outcome]] = []
+        finished: list[tuple[Delivery, Outcome]] = []
         while True:
             try:
                 future = self._done.get_nowait()
@@ -205,8 +203,12 @@ class Consumer:
                 outcome = future.result()
             except Exception as exc:  # the pipeline's own failure path failed
                 outcome = self.pipeline.crashed(delivery.headers, exc)
+            finished.append((delivery, outcome))
+        # The mails sent first, together (a run of the oldest as one multiple ack, see
+        # ack_all), so that they wait for no retry's or dead letter's confirm.
+        ack_all([delivery for delivery, outcome in finished if isinstance(outcome, Acked)])
+        for delivery, outcome in finished:
             if isinstance(outcome, Acked):
-                acked.append((delivery, outcome))
                 continue
             try:
                 settle(self.broker, delivery, outcome)
@@ -221,9 +223,6 @@ class Consumer:
                 )
                 delivery.requeue()
                 continue
-            self.metrics.settled(outcome)
-        ack_all([delivery for delivery, _ in acked])
-        for _, outcome in acked:
             self.metrics.settled(outcome)
 
     def _abandon_in_flight(self) -> None:
