@@ -20,7 +20,6 @@ storm's last digest comes quickly.
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
 import threading
 import time
@@ -35,6 +34,7 @@ from bench.worker import (
     GROUPING_OFF,
     _config,
     _declare,
+    _median,
     _rss_kib,
     _start_worker,
     _stop,
@@ -68,10 +68,6 @@ SMOKE = Sizes(
 
 def _load() -> float:
     return round(os.getloadavg()[0], 2)
-
-
-def _median(runs: list[dict[str, float]], key: str) -> float:
-    return statistics.median(r[key] for r in runs)
 
 
 def _order(runs: int) -> list[bool]:

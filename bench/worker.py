@@ -443,9 +443,13 @@ def memory_growth(tmp: Path, ca: Path, count: int) -> dict[str, float]:
     }
 
 
+def _median(runs: list[dict[str, float]], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
+
+
 def _median_each(runs: list[dict[str, float]]) -> dict[str, float]:
     """Each key's median over the runs."""
-    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    return {key: _median(runs, key) for key in runs[0]}
 
 
 def _cpu_row(cpu_ms: dict[str, float]) -> str:

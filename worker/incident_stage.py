@@ -212,6 +212,8 @@ class IncidentStage:
         """The pipeline's own events skip the filter and the engine (README, "Watching
         the pipeline itself"); True when ``event`` was one and is settled."""
         kind = own_kind(event)
+        if kind is None:
+            return False  # every ordinary event: nothing more to look up
         if worker_only(event) and delivery.routing_key != routing_key(event):
             # Only workers may publish under the canary's and the probe's keys, so the
             # same body under another key came from someone else: a forged canary would
@@ -232,7 +234,7 @@ class IncidentStage:
             delivery.ack()
         elif kind == "probe":
             delivery.ack()
-        return kind is not None
+        return True
 
     def _dead_letter(self, delivery: Delivery, exc: InvalidEvent) -> None:
         self._confirm()  # in order: what came before it first
