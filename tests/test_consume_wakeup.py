@@ -8,7 +8,7 @@ import asyncio
 import sys
 import threading
 from collections.abc import Mapping
-from concurrent.futures import Future
+from typing import cast
 
 import pika
 import pytest
@@ -18,7 +18,9 @@ from shared.topology import WORK_QUEUE
 from tests.conftest import amqp_url
 from tests.waiting import wait_until
 from worker import consume
+from worker.broker import Delivery
 from worker.consume import Consumer
+from worker.handoff import Job
 from worker.metrics import Metrics
 from worker.outcome import Acked, Outcome
 
@@ -93,15 +95,15 @@ def test_a_finished_mail_is_settled_without_waiting_for_the_next_poll(
         assert pipeline.handled == [b"m0", b"m1", b"m2", b"m3"]
     finally:
         stop.set()
-        consumer._wake_writer.send(b"\0")  # ends the current minute-long wait
+        consumer.handoff._wake_writer.send(b"\0")  # ends the current minute-long wait
         owner.join(30)
         loop.call_soon_threadsafe(loop.stop)
         loop_thread.join(10)
         loop.close()
     assert not owner.is_alive()
     # The wake-up pair goes with the consumer, and a send finishing after that is harmless.
-    assert consumer._wake.fileno() == -1
-    assert consumer._wake_writer.fileno() == -1
-    late: Future[Outcome] = Future()
+    assert consumer.handoff.wake.fileno() == -1
+    assert consumer.handoff._wake_writer.fileno() == -1
+    late = asyncio.Future[Outcome](loop=loop)
     late.set_result(Acked())
-    consumer._finished(late)
+    consumer.handoff._finish(Job(cast(Delivery, None)), late)

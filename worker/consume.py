@@ -2,8 +2,9 @@
 to the pipeline on the asyncio loop thread.
 
 Heartbeats are only sent while the owner thread keeps servicing the connection, so
-nothing on it waits for SMTP: it drains deliveries, starts each one's pipeline on the
-loop, and settles finished outcomes from a queue (see docs/design.md). A fault of one
+nothing on it waits for SMTP: it drains deliveries, starts their pipelines on the loop
+(a drain's worth at a time, see :mod:`worker.handoff`), and settles finished outcomes
+(see docs/design.md). A fault of one
 message stays that message's: a settle that is not confirmed returns only that message to
 the queue, and the connection is dropped only when the broker is really gone. Every
 reconnect hands all prefetched messages back to the broker, which charges each a delivery
@@ -13,18 +14,17 @@ against the work queue's delivery limit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import queue
-import socket
 import threading
 import time
-from concurrent.futures import Future
+from collections.abc import Coroutine
+from typing import Any
 
 from shared.backoff import Backoff
 from shared.config import BrokerConfig, BrokerUrl, IncidentConfig
 from shared.topology import WORK_QUEUE
 from worker.broker import Broker, BrokerUnavailable, Delivery, PublishNotConfirmed, ack_all
+from worker.handoff import Handoff, Job
 from worker.incident_stage import IncidentStage
 from worker.metrics import Metrics
 from worker.outcome import Acked, Outcome
@@ -80,14 +80,8 @@ class Consumer:
         self.loop = loop
         self.prefetch = prefetch
         self.shutdown_grace = shutdown_grace
-        self._done: queue.SimpleQueue[Future[Outcome]] = queue.SimpleQueue()
-        self._in_flight: dict[Future[Outcome], Delivery] = {}
-        # The loop thread writes a byte here when a mail finishes, so that the owner
-        # thread, waiting on the broker's socket, settles it at once: an ack held back
-        # holds back the next delivery of a full prefetch window.
-        self._wake, self._wake_writer = socket.socketpair()
-        self._wake.setblocking(False)
-        self._wake_writer.setblocking(False)
+        self.handoff = Handoff(loop, self._handle)
+        self._in_flight: set[Job] = set()  # owner thread only
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, reconnecting with backoff when the broker goes
@@ -97,9 +91,7 @@ class Consumer:
         try:
             self._run(stop, backoff)
         finally:
-            # A send still finishing writes to a closed socket: _finished ignores that.
-            self._wake.close()
-            self._wake_writer.close()
+            self.handoff.close()
 
     def _run(self, stop: threading.Event, backoff: Backoff) -> None:
         while not stop.is_set():
@@ -163,46 +155,38 @@ class Consumer:
             self._abandon_in_flight()
 
     def _drain(self) -> None:
-        self.broker.drain(_DRAIN_TIMEOUT, wake=self._wake)
+        self.broker.drain(_DRAIN_TIMEOUT, wake=self.handoff.wake)
+        # What the drain delivered starts now, in one crossing to the loop thread.
+        self.handoff.flush()
         self._settle_finished()
         if self.stage is not None:
             self.silences.service()
             if self._stage_wanted and self.stage.engine is None and self.silences.caught_up:
                 self.stage.start()
             self.stage.service()
+            # The stage's waits for confirms also take deliveries: no later drain's wait
+            # may hold them back.
+            self.handoff.flush()
 
     def _on_message(self, delivery: Delivery) -> None:
-        future = asyncio.run_coroutine_threadsafe(
-            self.pipeline.handle(delivery.body, delivery.headers, received=delivery.received),
-            self.loop,
-        )
-        self._in_flight[future] = delivery
-        future.add_done_callback(self._finished)
+        self._in_flight.add(self.handoff.submit(delivery))
 
-    def _finished(self, future: Future[Outcome]) -> None:
-        """On the loop thread: queue the outcome for the owner thread, and wake it."""
-        self._done.put(future)
-        # Full means wake-ups are waiting already: one more adds nothing. Closed means
-        # the consumer has stopped, and nobody waits.
-        with contextlib.suppress(OSError):
-            self._wake_writer.send(b"\0")
+    def _handle(self, delivery: Delivery) -> Coroutine[Any, Any, Outcome]:
+        return self.pipeline.handle(delivery.body, delivery.headers, received=delivery.received)
 
     def _settle_finished(self) -> None:
         finished: list[tuple[Delivery, Outcome]] = []
-        while True:
-            try:
-                future = self._done.get_nowait()
-            except queue.Empty:
-                break
-            delivery = self._in_flight.pop(future, None)
-            if delivery is None:
+        for job in self.handoff.finished():
+            if job not in self._in_flight:
                 continue  # delivered on a connection that is gone; it will come again
-            if future.cancelled():
-                continue  # left unacked: the broker gives it to the next consumer
+            self._in_flight.discard(job)
+            delivery = job.delivery
             try:
-                outcome = future.result()
+                outcome = job.outcome()
             except Exception as exc:  # the pipeline's own failure path failed
                 outcome = self.pipeline.crashed(delivery.headers, exc)
+            if outcome is None:
+                continue  # cancelled, left unacked: the broker gives it to the next consumer
             finished.append((delivery, outcome))
         # The mails sent first, together (a run of the oldest as one multiple ack, see
         # ack_all), so that they wait for no retry's or dead letter's confirm.
@@ -228,8 +212,7 @@ class Consumer:
     def _abandon_in_flight(self) -> None:
         """Cancel the sends of messages this worker can no longer settle. A mail already
         inside DATA may still reach the relay: the redelivery then sends it again."""
-        for future in self._in_flight:
-            future.cancel()
+        self.handoff.abandon(list(self._in_flight))
         self._in_flight.clear()
 
     def _settle_before_leaving(self) -> None:
