@@ -61,9 +61,8 @@ def test_a_batch_starts_together_and_its_finished_jobs_share_one_wake_up(
         handoff.flush()
         wait_until(lambda: len(pipeline.started) == 3, 10, "the batch started")
         loop.call_soon_threadsafe(pipeline.release.set)
-        done: list[object] = []
-        wait_until(lambda: done.extend(handoff.finished()) or len(done) == 3, 10, "all finished")
-        assert done == jobs
+        wait_until(lambda: handoff._done.qsize() == 3, 10, "all finished")
+        assert handoff.finished() == jobs
         assert all(isinstance(job.outcome(), Acked) for job in jobs)
         # Three finished before the owner looked: one wake-up for them all.
         assert handoff.wake.recv(16) == b"\0"
@@ -120,6 +119,33 @@ def test_abandon_drops_what_was_never_flushed(loop: asyncio.AbstractEventLoop) -
     try:
         asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(10)
         assert pipeline.started == []
+    finally:
+        _stop(loop, thread)
+        handoff.close()
+
+
+def test_abandoning_started_and_unflushed_jobs_together_cancels_every_started_one(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    pipeline = _Pipeline()
+    handoff = Handoff(loop, pipeline.start)
+    started = [handoff.submit(cast(Delivery, f"s{n}")) for n in range(3)]
+    thread = _running(loop)
+    try:
+        handoff.flush()
+        wait_until(lambda: len(pipeline.started) == 3, 10, "three jobs started")
+        unflushed = handoff.submit(cast(Delivery, "u"))  # taken by a drain that then failed
+        handoff.abandon([unflushed, *started])
+        wait_until(lambda: handoff._done.qsize() == 3, 10, "the started jobs ended")
+        done = handoff.finished()
+        assert sorted(done, key=id) == sorted(started, key=id)
+        assert all(job.outcome() is None for job in done)  # cancelled, none sent
+        handoff.flush()
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(10)
+        assert "u" not in pipeline.started
+        assert errors == []
     finally:
         _stop(loop, thread)
         handoff.close()

@@ -37,7 +37,8 @@ __all__ = ["Consumer"]
 log = logging.getLogger(__name__)
 
 # How long one drain waits for a delivery or a finished mail before checking heartbeats
-# and the incident stage's deadlines. A finished mail ends the wait at once (see _finished).
+# and the incident stage's deadlines. A finished mail ends the wait at once (see
+# worker.handoff).
 _DRAIN_TIMEOUT = 0.02
 _MIN_BACKOFF = 0.5
 _MAX_BACKOFF = 30.0
@@ -164,9 +165,9 @@ class Consumer:
             if self._stage_wanted and self.stage.engine is None and self.silences.caught_up:
                 self.stage.start()
             self.stage.service()
-            # The stage's waits for confirms also take deliveries: no later drain's wait
-            # may hold them back.
-            self.handoff.flush()
+        # Waits for confirms (the stage's, a retry's or a dead letter's) also take
+        # deliveries: the next drain's wait must not hold them back.
+        self.handoff.flush()
 
     def _on_message(self, delivery: Delivery) -> None:
         self._in_flight.add(self.handoff.submit(delivery))

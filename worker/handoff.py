@@ -89,11 +89,13 @@ class Handoff:
                 return done
 
     def abandon(self, jobs: list[Job]) -> None:
-        """Owner thread: never start ``jobs``, or cancel them if started. Jobs not yet
-        flushed are dropped."""
+        """Owner thread: stop ``jobs``. Those not yet flushed are dropped unstarted; the
+        others are cancelled on the loop."""
+        unsent = set(self._queued)
         self._queued.clear()
-        if jobs:
-            self.loop.call_soon_threadsafe(self._cancel, jobs)
+        started = [job for job in jobs if job not in unsent]
+        if started:
+            self.loop.call_soon_threadsafe(self._cancel, started)
 
     def close(self) -> None:
         """A mail finishing after this writes to a closed socket, which is ignored."""
@@ -117,5 +119,5 @@ class Handoff:
 
     def _cancel(self, jobs: list[Job]) -> None:
         for job in jobs:
-            assert job.task is not None  # its batch's _begin ran first
-            job.task.cancel()
+            if job.task is not None:  # always: its batch's _begin ran first
+                job.task.cancel()
