@@ -37,6 +37,7 @@ from worker.broker import (
     Outgoing,
     PublishNotConfirmed,
     TopologyMismatch,
+    _writes_joined,
     connect_any,
     copy_properties,
     declare_topology,
@@ -275,3 +276,71 @@ def test_backoff_doubles_with_jitter_up_to_its_ceiling_and_resets() -> None:
     assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings, strict=True)), delays
     backoff.reset()
     assert 0.25 <= backoff.delay() <= 0.5
+
+
+@pytest.mark.integration
+def test_a_batch_of_publishes_goes_out_in_one_write_and_arrives_whole_and_in_order(
+    vhost: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = Broker(broker_config(amqp_url(vhost)))
+    broker.connect()
+    try:
+        assert broker._connection is not None
+        transport = broker._connection.connection.transport
+        writes: list[int] = []
+        real_write = transport._write  # plain TCP: the socket's sendall
+
+        def counted(data: bytes) -> None:
+            writes.append(len(data))
+            real_write(data)
+
+        monkeypatch.setattr(transport, "_write", counted)
+        # Bodies of several sizes: py-amqp packs each publish in a buffer it reuses, so a
+        # kept view instead of a copy would send the last one's bytes for all.
+        bodies = [bytes([65 + n % 26]) * (50 + 700 * n) for n in range(12)]
+        batch = [
+            Outgoing(body, copy_properties({"message_id": str(n)}, {}), "", WORK_QUEUE)
+            for n, body in enumerate(bodies)
+        ]
+        # The first batch opens its channel (two writes of their own).
+        assert broker.publish_each_confirmed(batch[:1]) == [None]
+        writes.clear()
+        assert broker.publish_each_confirmed(batch[1:]) == [None] * (len(batch) - 1)
+        assert len(writes) == 1  # eleven publishes, in one write
+        monkeypatch.undo()
+        got: list[Delivery] = []
+        broker.consume(WORK_QUEUE, got.append, prefetch=20)
+
+        def all_of_them() -> bool:
+            broker.drain(0.05)
+            return len(got) >= len(bodies)
+
+        wait_until(all_of_them, 10, "the batch delivered")
+        assert [d.body for d in got] == bodies
+    finally:
+        broker.close()
+
+
+def test_joined_writes_leave_a_transport_with_a_write_method_as_it_was() -> None:
+    # py-amqp's TLS transport writes with a method of its class, not a socket's sendall.
+    class Transport:
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+
+        def _write(self, data: bytes) -> None:
+            self.sent.append(data)
+
+        def write(self, data: bytes) -> None:
+            self._write(data)
+
+    transport = Transport()
+    buffer = bytearray(b"aa")
+    with _writes_joined(transport):
+        transport.write(memoryview(buffer))
+        buffer[:] = b"bb"  # py-amqp reuses its buffer for the next publish
+        transport.write(memoryview(buffer))
+        assert transport.sent == []
+    assert transport.sent == [b"aabb"]
+    assert "_write" not in vars(transport)
+    transport.write(b"c")
+    assert transport.sent == [b"aabb", b"c"]
