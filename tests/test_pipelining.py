@@ -436,6 +436,35 @@ def test_replies_are_kept_however_they_arrive(chunks: list[bytes]) -> None:
     ]
 
 
+def test_a_reply_read_with_an_earlier_one_is_taken_without_waiting() -> None:
+    """Unit test: most replies of a group come in one read with the first, and taking one
+    must not cost a timer and a pass of the loop (a coroutine that never suspends ends at
+    its first step); one the connection failed raises as before, and one still to come
+    is waited for."""
+    from aiosmtplib import SMTPServerDisconnected
+    from aiosmtplib.response import SMTPResponse
+
+    from worker.pipelining import _reply
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        read = loop.create_future()
+        read.set_result(SMTPResponse(250, "ok"))
+        step = _reply(read, 30.0)
+        with pytest.raises(StopIteration) as stopped:
+            step.send(None)
+        assert stopped.value.value == SMTPResponse(250, "ok")
+        failed = loop.create_future()
+        failed.set_exception(SMTPServerDisconnected("Connection lost"))
+        with pytest.raises(SMTPServerDisconnected):
+            await _reply(failed, 30.0)
+        later = loop.create_future()
+        loop.call_soon(later.set_result, SMTPResponse(354, "go ahead"))
+        assert await _reply(later, 30.0) == SMTPResponse(354, "go ahead")
+
+    asyncio.run(go())
+
+
 @pytest.mark.parametrize(
     ("mail_reply", "rcpt_reply", "error"),
     [

@@ -224,6 +224,10 @@ async def _reply(reply: Reply, timeout: float | None) -> SMTPResponse:
     """One owed reply, within the client's timeout. The future itself is shielded: it
     stays in the queue, so that a reply arriving later is still matched to it and
     dropped rather than handed to the next command."""
+    if reply.done():
+        # Read with an earlier reply of its group, as most are: waiting would cost a
+        # timer, two futures and a pass of the loop for nothing.
+        return reply.result()
     try:
         return await asyncio.wait_for(asyncio.shield(reply), timeout)
     except TimeoutError as exc:
