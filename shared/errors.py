@@ -129,6 +129,11 @@ class WorkerCrash(MessageFailure):
 class DeliveryError(MessageFailure):
     """A failed attempt to hand a mail to a relay."""
 
+    # False when the relay answered and refused only this mail (its recipients, or its
+    # content with a 5xx): the relay itself is fine, so the failure must not count
+    # towards its cool-down, or one bad address would take a healthy relay out of use.
+    about_relay: bool = True
+
 
 class TransientError(DeliveryError):
     """Worth retrying: refused or reset connections, timeouts, 4xx replies, disconnects."""

@@ -503,6 +503,62 @@ def test_a_failing_relay_sits_out_its_cooldown(smtp_server: ServerFactory, certs
     assert sender.relays[0].cooling_down(time.monotonic())
 
 
+@pytest.mark.parametrize(
+    ("recipient_reply", "data_reply"),
+    [("550 5.1.1 no such user", None), (None, "554 5.7.1 rejected as spam")],
+    ids=["recipient-refused", "content-refused"],
+)
+def test_a_relay_refusing_only_the_mail_never_cools_down(
+    recipient_reply: str | None,
+    data_reply: str | None,
+    smtp_server: ServerFactory,
+    certs: Certs,
+) -> None:
+    """A relay that answers and refuses a mail's recipients or content is up: mails
+    after it must still go to it first, however many it refused."""
+    picky = smtp_server("starttls")
+    if recipient_reply:
+        picky.handler.rcpt_replies = {"gone@example.com": recipient_reply}
+    if data_reply:
+        picky.handler.data_replies = [data_reply] * 5
+    backup = smtp_server("starttls")
+    config = relay(picky, certs, cooldown=60.0)
+    sender = Sender(
+        [config, relay(backup, certs)], Metrics([config.label]), retry_budget=0, max_attempts=1
+    )
+
+    async def go() -> None:
+        for _ in range(5):
+            await sender.send(make_mail(to=("gone@example.com",)))
+        await sender.send(make_mail())  # taken by the first relay
+        await sender.close()
+
+    asyncio.run(go())
+    assert not sender.relays[0].cooling_down(time.monotonic())
+    assert len(picky.handler.rcpt_commands) == 6  # every mail went to it first
+    assert [r.rcpt_tos for r in picky.received] == [["ops@example.com"]]
+    assert len(backup.received) == 5  # the refused ones, from the second relay
+
+
+def test_only_failures_of_the_relay_itself_count_towards_its_cool_down() -> None:
+    from aiosmtplib import (
+        SMTPDataError,
+        SMTPRecipientRefused,
+        SMTPRecipientsRefused,
+        SMTPSenderRefused,
+        SMTPServerDisconnected,
+    )
+
+    from worker.classify import classify_transaction
+
+    refused = SMTPRecipientsRefused([SMTPRecipientRefused(450, "greylisted", "a@b.example")])
+    assert not classify_transaction(refused).about_relay
+    assert not classify_transaction(SMTPDataError(554, "spam")).about_relay
+    assert classify_transaction(SMTPDataError(452, "queue full")).about_relay
+    assert classify_transaction(SMTPSenderRefused(550, "not yours", "x@y.example")).about_relay
+    assert classify_transaction(SMTPServerDisconnected("gone")).about_relay
+
+
 def test_when_every_relay_cools_down_all_are_tried(
     smtp_server: ServerFactory, certs: Certs
 ) -> None:

@@ -142,12 +142,21 @@ def classify_transaction(exc: BaseException, scrub: Scrub = _same) -> DeliveryEr
         detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
         detail = relay_text(f"all recipients refused: {detail}", scrub)
         # Any 4xx: a later attempt may reach those recipients, so it is worth retrying.
-        if any(400 <= c < 500 for c in codes):
-            return TransientError("rejected_4xx", detail)
-        return PermanentError("rejected_5xx", detail)
+        refused: DeliveryError = (
+            TransientError("rejected_4xx", detail)
+            if any(400 <= c < 500 for c in codes)
+            else PermanentError("rejected_5xx", detail)
+        )
+        refused.about_relay = False
+        return refused
     if isinstance(exc, aiosmtplib.SMTPNotSupported | ValueError):
         return PermanentError("rejected_5xx", _describe(exc, scrub))
-    return _classify_network(exc, scrub, ConnectionDropped)
+    error = _classify_network(exc, scrub, ConnectionDropped)
+    if isinstance(exc, aiosmtplib.SMTPDataError) and exc.code >= 500:
+        # The content refused (policy, size, spam). A 4xx to DATA or to the body is the
+        # relay's own trouble for now (a full queue, say), and counts against it.
+        error.about_relay = False
+    return error
 
 
 def combine_attempts(errors: list[DeliveryError]) -> DeliveryError:

@@ -118,7 +118,9 @@ class Sender:
                 if isinstance(exc, TlsRefusedError):
                     self.metrics.tls_refused.labels(exc.cause).inc()
                 log.warning("event %s: relay %s failed: %s", mail.event_id, relay.label, exc)
-                if relay.note_failure(time.monotonic(), COOLDOWN_AFTER):
+                if not exc.about_relay:
+                    relay.note_success()  # it answered: up, whatever it made of this mail
+                elif relay.note_failure(time.monotonic(), COOLDOWN_AFTER):
                     log.warning(
                         "relay %s failed %d times in a row; skipping it for %.0fs",
                         relay.label,
