@@ -14,6 +14,7 @@ import aiosmtplib
 import pika
 import pytest
 
+import worker.broker as broker_module
 from shared.backoff import Backoff
 from shared.config import BrokerConfig, parse_config
 from shared.errors import (
@@ -244,6 +245,45 @@ def test_a_batch_of_publishes_is_confirmed_each_on_its_own(vhost: str) -> None:
 
         wait_until(three, 10, "the three confirmed publishes")
         assert sorted(d.body for d in got) == [b"a", b"d", b"e"]
+    finally:
+        broker.close()
+
+
+@pytest.mark.integration
+def test_a_late_confirm_of_a_channel_given_up_on_confirms_nothing_of_the_next_batch(
+    vhost: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that gets no confirm in time leaves its channel open (closing it would
+    wait on the broker), and that channel's confirms may still come, numbered from 1 as
+    the next channel's publishes are. Taken for the next batch's, a notification the
+    broker returned would count as confirmed, and the events it covers would be acked."""
+    broker = Broker(broker_config(amqp_url(vhost)))
+    broker.connect()
+    try:
+
+        def outgoing(body: bytes, routing_key: str) -> Outgoing:
+            properties = copy_properties({"message_id": body.decode()}, {})
+            return Outgoing(body, properties, "", routing_key)
+
+        monkeypatch.setattr(broker_module, "CONFIRM_TIMEOUT", 0.0)  # given up at once
+        [late] = broker.publish_each_confirmed([outgoing(b"a", WORK_QUEUE)])
+        assert late is not None and "not confirmed" in late
+        given_up = broker._connection.connection.channels  # type: ignore[union-attr]
+        old = [c for c in given_up.values() if c.channel_id and c.is_open]
+        monkeypatch.setattr(broker_module, "CONFIRM_TIMEOUT", 30.0)
+        # The old channel's ack of its publish 1 comes while the next batch waits.
+        connection = broker._connection.connection  # type: ignore[union-attr]
+        drain = connection.drain_events
+
+        def late_ack_first(timeout: float | None = None) -> None:
+            for channel in old:
+                for handler in list(channel.events["basic_ack"]):
+                    handler(1, True)
+            drain(timeout=timeout)
+
+        monkeypatch.setattr(connection, "drain_events", late_ack_first)
+        [returned] = broker.publish_each_confirmed([outgoing(b"b", "no.such.queue")])
+        assert returned is not None and "returned" in returned
     finally:
         broker.close()
 

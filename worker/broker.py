@@ -16,6 +16,7 @@ or :class:`ConfirmedPublisher` for many in flight.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import select
 import socket
@@ -623,15 +624,20 @@ class Broker:
         channel.confirm_select()
         # The broker numbers a confirm channel's publishes from 1.
         self._batch_sequence = 0
-        channel.events["basic_ack"].add(self._on_batch_ack)
-        channel.events["basic_nack"].add(self._on_batch_nack)
-        channel.events["basic_return"].add(self._on_batch_return)
+        # Each handler knows its channel: a channel given up on (no confirm in time) stays
+        # open, as closing it would wait on the broker, and its confirms may still come,
+        # numbered as the next channel's publishes are. They must not count for those.
+        channel.events["basic_ack"].add(functools.partial(self._on_batch_ack, channel))
+        channel.events["basic_nack"].add(functools.partial(self._on_batch_nack, channel))
+        channel.events["basic_return"].add(functools.partial(self._on_batch_return, channel))
         self._batch_channel = channel
         return channel
 
-    def _confirmed(self, delivery_tag: int, multiple: bool, failure: str | None) -> None:
+    def _confirmed(
+        self, channel: Any, delivery_tag: int, multiple: bool, failure: str | None
+    ) -> None:
         batch = self._batch
-        if batch is None:
+        if batch is None or channel is not self._batch_channel:
             return
         tags = [s for s in batch.awaiting if s <= delivery_tag] if multiple else [delivery_tag]
         for sequence in tags:
@@ -639,20 +645,20 @@ class Broker:
             if index is not None and failure is not None:
                 batch.results[index] = failure
 
-    def _on_batch_ack(self, delivery_tag: int, multiple: bool) -> None:
-        self._confirmed(delivery_tag, multiple, None)
+    def _on_batch_ack(self, channel: Any, delivery_tag: int, multiple: bool) -> None:
+        self._confirmed(channel, delivery_tag, multiple, None)
 
-    def _on_batch_nack(self, delivery_tag: int, multiple: bool) -> None:
-        self._confirmed(delivery_tag, multiple, "the broker refused it (nack)")
+    def _on_batch_nack(self, channel: Any, delivery_tag: int, multiple: bool) -> None:
+        self._confirmed(channel, delivery_tag, multiple, "the broker refused it (nack)")
 
     def _on_batch_return(
-        self, exc: Exception, exchange: str, routing_key: str, message: Any
+        self, channel: Any, exc: Exception, exchange: str, routing_key: str, message: Any
     ) -> None:
         # A return names no publish; it comes before the ack of the one it returns, so
         # that one is still awaited: the first awaited publish with the same body and
         # message id (two such would be the same notification).
         batch = self._batch
-        if batch is None:
+        if batch is None or channel is not self._batch_channel:
             return
         for index in batch.awaiting.values():
             if batch.results[index] is None and batch.same(index, message):
