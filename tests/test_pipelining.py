@@ -436,6 +436,35 @@ def test_replies_are_kept_however_they_arrive(chunks: list[bytes]) -> None:
     ]
 
 
+def test_a_mail_cancelled_as_its_reply_comes_in_stops_there() -> None:
+    """A mail abandoned at a reconnect is cancelled, and its message goes back to the
+    broker. Should its reply (the 354 to DATA, say) come in the same pass of the loop as
+    the cancel, the mail must still stop, not go on to send its body: Python 3.11's
+    wait_for returned the reply instead, and the mail went out twice."""
+    from aiosmtplib.response import SMTPResponse
+
+    from worker.pipelining import _reply
+
+    async def go() -> list[str]:
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[SMTPResponse] = loop.create_future()
+        steps: list[str] = []
+
+        async def mail() -> None:
+            await _reply(reply, 30.0)
+            steps.append("went on to send its body")
+
+        task = loop.create_task(mail())
+        await asyncio.sleep(0)  # the mail now waits for its reply
+        reply.set_result(SMTPResponse(354, "go ahead"))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return steps
+
+    assert asyncio.run(go()) == []
+
+
 def test_a_reply_read_with_an_earlier_one_is_taken_without_waiting() -> None:
     """Unit test: most replies of a group come in one read with the first, and taking one
     must not cost a timer and a pass of the loop (a coroutine that never suspends ends at

@@ -229,7 +229,10 @@ async def _reply(reply: Reply, timeout: float | None) -> SMTPResponse:
         # timer, two futures and a pass of the loop for nothing.
         return reply.result()
     try:
-        return await asyncio.wait_for(asyncio.shield(reply), timeout)
+        # Not wait_for: on Python 3.11 it drops a cancel that comes in the same pass of
+        # the loop as the reply, and an abandoned mail would go on to send its body.
+        async with asyncio.timeout(timeout):
+            return await asyncio.shield(reply)
     except TimeoutError as exc:
         if reply.done() and not reply.cancelled() and reply.exception() is None:
             return reply.result()  # it came as the time ran out

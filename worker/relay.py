@@ -200,7 +200,9 @@ class Relay:
                 probe_timeout = min(PROBE_TIMEOUT, self.config.timeout)
                 try:
                     # NOOP's reply would be read as a pipelined mail's one still owed.
-                    await asyncio.wait_for(pipelining.settled(client), probe_timeout)
+                    # (Not wait_for, which on 3.11 can drop a cancel: see pipelining.)
+                    async with asyncio.timeout(probe_timeout):
+                        await pipelining.settled(client)
                     await client.noop(timeout=probe_timeout)
                 except Exception as exc:
                     log.debug(
