@@ -178,7 +178,11 @@ def _status(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, sections=("producer",))
     spool = _spool(config)
-    stats = spool.stats()
+    try:
+        stats = spool.stats()
+        running = spool.forwarders_running()
+    except OSError as exc:  # a file where the directory should be, say
+        raise SpoolError(f"cannot read spool {spool.directory}: {exc.strerror or exc}") from None
     status = spool.read_status()
     age = (time.time_ns() - stats.oldest_ns) / 1e9 if stats.oldest_ns else None
     report = {
@@ -186,7 +190,9 @@ def _status(args: argparse.Namespace) -> int:
         "events": stats.events,
         "bytes": stats.bytes,
         "oldest_age_seconds": round(age, 3) if age is not None else None,
-        "forwarder_connected": status.get("connected"),
+        "forwarders_running": running,
+        # What the last forwarder said; with none running, as it stood when it stopped.
+        "forwarder_connected": status.get("connected") if running else False,
         "published": status.get("published"),
         "last_error": status.get("last_error") or None,
         "last_error_time": status.get("last_error_time") or None,
@@ -197,10 +203,13 @@ def _status(args: argparse.Namespace) -> int:
     print(f"spool:          {report['spool']}")
     print(f"events waiting: {stats.events} ({stats.bytes} bytes)")
     print(f"oldest event:   {'-' if age is None else f'{age:.1f} s ago'}")
-    print(
-        f"forwarder:      {'connected' if status.get('connected') else 'not connected'}"
-        f", {status.get('published', 0)} published since it started"
-    )
+    if not running:
+        print("forwarder:      not running (`clusteralert-producer run` forwards the spool)")
+    else:
+        print(
+            f"forwarder:      {'connected' if status.get('connected') else 'not connected'}"
+            f", {status.get('published', 0)} published since it started"
+        )
     error_time = status.get("last_error_time")
     when = (
         f" ({time.time() - float(error_time):.0f} s ago)"

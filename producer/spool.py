@@ -407,6 +407,25 @@ class Spool:
             _fsync_dir(self.directory)
         return released
 
+    def forwarders_running(self) -> int:
+        """How many forwarders hold a claim on this spool now (each holds its lock for
+        as long as it lives; see :class:`Claim`)."""
+        running = 0
+        for directory in self._claim_dirs():
+            try:
+                fd = os.open(directory.with_suffix(".lock"), os.O_RDONLY | _NOFOLLOW)
+            except OSError:
+                continue  # gone, or not ours to read: not a live forwarder we can see
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                running += 1
+            except OSError:
+                pass
+            finally:
+                os.close(fd)  # also drops the lock, had it been free
+        return running
+
     def write_status(self, status: dict[str, object]) -> None:
         """Best effort: status is for operators, never worth failing forwarding for.
         Written to a temp file of a fresh name (O_EXCL: a planted link is never

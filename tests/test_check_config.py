@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from pathlib import Path
 
@@ -89,3 +90,35 @@ patterns = ['<type: (?P<module>[a-z]+)><event: (?P<event_id>[0-9]+)><(?P<level>[
     )
     config.write_text(GOOD + followers + '[filter]\nunknown = "info"\n')
     assert check(config).stdout == ""
+
+
+def run_worker(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "clusteralert-worker"), "run", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_metrics_port_out_of_range_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(GOOD)
+    result = run_worker(config, "--metrics-port", "99999")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].endswith("99999 is not a port (0 to 65535)")
+
+
+def test_a_metrics_port_in_use_is_one_line(tmp_path: Path) -> None:
+    """A second worker on one host finds the first one's metrics port taken."""
+    config = tmp_path / "c.toml"
+    config.write_text(GOOD)
+    with socket.create_server(("0.0.0.0", 0)) as taken:  # noqa: S104 - as the worker binds
+        port = taken.getsockname()[1]
+        result = run_worker(config, "--metrics-port", str(port))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"clusteralert-worker: cannot serve metrics on port {port}: Address already in use"
+    )

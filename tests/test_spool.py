@@ -128,12 +128,46 @@ def test_status_reports_depth_age_and_the_agents_last_real_error(
     assert doc["events"] == 1 and isinstance(doc["bytes"], int) and doc["bytes"] > 0
     assert isinstance(doc["oldest_age_seconds"], float) and 0 <= doc["oldest_age_seconds"] < 60
     assert doc["forwarder_connected"] is False
+    assert doc["forwarders_running"] == 1
     assert f"127.0.0.1:{dead_port}" in str(doc["last_error"])
     assert isinstance(doc["last_error_time"], float)
     assert abs(time.time() - doc["last_error_time"]) < 60
     text = emit(config, "status").stdout
     assert "events waiting: 1" in text and "not connected" in text
     assert f"127.0.0.1:{dead_port}" in text
+
+
+def test_status_says_when_no_forwarder_is_running(
+    tmp_path: Path, processes: Callable[..., Process]
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[broker]\nurls = ["amqp://guest:guest@127.0.0.1:{free_port()}/"]\n'
+        f'[producer]\nspool_dir = "{tmp_path / "spool"}"\n'
+    )
+    assert emit(config, "emit", "--module", "rm", "--event-id", "1").returncode == 0
+    agent = processes("clusteralert-producer", "run", "--config", str(config))
+
+    def running() -> int:
+        doc = json.loads(emit(config, "status", "--json").stdout)
+        return int(doc["forwarders_running"])
+
+    wait_until(lambda: running() == 1, 30, "the agent to claim the spool")
+    assert agent.stop() == 0
+    doc = json.loads(emit(config, "status", "--json").stdout)
+    assert doc["forwarders_running"] == 0 and doc["forwarder_connected"] is False
+    text = emit(config, "status").stdout
+    assert "forwarder:      not running" in text and "events waiting: 1" in text
+
+
+def test_status_of_a_spool_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.write_text("not a directory")
+    config = tmp_path / "c.toml"
+    config.write_text(f'[producer]\nspool_dir = "{spool}"\n')
+    result = emit(config, "status")
+    assert result.returncode == 1
+    assert result.stderr == (f"clusteralert-producer: cannot read spool {spool}: Not a directory\n")
 
 
 def test_max_events_and_max_bytes_0_mean_unbounded(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from typing import cast
 from shared.catalog import load_catalog, load_catalog_checked
 from shared.cli import on_stop_signal, report_errors
 from shared.config import SECTIONS, Config, EventLoop, config_secrets, load_config
-from shared.errors import ConfigError, Problem
+from shared.errors import ClusteralertError, ConfigError, Problem
 from shared.levels import Level, level_rank
 from shared.logs import setup_logging
 from worker.catalog_cli import add_catalog_parser, run_catalog
@@ -31,6 +31,16 @@ WORKER_SECTIONS = tuple(section for section in SECTIONS if section != "producer"
 log = logging.getLogger(PROG)
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text[:40]!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (0 to 65535)")
+    return port
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Deliver cluster events as mail.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
         help="config file (default: $CLUSTERALERT_CONFIG, "
         "then /etc/clusteralert/clusteralert.toml)",
     )
-    run.add_argument("--metrics-port", type=int, help="override [metrics] port; 0 disables")
+    run.add_argument(
+        "--metrics-port", type=_port, help="override [metrics] port (0 to 65535); 0 disables"
+    )
     run.add_argument("-v", "--verbose", action="store_true")
     run.add_argument("--log-format", choices=("text", "json"), default="text")
     check = sub.add_parser("check-config", help="validate config and catalog")
@@ -186,7 +198,12 @@ def _run(args: argparse.Namespace) -> int:
     metrics = Metrics(relay.label for relay in config.smtp)
     port = config.metrics.port if args.metrics_port is None else args.metrics_port
     if port:
-        start_http_server(port, registry=metrics.registry)
+        try:
+            start_http_server(port, registry=metrics.registry)
+        except OSError as exc:  # another worker on this host has it, say
+            raise ClusteralertError(
+                f"cannot serve metrics on port {port}: {exc.strerror or exc}"
+            ) from None
         log.info("metrics on :%d/metrics", port)
 
     loop = new_event_loop(config.worker.event_loop)
