@@ -248,7 +248,7 @@ class Forwarder:
 
     def _on_open_error(self, connection: Any, error: BaseException) -> None:
         self._connection = None
-        self._note_error(f"broker {self._describe_url()} unreachable: {describe(error)}")
+        self._note_error(f"broker {self._describe_url()} unreachable: {_cause(error)}")
         # Try the next broker; the backoff grows once the whole list has failed.
         self._url_index = (self._url_index + 1) % len(self._params)
         delay = 0.0 if self._url_index else self._next_backoff()
@@ -670,3 +670,23 @@ class Remover:
     def close(self) -> None:
         self._paths.put(None)
         self._thread.join()
+
+
+def _cause(error: BaseException) -> str:
+    """What is at the bottom of a failed connect as pika reports it: the cause sits under
+    two or three wrappers whose own text is empty or a repr of the next one."""
+    cause = error
+    for _ in range(8):
+        inner = getattr(cause, "exceptions", None)  # the workflow's attempts, last last
+        phase = getattr(cause, "exception", None)  # what failed in one phase of one
+        if inner:
+            cause = inner[-1]
+        elif isinstance(phase, BaseException):
+            cause = phase
+        elif cause.args and isinstance(cause.args[0], BaseException):
+            cause = cause.args[0]
+        else:
+            break
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return describe(cause)

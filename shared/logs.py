@@ -45,5 +45,7 @@ def setup_logging(verbose: bool = False, fmt: LogFormat = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     # pika and amqp log every reconnect attempt at length; our own lines say what matters.
+    # pika does so at ERROR, five lines an attempt, with object reprs: only -v shows it.
     for noisy in ("pika", "amqp", "kombu"):
-        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
+        quiet = logging.CRITICAL if noisy == "pika" else logging.WARNING
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else quiet)

@@ -116,7 +116,7 @@ def test_status_reports_depth_age_and_the_agents_last_real_error(
         f'[producer]\nspool_dir = "{tmp_path / "spool"}"\n'
     )
     assert emit(config, "emit", "--module", "rm", "--event-id", "1").returncode == 0
-    processes("clusteralert-producer", "run", "--config", str(config))
+    agent = processes("clusteralert-producer", "run", "--config", str(config))
 
     def report() -> dict[str, object] | None:
         result = emit(config, "status", "--json")
@@ -130,11 +130,15 @@ def test_status_reports_depth_age_and_the_agents_last_real_error(
     assert doc["forwarder_connected"] is False
     assert doc["forwarders_running"] == 1
     assert f"127.0.0.1:{dead_port}" in str(doc["last_error"])
+    assert str(doc["last_error"]).endswith("unreachable: Connection refused")
     assert isinstance(doc["last_error_time"], float)
     assert abs(time.time() - doc["last_error_time"]) < 60
     text = emit(config, "status").stdout
     assert "events waiting: 1" in text and "not connected" in text
     assert f"127.0.0.1:{dead_port}" in text
+    # One line of its own per failed attempt, not pika's five with object reprs.
+    assert "AMQPConnectionWorkflowFailed" not in agent.output()
+    assert "unreachable: Connection refused" in agent.output()
 
 
 def test_status_says_when_no_forwarder_is_running(
