@@ -52,5 +52,8 @@ def key_values(
         key, sep, value = pair.partition("=")
         if not sep:
             raise error(f"--param {pair[:40]!r}: expected KEY=VALUE")
+        if key in params and params[key] != value:
+            # Which one was meant, only the operator knows.
+            raise error(f"--param {key[:40]!r} given twice, with different values")
         params[key] = value
     return params

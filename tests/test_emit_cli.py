@@ -64,6 +64,10 @@ def test_emit_rejects_bad_input_with_one_line(tmp_path: Path) -> None:
     for args, reason in [
         (("--module", "Bad Module", "--event-id", "1"), "module: 'Bad Module' must match"),
         (("--module", "rm", "--event-id", "1", "--param", "novalue"), "expected KEY=VALUE"),
+        (
+            ("--module", "rm", "--event-id", "1", "--param", "a=1", "--param", "a=2"),
+            "--param 'a' given twice, with different values",
+        ),
         (("--module", "rm", "--event-id", "-3"), "event_id: expected an integer from 0"),
         # Only workers send the pipeline's canary and probe.
         (

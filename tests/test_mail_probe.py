@@ -119,9 +119,11 @@ def test_probe_sends_nothing_and_fails_on_any_bad_relay(
     both = write_config(tmp_path, "unused", [good, bad], certs, name="both.toml")
     result = worker_cli(both, "check-config", "--probe")
     assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == "the relay probe failed (see above)"
     assert result.stdout.count("relay is ready") == 1 and "FAILED    at tls" in result.stdout
     only_second = worker_cli(both, "test-mail", "--relay", "2")
     assert only_second.returncode == 1 and only_second.stdout.count("relay 127.0.0.1:") == 1
     assert good.received == [] and bad.received == []
     wrong = worker_cli(both, "test-mail", "--relay", "3")
-    assert wrong.returncode != 0 and "there are 2 relay(s)" in wrong.stderr
+    assert wrong.returncode == 1
+    assert wrong.stderr == "clusteralert-worker: --relay: no relay 3: the config has 2, 1 to 2\n"

@@ -97,11 +97,13 @@ def _check_config(args: argparse.Namespace) -> int:
         print(problem)
     errors = sum(1 for p in problems if p.severity == "error")
     warnings = len(problems) - errors
-    print(f"{errors} error(s), {warnings} warning(s)", file=sys.stderr)
+    # The count is the config's: with --probe the relays' own verdict follows it.
+    print(f"{errors} error(s), {warnings} warning(s) in the config", file=sys.stderr)
     if args.probe and not errors:
         from worker.mail_probe import probe_relays
 
         if not probe_relays(config, _say, send=False):
+            print("the relay probe failed (see above)", file=sys.stderr)
             return 1
     return 1 if errors else 0
 
@@ -146,7 +148,10 @@ def _test_mail(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, sections=WORKER_SECTIONS)
     if args.relay is not None and not 1 <= args.relay <= len(config.smtp):
-        raise ConfigError([Problem("--relay", f"there are {len(config.smtp)} relay(s)")])
+        count = len(config.smtp)
+        raise ConfigError(
+            [Problem("--relay", f"no relay {args.relay}: the config has {count}, 1 to {count}")]
+        )
     to = tuple(args.to)
     if not to and not config.mail.to:
         raise ConfigError([Problem("--to", "no recipient: give --to or set [mail] to")])

@@ -165,26 +165,34 @@ def _show(args: argparse.Namespace) -> int:
 
 
 class _Progress:
-    """A progress line on stderr for large replays, at most a few times a second."""
+    """A progress line on stderr for large replays, at most a few times a second, and
+    only on a terminal with nothing else printing to it: a dry run prints a line per
+    dead letter, which the carriage returns would run into, and a log file or a pipe
+    would keep every one of them."""
 
-    def __init__(self, verb: str):
+    def __init__(self, verb: str, *, live: bool):
         self.verb = verb
         self.done = 0
         self._last = 0.0
+        self._live = live
 
     def step(self) -> None:
         self.done += 1
         now = time.monotonic()
-        if now - self._last >= 0.5:
+        if self._live and now - self._last >= 0.5:
             self._last = now
             print(f"\r{self.verb} {self.done}...", end="", file=sys.stderr, flush=True)
 
     def finish(self) -> None:
-        print(f"\r{self.verb} {self.done} dead letter(s)", file=sys.stderr)
+        back = "\r" if self._live else ""  # over the progress line, where there is one
+        print(f"{back}{self.verb} {self.done} dead letter(s)", file=sys.stderr)
 
 
 def _replay(args: argparse.Namespace) -> int:
-    progress = _Progress("would replay" if args.dry_run else "replayed")
+    progress = _Progress(
+        "would replay" if args.dry_run else "replayed",
+        live=not args.dry_run and sys.stderr.isatty(),
+    )
     with _session(args.config) as session:
         for message in _matching(session, args):
             if args.dry_run:
