@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shared.cli import key_values, on_stop_signal, report_errors
+from shared.cli import Version, key_values, on_stop_signal, report_errors
 from shared.config import Config, load_config
 from shared.errors import InvalidEvent, SpoolError
 from shared.event import new_event
@@ -31,6 +31,7 @@ AGENT_GROUP = "haclient"
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Spool and forward cluster events.")
+    parser.add_argument("--version", action=Version)
     sub = parser.add_subparsers(dest="command", required=True)
 
     emit = sub.add_parser("emit", help="spool one event durably and print its id")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
@@ -57,3 +58,29 @@ def key_values(
             raise error(f"--param {key[:40]!r} given twice, with different values")
         params[key] = value
     return params
+
+
+class Version(argparse.Action):
+    """``--version``: the installed package's version, looked up only when asked, so
+    that every other run (``emit`` on a cluster node above all) skips the lookup."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(
+            option_strings, dest=argparse.SUPPRESS, nargs=0, help="print the version and exit"
+        )
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = version("clusteralert")
+        except PackageNotFoundError:
+            installed = "(not installed as a package)"
+        print(f"{parser.prog} {installed}")
+        parser.exit()

@@ -165,3 +165,14 @@ def test_emit_writes_files_the_agent_can_read_whatever_the_umask(tmp_path: Path)
     (spooled,) = spool.glob("0*.json")
     info = spooled.stat()
     assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o640, AGENT_GID)
+
+
+@pytest.mark.parametrize("command", ["clusteralert-producer", "clusteralert-worker"])
+def test_version_is_the_installed_packages(command: str) -> None:
+    from importlib.metadata import version
+
+    result = subprocess.run(
+        [str(BIN / command), "--version"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{command} {version('clusteralert')}\n"

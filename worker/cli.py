@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import cast
 
 from shared.catalog import load_catalog, load_catalog_checked
-from shared.cli import on_stop_signal, report_errors
+from shared.cli import Version, on_stop_signal, report_errors
 from shared.config import SECTIONS, Config, EventLoop, config_secrets, load_config
 from shared.errors import ClusteralertError, ConfigError, Problem
 from shared.levels import Level, level_rank
@@ -43,6 +43,7 @@ def _port(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Deliver cluster events as mail.")
+    parser.add_argument("--version", action=Version)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="consume events and send mail until stopped")
     run.add_argument(
