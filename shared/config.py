@@ -85,6 +85,11 @@ _ADDRESS_RE: Final = re.compile(r"[!#-'*+\-/-9=?A-Z^-~]+@[A-Za-z0-9.-]+")
 _KEY_PATTERN_RE: Final = re.compile(r"[a-z0-9_*?-]+:[0-9*?]+")
 
 
+def is_plain_address(address: str) -> bool:
+    """One plain e-mail address, as the config takes them (see _ADDRESS_RE)."""
+    return _ADDRESS_RE.fullmatch(address) is not None
+
+
 def is_key_pattern(pattern: str) -> bool:
     """A ``module:event_id`` pattern as ``[filter]`` and silences take them."""
     return _KEY_PATTERN_RE.fullmatch(pattern) is not None

@@ -183,6 +183,20 @@ def test_since_takes_dead_letters_whose_time_has_no_offset_as_utc(
     assert [r["id"] for r in json.loads(earlier.stdout)] == [naive, recent]
 
 
+def test_an_id_that_is_no_uuid_is_refused_and_an_uppercase_one_matches(
+    tmp_path: Path, vhost: str, certs: Certs
+) -> None:
+    [one] = seed(vhost, 1)
+    config = write_config(tmp_path, vhost, [], certs)
+    for command in (("list", "--id", "not-a-uuid"), ("show", "not-a-uuid")):
+        refused = dlq(config, *command)
+        assert refused.returncode == 2 and refused.stdout == ""
+        assert refused.stderr.splitlines()[-1].endswith("not an event UUID: 'not-a-uuid'")
+    listed = dlq(config, "list", "--json", "--id", one.upper())
+    assert [r["id"] for r in json.loads(listed.stdout)] == [one]
+    assert dlq(config, "show", one.upper()).returncode == 0
+
+
 def _connections(vhost: str) -> int:
     return rabbitmqctl("list_connections", "vhost").split().count(vhost)
 

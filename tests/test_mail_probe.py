@@ -127,3 +127,8 @@ def test_probe_sends_nothing_and_fails_on_any_bad_relay(
     wrong = worker_cli(both, "test-mail", "--relay", "3")
     assert wrong.returncode == 1
     assert wrong.stderr == "clusteralert-worker: --relay: no relay 3: the config has 2, 1 to 2\n"
+    not_an_address = worker_cli(both, "test-mail", "--to", "ops at example.com")
+    assert not_an_address.returncode == 1 and not_an_address.stdout == ""
+    assert not_an_address.stderr == (
+        "clusteralert-worker: --to: not a plain e-mail address: 'ops at example.com'\n"
+    )

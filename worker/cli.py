@@ -14,7 +14,14 @@ from typing import cast
 
 from shared.catalog import load_catalog, load_catalog_checked
 from shared.cli import Version, on_stop_signal, report_errors
-from shared.config import SECTIONS, Config, EventLoop, config_secrets, load_config
+from shared.config import (
+    SECTIONS,
+    Config,
+    EventLoop,
+    config_secrets,
+    is_plain_address,
+    load_config,
+)
 from shared.errors import ClusteralertError, ConfigError, Problem
 from shared.levels import Level, level_rank
 from shared.logs import setup_logging
@@ -154,6 +161,9 @@ def _test_mail(args: argparse.Namespace) -> int:
             [Problem("--relay", f"no relay {args.relay}: the config has {count}, 1 to {count}")]
         )
     to = tuple(args.to)
+    for address in to:
+        if not is_plain_address(address):
+            raise ConfigError([Problem("--to", f"not a plain e-mail address: {address!r:.80}")])
     if not to and not config.mail.to:
         raise ConfigError([Problem("--to", "no recipient: give --to or set [mail] to")])
     ok = probe_relays(config, _say, send=True, relay_index=args.relay, to=to)

@@ -14,7 +14,7 @@ from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, Final
 
 from shared.config import BrokerConfig, load_config
-from shared.event import visible
+from shared.event import canonical_uuid, visible
 
 if TYPE_CHECKING:
     from worker.dlq import DeadMessage, DlqFilter, DlqSession
@@ -22,6 +22,14 @@ if TYPE_CHECKING:
 __all__ = ["add_dlq_parser", "run_dlq"]
 
 _JSON_UNSAFE: Final = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _event_uuid(text: str) -> str:
+    """An event id as the dead letters carry it: a UUID, in its canonical form."""
+    try:
+        return canonical_uuid(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an event UUID: {text[:40]!r}") from None
 
 
 def add_dlq_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -32,7 +40,9 @@ def add_dlq_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     filters.add_argument("--module")
     filters.add_argument("--event", help="module:event_id, or an event id number")
     filters.add_argument("--since", help="a duration (30m, 2h, 1d) or an RFC 3339 time")
-    filters.add_argument("--id", action="append", default=[], help="event UUID; repeatable")
+    filters.add_argument(
+        "--id", action="append", default=[], type=_event_uuid, help="event UUID; repeatable"
+    )
     filters.add_argument("--limit", type=int, help="act on at most this many messages")
 
     dlq = sub.add_parser("dlq", help="inspect, replay or purge dead-lettered alerts")
@@ -40,7 +50,7 @@ def add_dlq_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     listing = actions.add_parser("list", parents=[filters], help="table of dead letters")
     listing.add_argument("--json", action="store_true", help="JSON instead of a table")
     show = actions.add_parser("show", help="one dead letter in full")
-    show.add_argument("id", help="event UUID")
+    show.add_argument("id", type=_event_uuid, help="event UUID")
     show.add_argument("--config", help="config file")
     replay = actions.add_parser(
         "replay", parents=[filters], help="re-publish to the work queue, then remove"
