@@ -9,13 +9,17 @@ from pathlib import Path
 from tests.conftest import BIN
 
 
-def check(config: Path) -> subprocess.CompletedProcess[str]:
+def worker(command: str, config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(BIN / "clusteralert-worker"), "check-config", "--config", str(config)],
+        [str(BIN / "clusteralert-worker"), command, "--config", str(config), *args],
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=60,
     )
+
+
+def check(config: Path) -> subprocess.CompletedProcess[str]:
+    return worker("check-config", config)
 
 
 GOOD = """
@@ -92,19 +96,10 @@ patterns = ['<type: (?P<module>[a-z]+)><event: (?P<event_id>[0-9]+)><(?P<level>[
     assert check(config).stdout == ""
 
 
-def run_worker(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "clusteralert-worker"), "run", "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_a_metrics_port_out_of_range_is_one_line(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text(GOOD)
-    result = run_worker(config, "--metrics-port", "99999")
+    result = worker("run", config, "--metrics-port", "99999")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1].endswith("99999 is not a port (0 to 65535)")
@@ -116,7 +111,7 @@ def test_a_metrics_port_in_use_is_one_line(tmp_path: Path) -> None:
     config.write_text(GOOD)
     with socket.create_server(("0.0.0.0", 0)) as taken:  # noqa: S104 - as the worker binds
         port = taken.getsockname()[1]
-        result = run_worker(config, "--metrics-port", str(port))
+        result = worker("run", config, "--metrics-port", str(port))
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1] == (

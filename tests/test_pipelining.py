@@ -450,12 +450,15 @@ def test_a_mail_cancelled_as_its_reply_comes_in_stops_there() -> None:
         reply: asyncio.Future[SMTPResponse] = loop.create_future()
         steps: list[str] = []
 
+        waiting = asyncio.Event()
+
         async def mail() -> None:
+            waiting.set()  # the task runs on into _reply, and stops there, before we resume
             await _reply(reply, 30.0)
             steps.append("went on to send its body")
 
         task = loop.create_task(mail())
-        await asyncio.sleep(0)  # the mail now waits for its reply
+        await waiting.wait()
         reply.set_result(SMTPResponse(354, "go ahead"))
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
