@@ -20,6 +20,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from shared.errors import ClusteralertError, ConfigError, Problem
 from shared.levels import LEVELS, Level
+from shared.notification import MAX_BUNDLE
 from shared.secret import Secret, read_secret_file
 from shared.tables import Table
 
@@ -292,6 +293,10 @@ class IncidentConfig:
     storm_window: float = 60.0
     storm_by: tuple[StormBy, ...] = ("cluster",)
     max_held: int = 50_000  # events held unacked at most; past it, oldest flushed early
+    # Notifications per message on the mail queue at most (1: one message each). See
+    # shared.notification.Bundle: several per message cost far less CPU in a storm, but
+    # a worker then holds up to its prefetch times this many mails.
+    bundle: int = 8
 
 
 # The canary's interval once [canary] to names a recipient and interval is not given:
@@ -666,6 +671,7 @@ class _Reader:
             max_held=t.integer(
                 "max_held", _default(IncidentConfig, "max_held"), low=1, high=10_000_000
             ),
+            bundle=t.integer("bundle", _default(IncidentConfig, "bundle"), low=1, high=MAX_BUNDLE),
         )
         t.finish()
         return config

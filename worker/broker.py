@@ -286,6 +286,7 @@ class Delivery:
         "headers",
         "properties",
         "received",
+        "redelivered",
         "routing_key",
     )
 
@@ -298,6 +299,8 @@ class Delivery:
         self.properties: dict[str, Any] = dict(raw.properties)
         self.headers: dict[str, Any] = dict(self.properties.get("application_headers") or {})
         self.received = received
+        # The broker gave it out before (to a worker that died, say, or back by a reject).
+        self.redelivered = bool(raw.delivery_info.get("redelivered"))
         # Its channel's unsettled deliveries, which it joins (None: not tracked, and
         # never part of an ack_all).
         self._unsettled = unsettled

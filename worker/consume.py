@@ -17,13 +17,16 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Coroutine
 from typing import Any
 
 from shared.backoff import Backoff
 from shared.config import BrokerConfig, BrokerUrl, IncidentConfig
+from shared.notification import is_bundle
 from shared.topology import WORK_QUEUE
 from worker.broker import Broker, BrokerUnavailable, Delivery, PublishNotConfirmed, ack_all
+from worker.bundle import parts_of, republished, whole_deliveries
 from worker.handoff import Handoff, Job
 from worker.incident_stage import IncidentStage
 from worker.metrics import Metrics
@@ -83,6 +86,9 @@ class Consumer:
         self.shutdown_grace = shutdown_grace
         self.handoff = Handoff(loop, self._handle)
         self._in_flight: set[Job] = set()  # owner thread only
+        # Bundles that came back, to be split into messages of their own (see
+        # worker.bundle) after the drain: a confirm wait may not run inside its callback.
+        self._to_split: deque[Delivery] = deque()
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, reconnecting with backoff when the broker goes
@@ -159,6 +165,7 @@ class Consumer:
         self.broker.drain(_DRAIN_TIMEOUT, wake=self.handoff.wake)
         # What the drain delivered starts now, in one crossing to the loop thread.
         self.handoff.flush()
+        self._split_redelivered()
         self._settle_finished()
         if self.stage is not None:
             self.silences.service()
@@ -170,7 +177,39 @@ class Consumer:
         self.handoff.flush()
 
     def _on_message(self, delivery: Delivery) -> None:
+        if is_bundle(delivery.body):
+            if delivery.redelivered:
+                self._to_split.append(delivery)
+                return
+            parts = parts_of(delivery)
+            if parts is not None:
+                for part in parts:
+                    self._in_flight.add(self.handoff.submit(part))
+                return
         self._in_flight.add(self.handoff.submit(delivery))
+
+    def _split_redelivered(self) -> None:
+        while self._to_split:
+            bundle = self._to_split.popleft()
+            outgoing = republished(bundle)
+            if outgoing is None:  # bad framing: refused whole by the pipeline
+                self._in_flight.add(self.handoff.submit(bundle))
+                continue
+            failures = [f for f in self.broker.publish_each_confirmed(outgoing) if f]
+            if failures:
+                log.error(
+                    "could not split the redelivered bundle %s: %s; returning it to the queue",
+                    describe_delivery(bundle),
+                    failures[0],
+                )
+                bundle.requeue()
+                continue
+            bundle.ack()
+            log.info(
+                "split the redelivered bundle %s into its %d notifications",
+                describe_delivery(bundle),
+                len(outgoing),
+            )
 
     def _handle(self, delivery: Delivery) -> Coroutine[Any, Any, Outcome]:
         return self.pipeline.handle(delivery.body, delivery.headers, received=delivery.received)
@@ -191,7 +230,8 @@ class Consumer:
             finished.append((delivery, outcome))
         # The mails sent first, together (a run of the oldest as one multiple ack, see
         # ack_all), so that they wait for no retry's or dead letter's confirm.
-        ack_all([delivery for delivery, outcome in finished if isinstance(outcome, Acked)])
+        sent = [delivery for delivery, outcome in finished if isinstance(outcome, Acked)]
+        ack_all(whole_deliveries(sent))
         for delivery, outcome in finished:
             if isinstance(outcome, Acked):
                 continue
@@ -215,6 +255,7 @@ class Consumer:
         inside DATA may still reach the relay: the redelivery then sends it again."""
         self.handoff.abandon(list(self._in_flight))
         self._in_flight.clear()
+        self._to_split.clear()
 
     def _settle_before_leaving(self) -> None:
         """Before a reconnect: settle what already finished, if the connection still

@@ -22,10 +22,16 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from shared.errors import ClusteralertError, InvalidEvent
-from shared.notification import Notification, decode_notification, is_notification
+from shared.notification import (
+    Notification,
+    decode_notification,
+    is_bundle,
+    is_notification,
+    split_bundle,
+)
 from shared.topology import DEAD_QUEUE, WORK_QUEUE
 from worker.broker import (
     BrokerError,
@@ -118,7 +124,7 @@ class DeadMessage:
         attempts = headers.get(HEADER_ATTEMPTS, 0)
         notification = _notification(raw.body)
         if notification is not None:
-            first = notification.first
+            first = notification.first.first
             doc = {
                 "id": raw.properties.get("message_id") or first.id,
                 "time": first.time.isoformat(),
@@ -137,8 +143,8 @@ class DeadMessage:
             attempts=attempts if isinstance(attempts, int) else 0,
             last_error=_text(headers.get(HEADER_LAST_ERROR)),
             headers=headers,
-            notification=notification.summary() if notification is not None else "",
-            events=notification.event_ids if notification is not None else (),
+            notification=notification.summary if notification is not None else "",
+            events=notification.events if notification is not None else (),
         )
 
     def summary(self) -> dict[str, object]:
@@ -158,14 +164,30 @@ class DeadMessage:
         }
 
 
-def _notification(body: object) -> Notification | None:
-    """The notification a dead letter holds, or None for a bare event or garbage."""
-    if not isinstance(body, bytes) or not is_notification(body):
+class _Held(NamedTuple):
+    """What a dead letter from the incident stage holds: a notification, or a bundle of
+    them (dead-lettered whole only by the broker, see worker.bundle)."""
+
+    first: Notification
+    summary: str
+    events: tuple[str, ...]
+
+
+def _notification(body: object) -> _Held | None:
+    """The notification(s) a dead letter holds, or None for a bare event or garbage."""
+    if not isinstance(body, bytes):
         return None
     try:
-        return decode_notification(body)
+        if is_bundle(body):
+            parts = [decode_notification(part) for part in split_bundle(body).parts]
+            summary = f"bundle of {len(parts)} notifications, the first a {parts[0].summary()}"
+            return _Held(parts[0], summary, tuple(i for p in parts for i in p.event_ids))
+        if is_notification(body):
+            notification = decode_notification(body)
+            return _Held(notification, notification.summary(), notification.event_ids)
     except InvalidEvent:
-        return None
+        pass
+    return None
 
 
 def parse_since(value: str, now: datetime | None = None) -> datetime:

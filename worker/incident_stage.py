@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final
 
 from shared.backoff import Backoff
@@ -28,7 +28,12 @@ from shared.config import FilterConfig, IncidentConfig
 from shared.errors import InvalidEvent
 from shared.event import Event, decode_event, routing_key
 from shared.filter import Decision, decide
-from shared.notification import DIGEST_PREFIX, Notification, encode_notification
+from shared.notification import (
+    DIGEST_PREFIX,
+    Notification,
+    encode_bundle,
+    encode_notification,
+)
 from shared.own_events import own_kind, worker_only
 from shared.topology import INCOMING_QUEUE, WORK_QUEUE
 from worker.broker import Broker, Delivery, Outgoing, PublishNotConfirmed, ack_all
@@ -59,6 +64,25 @@ _MAX_PAUSE: Final = 30.0
 # Notifications published before their confirms are waited for, at most: one broker
 # round trip for many, while a refusal still stops the stage soon after it.
 MAX_UNCONFIRMED: Final = 100
+# A bundle's parts together at most: more would only hold up the worker that takes it.
+BUNDLE_BYTES: Final = 256 * 1024
+BUNDLE_CONTENT_TYPE: Final = "application/x-ndjson"
+
+
+def _bundles(outgoing: list[Outgoing], most: int) -> Iterator[list[Outgoing]]:
+    """``outgoing`` in order, in runs of at most ``most`` and BUNDLE_BYTES; a large one
+    (a digest, say) alone, as a bundle saves a message's overhead, not its bytes."""
+    chunk: list[Outgoing] = []
+    size = 0
+    for message in outgoing:
+        length = len(message.body)
+        if chunk and (len(chunk) == most or size + length > BUNDLE_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(message)
+        size += length
+    if chunk:
+        yield chunk
 
 
 def stage_prefetch(max_held: int) -> int:
@@ -292,7 +316,7 @@ class IncidentStage:
             }
             outgoing.append(Outgoing(body, properties, "", WORK_QUEUE))
             published.append(action)
-        failures = self.broker.publish_each_confirmed(outgoing)
+        failures = self._publish(outgoing)
         confirmed: list[Delivery] = []
         for action, failure in zip(published, failures, strict=True):
             if failure is not None:
@@ -315,6 +339,25 @@ class IncidentStage:
             self._pause_offers()
         elif published:
             self._resume_offers()
+
+    def _publish(self, outgoing: list[Outgoing]) -> list[str | None]:
+        """Publish ``outgoing`` with confirms, as bundles where several are small (see
+        :class:`~shared.notification.Bundle`); why not, per notification, as
+        :meth:`Broker.publish_each_confirmed` says it per message."""
+        messages: list[Outgoing] = []
+        sizes: list[int] = []  # notifications per message
+        for chunk in _bundles(outgoing, self.config.bundle):
+            if len(chunk) == 1:
+                messages.append(chunk[0])
+            else:
+                body = encode_bundle([(o.properties["message_id"], o.body) for o in chunk])
+                properties = {**chunk[0].properties, "content_type": BUNDLE_CONTENT_TYPE}
+                messages.append(Outgoing(body, properties, "", WORK_QUEUE))
+            sizes.append(len(chunk))
+        failures: list[str | None] = []
+        for size, failure in zip(sizes, self.broker.publish_each_confirmed(messages), strict=True):
+            failures += [failure] * size
+        return failures
 
     def _refused(self, action: Publish[Delivery], exc: Exception) -> None:
         """Not certainly in the mail queue: the events go back, to be grouped again (the

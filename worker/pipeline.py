@@ -30,7 +30,13 @@ from shared.errors import (
 )
 from shared.event import Event, decode_event
 from shared.filter import Decision, decide
-from shared.notification import Notification, decode_notification, is_notification
+from shared.notification import (
+    Notification,
+    decode_notification,
+    is_bundle,
+    is_notification,
+    split_bundle,
+)
 from shared.own_events import OwnKind, own_kind
 from worker.metrics import Metrics
 from worker.outcome import Acked, DeadLetter, Outcome, Retry
@@ -162,6 +168,11 @@ class Pipeline:
             # A notification from the incident stage, or a bare event: a 0.1 message, or
             # a 0.1 dead letter replayed, which takes the path it took before incidents.
             # decode_event checks the size before it reads anything.
+            if is_bundle(body):
+                # Bundles are split on the way in (worker.bundle); one whole here has
+                # framing the split refused.
+                split_bundle(body)
+                raise InvalidEvent("bundle: not split before it was handled")
             decoded: Event | Notification = (
                 decode_notification(body) if is_notification(body) else decode_event(body)
             )

@@ -26,6 +26,7 @@ __all__ = [
     "HEADER_FIRST_FAILURE",
     "HEADER_LAST_ERROR",
     "HEADER_LAST_FAILURE",
+    "HEADER_PREFIX",
     "HEADER_REASON",
     "HEADER_RECIPIENTS",
     "HEADER_REPLAYED",
@@ -38,16 +39,16 @@ __all__ = [
     "without_broker_headers",
 ]
 
-_PREFIX: Final = "x-clusteralert-"
-HEADER_ATTEMPTS: Final = _PREFIX + "attempts"
-HEADER_FIRST_FAILURE: Final = _PREFIX + "first-failure"
-HEADER_LAST_FAILURE: Final = _PREFIX + "last-failure"
-HEADER_REASON: Final = _PREFIX + "reason"
-HEADER_CAUSE: Final = _PREFIX + "tls-cause"
-HEADER_LAST_ERROR: Final = _PREFIX + "last-error"
-HEADER_WORKER: Final = _PREFIX + "worker"
-HEADER_REPLAYED: Final = _PREFIX + "replayed"
-HEADER_RECIPIENTS: Final = _PREFIX + "recipients"
+HEADER_PREFIX: Final = "x-clusteralert-"
+HEADER_ATTEMPTS: Final = HEADER_PREFIX + "attempts"
+HEADER_FIRST_FAILURE: Final = HEADER_PREFIX + "first-failure"
+HEADER_LAST_FAILURE: Final = HEADER_PREFIX + "last-failure"
+HEADER_REASON: Final = HEADER_PREFIX + "reason"
+HEADER_CAUSE: Final = HEADER_PREFIX + "tls-cause"
+HEADER_LAST_ERROR: Final = HEADER_PREFIX + "last-error"
+HEADER_WORKER: Final = HEADER_PREFIX + "worker"
+HEADER_REPLAYED: Final = HEADER_PREFIX + "replayed"
+HEADER_RECIPIENTS: Final = HEADER_PREFIX + "recipients"
 _BROKER_HEADERS: Final = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
 
 
