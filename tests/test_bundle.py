@@ -6,6 +6,7 @@ processes and a real TLS relay."""
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import Callable
@@ -42,7 +43,7 @@ from tests.smtpserver import SmtpServer
 from tests.waiting import wait_until
 from worker.broker import Delivery, Outgoing
 from worker.bundle import Part, parts_of, republished, whole_deliveries
-from worker.incident_stage import BUNDLE_CONTENT_TYPE, IncidentStage
+from worker.incident_stage import BUNDLE_CONTENT_TYPE, IncidentStage, bundle_size
 
 
 def _parts(count: int, *, text: str = "") -> list[tuple[str, bytes]]:
@@ -337,3 +338,13 @@ def test_a_bundle_dead_lettered_whole_lists_its_events_and_replays(
     assert sorted(m.event_id for m in relay.received) == sorted(mid for mid, _ in parts)
     worker.stop()
     assert queue_depth(vhost, "clusteralert.dead") == 0
+
+
+def test_a_slow_relay_gets_smaller_bundles_so_what_a_worker_holds_goes_out_in_time() -> None:
+    size = functools.partial(bundle_size, 8, prefetch=32, max_hold=600)
+    assert size(rates=[]) == 8
+    assert size(rates=[0.0, 0.0]) == 8  # no limit anywhere
+    assert size(rates=[1.0]) == 8  # 32 x 8 = 256 mails in 256 s: within 300
+    assert size(rates=[0.0, 0.5]) == 4  # the slowest relay counts: 150 mails in 300 s
+    assert size(rates=[0.1]) == 1  # never below one per message
+    assert bundle_size(8, prefetch=1, max_hold=600, rates=[0.02]) == 6

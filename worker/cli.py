@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import socket
 import sys
@@ -197,6 +198,7 @@ def _run(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from worker.consume import Consumer
+    from worker.incident_stage import bundle_size
     from worker.metrics import Metrics
     from worker.pipeline import Pipeline
     from worker.render import Renderer
@@ -238,6 +240,23 @@ def _run(args: argparse.Namespace) -> int:
         scrub=scrub,
         canary_to=config.canary.to,
     )
+    incident = config.incident
+    bundle = bundle_size(
+        incident.bundle,
+        prefetch=config.worker.prefetch,
+        max_hold=config.worker.max_hold,
+        rates=[relay.rate_limit for relay in config.smtp],
+    )
+    if bundle < incident.bundle:
+        log.info(
+            "notifications go out in bundles of at most %d, not %d: a relay's rate_limit "
+            "could not send %d bundles of %d within half of max_hold",
+            bundle,
+            incident.bundle,
+            config.worker.prefetch,
+            incident.bundle,
+        )
+        incident = dataclasses.replace(incident, bundle=bundle)
     consumer = Consumer(
         config.broker,
         pipeline,
@@ -245,7 +264,7 @@ def _run(args: argparse.Namespace) -> int:
         loop,
         prefetch=config.worker.prefetch,
         shutdown_grace=config.worker.shutdown_grace,
-        incident=config.incident,
+        incident=incident,
         canary_interval=config.canary.interval,
     )
     stop = threading.Event()

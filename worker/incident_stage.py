@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Final
 
 from shared.backoff import Backoff
@@ -46,7 +46,7 @@ from worker.settle import describe_delivery, settle
 from worker.silence_follow import SilenceFollower
 from worker.silence_stage import SILENCE_BATCH, SilenceStep
 
-__all__ = ["IncidentStage", "stage_prefetch"]
+__all__ = ["BUNDLE_CONTENT_TYPE", "IncidentStage", "bundle_size", "stage_prefetch"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,18 @@ def _bundles(outgoing: list[Outgoing], most: int) -> Iterator[list[Outgoing]]:
         size += length
     if chunk:
         yield chunk
+
+
+def bundle_size(bundle: int, *, prefetch: int, max_hold: float, rates: Sequence[float]) -> int:
+    """``[incident] bundle``, lowered where a relay's ``rate_limit`` could not send what a
+    worker may hold, ``prefetch`` bundles of it, within half of ``max_hold``: the rest
+    would go to the retry ladder for nothing but waiting its turn (``rates``: the relays'
+    limits, 0 for none; the slowest counts, as a worker may be failed over to it)."""
+    limits = [rate for rate in rates if rate > 0]
+    if not limits:
+        return bundle
+    fits = int(min(limits) * max_hold / 2 / prefetch)
+    return max(1, min(bundle, fits))
 
 
 def stage_prefetch(max_held: int) -> int:
