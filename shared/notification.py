@@ -342,7 +342,8 @@ def split_bundle(raw: bytes) -> Bundle:
         doc = json.loads(head)
     except (ValueError, RecursionError, UnicodeDecodeError):
         raise InvalidEvent("bundle: its first line is not JSON") from None
-    if not isinstance(doc, dict) or doc.get("bundle") != 1:
+    version = doc.get("bundle") if isinstance(doc, dict) else None
+    if isinstance(version, bool) or version != 1:
         raise InvalidEvent("bundle: unsupported version")
     ids = doc.get("ids")
     if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_BUNDLE:

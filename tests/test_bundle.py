@@ -43,6 +43,7 @@ from tests.smtpserver import SmtpServer
 from tests.waiting import wait_until
 from worker.broker import Delivery, Outgoing
 from worker.bundle import Part, parts_of, republished, whole_deliveries
+from worker.dlq import DeadMessage
 from worker.incident_stage import BUNDLE_CONTENT_TYPE, IncidentStage, bundle_size
 
 
@@ -85,6 +86,8 @@ def test_a_bundle_splits_into_the_very_bytes_of_its_parts() -> None:
     [
         (b'{"bundle":1,"ids":[]}', "1 to 16"),
         (b'{"bundle":2,"ids":["x"]}\n{}', "unsupported version"),
+        (b'{"bundle":true,"ids":["x"]}\n{}', "unsupported version"),
+        (b'["bundle"]\n{}', "unsupported version"),
         (b'{"bundle":1,"ids":\n{}', "not JSON"),
         (b'{"bundle":1,"ids":["%s"]}' % str(uuid.uuid4()).encode(), "1 ids but 0 parts"),
         (b'{"bundle":1,"ids":["../../etc"]}\n{}', "not an event id"),
@@ -283,23 +286,35 @@ def test_a_bundle_that_comes_back_is_split_into_messages_of_its_own(
     processes: Callable[..., Process],
 ) -> None:
     relay = smtp_server("starttls", credentials=("alert", SMTP_PASSWORD))
-    parts = _parts(3)
+    parts, more = _parts(3), _parts(2)
     config = write_config(tmp_path, vhost, [relay], certs)
-    # Declared by a first start; then the bundle is taken and given back, as a worker
-    # that died holding it would.
+    # Declared by a first start; then the bundles are taken and given back, as a worker
+    # that died holding them would.
     worker, _ = start_worker(processes, config)
     worker.stop()
-    _publish_raw(vhost, "", "clusteralert.mail", encode_bundle(parts), message_id=parts[0][0])
+    for bundle in (parts, more):
+        _publish_raw(vhost, "", "clusteralert.mail", encode_bundle(bundle), message_id=bundle[0][0])
     with pika.BlockingConnection(pika.URLParameters(amqp_url(vhost))) as connection:
         channel = connection.channel()
-        method, _, _ = channel.basic_get("clusteralert.mail")
-        assert method is not None and not method.redelivered
-        channel.basic_reject(method.delivery_tag, requeue=True)
+        channel.basic_qos(prefetch_count=2)
+        taken = []
+        for method, _, _ in channel.consume("clusteralert.mail", inactivity_timeout=10):
+            assert method is not None and not method.redelivered
+            taken.append(method.delivery_tag)
+            if len(taken) == 2:
+                break
+        channel.basic_nack(taken[-1], multiple=True, requeue=True)
 
     worker, _ = start_worker(processes, config)
-    assert relay.wait_for(lambda got: len(got) == 3, timeout=20)
-    assert sorted(m.event_id for m in relay.received) == sorted(mid for mid, _ in parts)
-    wait_until(lambda: "into its 3 notifications" in worker.output(), 10, "the split logged")
+    assert relay.wait_for(lambda got: len(got) == 5, timeout=20)
+    every = sorted(mid for mid, _ in parts + more)
+    assert sorted(m.event_id for m in relay.received) == every
+
+    def split_logged() -> bool:
+        out = worker.output()
+        return "into its 3 notifications" in out and "into its 2 notifications" in out
+
+    wait_until(split_logged, 10, "both splits logged")
     worker.stop()
     assert queue_depth(vhost) == 0
 
@@ -348,3 +363,13 @@ def test_a_slow_relay_gets_smaller_bundles_so_what_a_worker_holds_goes_out_in_ti
     assert size(rates=[0.0, 0.5]) == 4  # the slowest relay counts: 150 mails in 300 s
     assert size(rates=[0.1]) == 1  # never below one per message
     assert bundle_size(8, prefetch=1, max_hold=600, rates=[0.02]) == 6
+
+
+def test_a_dead_bundle_with_an_unreadable_part_still_shows_the_others() -> None:
+    parts = _parts(2)
+    body = encode_bundle([parts[0], (str(uuid.uuid4()), b'{"notification":1}'), parts[1]])
+    raw = amqp.Message(body, message_id=parts[0][0], application_headers={})
+    dead = DeadMessage.from_message(raw)
+    assert dead.notification.startswith("bundle of 3 notifications (1 unreadable), the first a ")
+    assert dead.events == (parts[0][0], parts[1][0])
+    assert dead.node == "n0"

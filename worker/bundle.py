@@ -51,6 +51,11 @@ class _Whole:
         if self._left:
             return None
         if self._refused:
+            log.warning(
+                "returning the bundle %s to the queue: a notification in it has no "
+                "certain home; those already mailed will be mailed again",
+                self.delivery.properties.get("message_id", "?"),
+            )
             self.delivery.requeue()
             return None
         return self.delivery

@@ -25,8 +25,15 @@ from shared.backoff import Backoff
 from shared.config import BrokerConfig, BrokerUrl, IncidentConfig
 from shared.notification import is_bundle
 from shared.topology import WORK_QUEUE
-from worker.broker import Broker, BrokerUnavailable, Delivery, PublishNotConfirmed, ack_all
-from worker.bundle import parts_of, republished, whole_deliveries
+from worker.broker import (
+    Broker,
+    BrokerUnavailable,
+    Delivery,
+    Outgoing,
+    PublishNotConfirmed,
+    ack_all,
+)
+from worker.bundle import Part, parts_of, republished, whole_deliveries
 from worker.handoff import Handoff, Job
 from worker.incident_stage import IncidentStage
 from worker.metrics import Metrics
@@ -189,27 +196,37 @@ class Consumer:
         self._in_flight.add(self.handoff.submit(delivery))
 
     def _split_redelivered(self) -> None:
+        """Republish the parts of every bundle that came back, all in one confirmed
+        batch (after a worker died its peers may get dozens at once), and ack each
+        bundle whose parts were all confirmed; give back the others."""
         while self._to_split:
-            bundle = self._to_split.popleft()
-            outgoing = republished(bundle)
-            if outgoing is None:  # bad framing: refused whole by the pipeline
-                self._in_flight.add(self.handoff.submit(bundle))
-                continue
-            failures = [f for f in self.broker.publish_each_confirmed(outgoing) if f]
-            if failures:
-                log.error(
-                    "could not split the redelivered bundle %s: %s; returning it to the queue",
+            bundles: list[tuple[Delivery, int, int]] = []  # bundle, first, end in outgoing
+            outgoing: list[Outgoing] = []
+            while self._to_split:
+                bundle = self._to_split.popleft()
+                parts = republished(bundle)
+                if parts is None:  # bad framing: refused whole by the pipeline
+                    self._in_flight.add(self.handoff.submit(bundle))
+                    continue
+                bundles.append((bundle, len(outgoing), len(outgoing) + len(parts)))
+                outgoing += parts
+            failures = self.broker.publish_each_confirmed(outgoing)
+            for bundle, first, end in bundles:
+                failed = [f for f in failures[first:end] if f]
+                if failed:
+                    log.error(
+                        "could not split the redelivered bundle %s: %s; returning it to the queue",
+                        describe_delivery(bundle),
+                        failed[0],
+                    )
+                    bundle.requeue()
+                    continue
+                bundle.ack()
+                log.info(
+                    "split the redelivered bundle %s into its %d notifications",
                     describe_delivery(bundle),
-                    failures[0],
+                    end - first,
                 )
-                bundle.requeue()
-                continue
-            bundle.ack()
-            log.info(
-                "split the redelivered bundle %s into its %d notifications",
-                describe_delivery(bundle),
-                len(outgoing),
-            )
 
     def _handle(self, delivery: Delivery) -> Coroutine[Any, Any, Outcome]:
         return self.pipeline.handle(delivery.body, delivery.headers, received=delivery.received)
@@ -241,10 +258,13 @@ class Consumer:
                 # Only this message's next home failed (a nack, a refused or unconfirmed
                 # publish): give back only it, and keep the channel for the others.
                 log.error(
-                    "could not settle %s (%s): %s; returning it to the queue",
+                    "could not settle %s (%s): %s; returning %s to the queue",
                     describe_delivery(delivery),
                     outcome.action,
                     exc,
+                    "its bundle, once the rest of it is settled,"
+                    if isinstance(delivery, Part)
+                    else "it",
                 )
                 delivery.requeue()
                 continue

@@ -179,15 +179,29 @@ def _notification(body: object) -> _Held | None:
         return None
     try:
         if is_bundle(body):
-            parts = [decode_notification(part) for part in split_bundle(body).parts]
-            summary = f"bundle of {len(parts)} notifications, the first a {parts[0].summary()}"
-            return _Held(parts[0], summary, tuple(i for p in parts for i in p.event_ids))
+            return _bundle(body)
         if is_notification(body):
             notification = decode_notification(body)
             return _Held(notification, notification.summary(), notification.event_ids)
     except InvalidEvent:
         pass
     return None
+
+
+def _bundle(body: bytes) -> _Held | None:
+    """A bundle's readable notifications: one unreadable part must not hide the rest."""
+    raw = split_bundle(body).parts
+    parts: list[Notification] = []
+    for part in raw:
+        try:
+            parts.append(decode_notification(part))
+        except InvalidEvent:
+            continue
+    if not parts:
+        return None
+    bad = f" ({len(raw) - len(parts)} unreadable)" if len(parts) < len(raw) else ""
+    summary = f"bundle of {len(raw)} notifications{bad}, the first a {parts[0].summary()}"
+    return _Held(parts[0], summary, tuple(i for p in parts for i in p.event_ids))
 
 
 def parse_since(value: str, now: datetime | None = None) -> datetime:
