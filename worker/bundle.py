@@ -86,7 +86,7 @@ class Part(Delivery):
 
     def ack(self, *, multiple: bool = False) -> None:
         assert not multiple, "a part is acked on its own"
-        whole = self._whole.finish(refused=False)
+        whole = self.sent()
         if whole is not None:
             whole.ack()
 
